@@ -1,0 +1,129 @@
+"""Throughput and tile-size sweeps: every kernel timed against cuBLAS fp16 (``cupy.matmul``) in the
+same run, L2 flushed before each launch, tidy rows out (one per kernel x config x K x N x M)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import configs, ops
+from .format import random_awq
+from .interleave import interleave
+from .timing import Timer, range_name
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192))
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+GROUP_SIZE = 128
+
+
+def weight_bytes(K: int, N: int, G: int) -> int:
+    """Packed weights + fp16 scales + int4 zeros: what any W4A16 kernel must read at least once."""
+    return K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
+
+
+def min_bytes(M: int, K: int, N: int, G: int) -> int:
+    return weight_bytes(K, N, G) + M * K * 2 + M * N * 2
+
+
+def copy_bandwidth(timer: Timer, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    import cupy
+
+    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    t = np.median(timer.times_ms(lambda: cupy.copyto(dst, src), reps=20)) * 1e-3
+    return 2 * nbytes / t
+
+
+@dataclass
+class Problem:
+    """One (K, N) weight on the GPU in every form a kernel wants."""
+
+    K: int
+    N: int
+    G: int
+    awq: object
+    quick: object
+    fp16: object
+
+    @classmethod
+    def random(cls, K: int, N: int, G: int = GROUP_SIZE, seed: int = 0) -> "Problem":
+        host = random_awq(K, N, G, seed=seed)
+        awq = ops.to_device(host)
+        return cls(K, N, G, awq, ops.to_device(interleave(host)), ops.dequantize(awq))
+
+
+def _row(kernel, config, split, p: Problem, M, t_ms, bandwidth):
+    t = float(np.median(t_ms))
+    floor_us = min_bytes(M, p.K, p.N, p.G) / bandwidth * 1e6
+    return dict(kernel=kernel, config=config, split_k=split, K=p.K, N=p.N, M=M, group_size=p.G,
+                time_us=t * 1e3, p10_us=float(np.percentile(t_ms, 10)) * 1e3,
+                p90_us=float(np.percentile(t_ms, 90)) * 1e3,
+                tflops=2 * M * p.K * p.N / (t * 1e-3) / 1e12,
+                gbps=min_bytes(M, p.K, p.N, p.G) / (t * 1e-3) / 1e9,
+                dram_floor_us=floor_us, pct_of_floor=100 * floor_us / (t * 1e3))
+
+
+def measure_problem(p: Problem, M: int, plans: dict, timer: Timer, bandwidth: float, reps: int) -> list[dict]:
+    """Times cuBLAS fp16 and each prepared plan {(kernel, config, split): GemmPlan} at batch M."""
+    import cupy
+
+    x = cupy.asarray(np.random.default_rng(M).standard_normal((M, p.K)).astype(np.float16))
+    y = cupy.empty((M, p.N), dtype=cupy.float16)
+    rows = [_row("fp16", "cublas", 1, p, M,
+                 timer.times_ms(lambda: cupy.matmul(x, p.fp16, out=y), reps=reps,
+                                nvtx=range_name("fp16", "cublas", p.K, p.N, M)), bandwidth)]
+    for (kernel, cfg, split), make in plans.items():
+        plan = make(x)
+        rows.append(_row(kernel, cfg, split, p, M,
+                         timer.times_ms(plan.run, reps=reps, nvtx=range_name(kernel, cfg, p.K, p.N, M)),
+                         bandwidth))
+    fp16_us = rows[0]["time_us"]
+    for r in rows:
+        r["ratio_to_fp16"] = r["time_us"] / fp16_us
+    return rows
+
+
+def default_plans(p: Problem, M: int) -> dict:
+    """The two kernels as the public ops run them by default."""
+    plans = {}
+    for kind, weight, make in (("awq", p.awq, ops.plan_awq_gemm), ("quick", p.quick, ops.plan_quick_gemm)):
+        cfg = ops.default_config(kind, M, p.N, p.G)
+        split = ops.default_split_k(kind, cfg, M, p.K, p.N)
+        plans[(kind, cfg.name, split)] = (lambda x, make=make, weight=weight, cfg=cfg, split=split:
+                                          make(x, weight, config=cfg, split_k=split))
+    return plans
+
+
+def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8)) -> dict:
+    """Every registered variant of both kernels that fits the problem, at each split-K."""
+    plans = {}
+    for kind, weight, make in (("awq", p.awq, ops.plan_awq_gemm), ("quick", p.quick, ops.plan_quick_gemm)):
+        for cfg in configs.variants(kind):
+            if p.N % cfg.tile_n or p.G % cfg.tile_k:
+                continue
+            for split in splits:
+                if split <= p.K // cfg.tile_k:
+                    plans[(kind, cfg.name, split)] = (lambda x, make=make, weight=weight, cfg=cfg, split=split:
+                                                      make(x, weight, config=cfg, split_k=split))
+    return plans
+
+
+def sweep(shapes, batches, plan_fn=default_plans, reps: int = 50, progress=None) -> pd.DataFrame:
+    """Rows for every shape x batch, cuBLAS fp16 first in each group; ``progress(i, n, label)``."""
+    timer = Timer()
+    bandwidth = copy_bandwidth(timer)
+    rows = []
+    total, done = len(shapes) * len(batches), 0
+    for K, N in shapes:
+        p = Problem.random(K, N)
+        for M in batches:
+            rows += measure_problem(p, M, plan_fn(p, M), timer, bandwidth, reps)
+            done += 1
+            if progress:
+                progress(done, total, f"K={K} N={N} M={M}")
+        del p
+    df = pd.DataFrame(rows)
+    df.attrs["copy_bandwidth_Bps"] = bandwidth
+    return df

@@ -1,0 +1,156 @@
+"""Tile configurations of the two GEMM kernels: names, template arguments, validity and resources.
+
+Tile levels follow CUTLASS: a block tile ``tile_m x tile_n x tile_k`` is split over
+``warps_m x warps_n`` warps, each owning a warp tile of m16n8k16 instruction tiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("awq", "quick")
+
+# Register budget: a warp tile of warp_m x warp_n fp32 accumulators costs warp_m*warp_n/32 registers
+# per lane; above 64x64 (128 registers) the 255-register limit forces spills.
+MAX_WARP_TILE_AREA = 64 * 64
+SMEM_PER_BLOCK_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on sm_80 / sm_90
+
+
+@dataclass(frozen=True, order=True)
+class TileConfig:
+    """Block tile shape, warp grid and (QUICK only) cp.async pipeline depth."""
+
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    warps_m: int
+    warps_n: int
+    stages: int = 1
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def warp_m(self) -> int:
+        return self.tile_m // self.warps_m
+
+    @property
+    def warp_n(self) -> int:
+        return self.tile_n // self.warps_n
+
+    @property
+    def name(self) -> str:
+        return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}"
+                f"_w{self.warps_m}x{self.warps_n}_s{self.stages}")
+
+    @classmethod
+    def parse(cls, name: str) -> "TileConfig":
+        """Inverse of :attr:`name`, e.g. ``"16x128x32_w1x2_s1"``."""
+        try:
+            tile, warps, stages = name.split("_")
+            tm, tn, tk = (int(v) for v in tile.split("x"))
+            wm, wn = (int(v) for v in warps.lstrip("w").split("x"))
+            return cls(tm, tn, tk, wm, wn, int(stages.lstrip("s")))
+        except ValueError as exc:
+            raise ValueError(
+                f"config must look like '16x128x32_w1x2_s1' (tile_m x tile_n x tile_k, warps, stages), "
+                f"got {name!r}") from exc
+
+
+def template_name(kind: str, cfg: TileConfig) -> str:
+    """The C++ name expression NVRTC instantiates for this kernel variant."""
+    args = [cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n]
+    if kind == "quick":
+        args.append(cfg.stages)
+    elif kind != "awq":
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return f"{kind}_gemm<{','.join(str(a) for a in args)}>"
+
+
+def shared_bytes(kind: str, cfg: TileConfig) -> int:
+    """Dynamic shared memory of one block, mirroring the kernels' carve-up (common.cuh)."""
+    activation_stage = cfg.tile_m * (cfg.tile_k + 8) * 2
+    if kind == "awq":  # one activation tile + the dequantized weight tile written back
+        return activation_stage + cfg.tile_k * (cfg.tile_n + 8) * 2
+    return cfg.stages * activation_stage  # QUICK: weights never touch shared memory
+
+
+def violations(kind: str, cfg: TileConfig) -> list[str]:
+    """Every rule the kernel template's static_asserts and register budget impose; empty when valid."""
+    out = []
+    if kind not in KINDS:
+        return [f"kind must be one of {KINDS}"]
+    if cfg.tile_k % 32:
+        out.append("tile_k must be a multiple of 32")
+    if cfg.warp_m * cfg.warps_m != cfg.tile_m or cfg.warp_m % 16:
+        out.append("tile_m / warps_m must be a multiple of 16")
+    if cfg.warp_m * cfg.warp_n > MAX_WARP_TILE_AREA:
+        out.append(f"warp tile {cfg.warp_m}x{cfg.warp_n} exceeds {MAX_WARP_TILE_AREA} accumulators")
+    if cfg.threads > 1024:
+        out.append("at most 32 warps per block")
+    if kind == "awq":
+        if cfg.warp_n * cfg.warps_n != cfg.tile_n or cfg.warp_n % 16:
+            out.append("tile_n / warps_n must be a multiple of 16")
+        words_per_row = cfg.tile_n // 8
+        if cfg.threads % words_per_row or cfg.tile_k % (cfg.threads // words_per_row):
+            out.append("threads must cover whole rows of the write-back tile")
+        if cfg.stages != 1:
+            out.append("the AutoAWQ-style kernel is single-stage (stages=1)")
+    else:
+        if cfg.warp_n * cfg.warps_n != cfg.tile_n or cfg.warp_n % 64:
+            out.append("tile_n / warps_n must be a multiple of 64 (whole interleaved n64 blocks)")
+        if cfg.stages < 2:
+            out.append("QUICK pipelines activations: stages >= 2")
+    if shared_bytes(kind, cfg) > SMEM_PER_BLOCK_LIMIT:
+        out.append(f"needs {shared_bytes(kind, cfg)} bytes of shared memory")
+    return out
+
+
+def check(kind: str, cfg: TileConfig) -> None:
+    bad = violations(kind, cfg)
+    if bad:
+        raise ValueError(f"invalid {kind} config {cfg.name}: " + "; ".join(bad))
+
+
+def _awq_variants() -> tuple[TileConfig, ...]:
+    out = []
+    for tm in (16, 32, 64, 128):
+        for tn in (64, 128):
+            for wm in (1, 2):
+                cfg = TileConfig(tm, tn, 32, wm, tn // 64, 1)
+                if not violations("awq", cfg):
+                    out.append(cfg)
+    return tuple(out)
+
+
+# The AutoAWQ kernel's own shape: 16 x 128 x 32 block tile, 2 warps of 16 x 64, split-K 8.
+AWQ_DEFAULT = TileConfig(16, 128, 32, 1, 2, 1)
+AWQ_DEFAULT_SPLIT_K = 8
+AWQ_VARIANTS = _awq_variants()
+
+# QUICK variants: the freed shared memory buys deeper activation pipelines and larger tiles.
+QUICK_VARIANTS = tuple(TileConfig(*v) for v in (
+    (16, 64, 64, 1, 1, 4),
+    (16, 128, 32, 1, 2, 2),
+    (16, 128, 64, 1, 2, 3),
+    (16, 256, 64, 1, 4, 3),
+    (32, 128, 64, 1, 2, 3),
+    (32, 256, 32, 1, 4, 3),
+    (64, 128, 32, 1, 2, 3),
+    (64, 128, 64, 1, 2, 3),
+    (64, 256, 32, 1, 4, 3),
+    (128, 128, 32, 2, 2, 3),
+    (128, 128, 64, 2, 2, 3),
+    (128, 256, 32, 2, 4, 3),
+))
+# The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that
+# the comparison isolates the write-back; the dispatcher picks larger tiles for speed.
+QUICK_DEFAULT = TileConfig(16, 128, 32, 1, 2, 2)
+
+
+def variants(kind: str) -> tuple[TileConfig, ...]:
+    if kind == "awq":
+        return AWQ_VARIANTS
+    if kind == "quick":
+        return QUICK_VARIANTS
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -1,0 +1,47 @@
+"""Runtime kernel loader: compiles kernels/ through ``cupy.RawModule`` (NVRTC) and caches them.
+
+Each GEMM variant is its own module (one template instantiation through ``name_expressions``), so a
+sweep compiles only what it launches; CuPy's disk cache makes later processes start instantly.
+"""
+from __future__ import annotations
+
+import functools
+
+from . import configs
+from .sources import COMPILE_OPTIONS, GEMM_SOURCES, SUPPORT_KERNELS, assemble
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel failed to compile; the message names the kernel and carries the compiler log."""
+
+
+def _compile(filename: str, name_expressions: tuple[str, ...], label: str):
+    import cupy
+
+    try:
+        module = cupy.RawModule(code=assemble(filename), options=COMPILE_OPTIONS,
+                                name_expressions=name_expressions or None)
+        module.compile()
+    except cupy.cuda.compiler.CompileException as exc:
+        raise KernelCompileError(f"compiling {label} from kernels/{filename} failed:\n{exc.get_message()}") from exc
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_kernel(kind: str, cfg: configs.TileConfig):
+    """The compiled GEMM variant, its dynamic shared-memory limit raised to what the tile needs."""
+    configs.check(kind, cfg)
+    name = configs.template_name(kind, cfg)
+    function = _compile(GEMM_SOURCES[kind], (name,), name).get_function(name)
+    smem = configs.shared_bytes(kind, cfg)
+    if smem > 48 * 1024:  # above 48 KB a block must opt in (CUDA C++ Guide, shared memory)
+        function.max_dynamic_shared_size_bytes = smem
+    return function
+
+
+@functools.lru_cache(maxsize=None)
+def support_kernel(name: str):
+    """``dequantize_awq`` or ``splitk_reduce``."""
+    if name not in SUPPORT_KERNELS:
+        raise ValueError(f"unknown support kernel {name!r}; have {sorted(SUPPORT_KERNELS)}")
+    return _compile(SUPPORT_KERNELS[name], (), name).get_function(name)

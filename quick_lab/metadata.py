@@ -1,0 +1,81 @@
+"""Provenance of a measurement: GPU, clocks, driver, CUDA, NVRTC, CuPy, git commit, date."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _nvidia_smi(query: str) -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""
+
+
+def gpu_info() -> dict:
+    """Facts about the current GPU and software stack; works (with fewer fields) without a GPU."""
+    import cupy
+
+    from .nvrtc import nvrtc_version
+
+    info = {"cupy": cupy.__version__, "python": platform.python_version(), "host": platform.node()}
+    try:
+        info["nvrtc"] = nvrtc_version()
+    except Exception as exc:
+        info["nvrtc"] = f"unavailable ({exc.__class__.__name__})"
+    try:
+        dev = cupy.cuda.Device()
+        props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        info.update(
+            gpu=name,
+            compute_capability=f"{props['major']}.{props['minor']}",
+            sm_count=props["multiProcessorCount"],
+            l2_bytes=props["l2CacheSize"],
+            memory_bytes=props["totalGlobalMem"],
+            driver=cupy.cuda.runtime.driverGetVersion(),
+            runtime=cupy.cuda.runtime.runtimeGetVersion(),
+            driver_version=_nvidia_smi("driver_version"),
+            clocks_mhz=_nvidia_smi("clocks.sm,clocks.mem,clocks.max.sm"),
+        )
+    except Exception as exc:
+        info["gpu"] = None
+        info["gpu_error"] = " ".join(str(exc).split())
+    return info
+
+
+def metadata(**extra) -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(), **gpu_info(), **extra}
+
+
+def write_metadata(path: Path, **extra) -> dict:
+    meta = metadata(**extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def gpu_slug(name: str | None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3' (results/<slug>/)."""
+    if not name:
+        return "no-gpu"
+    words = name.lower().replace("nvidia", "").split()
+    return "-".join("".join(ch for ch in w if ch.isalnum()) for w in words if w) or "gpu"

@@ -1,0 +1,129 @@
+"""Offline compilation through NVRTC: builds every kernel variant for any arch without a GPU.
+
+Uses the NVRTC library of the pip wheel ``nvidia-cuda-nvrtc`` through CuPy's thin binding
+(``cupy_backends.cuda.libs.nvrtc``), which needs no driver. ``-Xptxas=-v`` makes ptxas report,
+per kernel, registers, stack frame and spill traffic; these reports feed ``quick-lab compile``
+and the tile study.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import configs
+from .sources import COMPILE_OPTIONS, GEMM_SOURCES, SUPPORT_KERNELS, assemble
+
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+KNOWN_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    kernel: str            # name expression, e.g. quick_gemm<16,128,32,1,2,2>
+    kind: str              # awq / quick / support
+    config: str            # TileConfig name, "" for support kernels
+    arch: str
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    static_smem_bytes: int
+    dynamic_smem_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+class NvrtcError(RuntimeError):
+    """NVRTC is missing or a compilation failed (the message carries the log)."""
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or the shared library not found
+        raise NvrtcError(
+            "NVRTC is not available: install the CUDA extra, e.g. pip install -e '.[cuda13]' "
+            f"(provides cupy-cuda13x and nvidia-cuda-nvrtc). Cause: {exc}") from exc
+    return nvrtc
+
+
+def nvrtc_version() -> str:
+    major, minor = _nvrtc().getVersion()
+    return f"{major}.{minor}"
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
+_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
+    """Per mangled kernel name: registers, stack, spill stores/loads, static smem, from ``-Xptxas=-v``."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = out.setdefault(m.group(1), {"registers": 0, "stack": 0, "spill_st": 0, "spill_ld": 0, "smem": 0})
+        elif current is not None and (m := _PROPS.search(line)):
+            current.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+        elif current is not None and (m := _USED.search(line)):
+            current.update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    return out
+
+
+def compile_source(filename: str, name_expressions: tuple[str, ...], arch: str) -> tuple[dict[str, str], str]:
+    """Compile kernels/<filename> for ``arch``; returns ({name expression or C name: mangled}, log)."""
+    nvrtc = _nvrtc()
+    program = nvrtc.createProgram(assemble(filename), filename, [], [])
+    try:
+        for expr in name_expressions:
+            nvrtc.addNameExpression(program, expr)
+        options = [f"-arch={arch}", *COMPILE_OPTIONS, "-Xptxas=-v"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except Exception as exc:
+            raise NvrtcError(f"compiling {', '.join(name_expressions) or filename} for {arch} failed:\n"
+                             f"{nvrtc.getProgramLog(program)}") from exc
+        log = nvrtc.getProgramLog(program)
+        lowered = {expr: nvrtc.getLoweredName(program, expr) for expr in name_expressions}
+    finally:
+        nvrtc.destroyProgram(program)
+    return lowered, log
+
+
+def compile_variants(kind: str, cfgs, arch: str) -> list[CompileReport]:
+    """Compile a batch of one kernel's variants in a single NVRTC program."""
+    names = tuple(configs.template_name(kind, c) for c in cfgs)
+    lowered, log = compile_source(GEMM_SOURCES[kind], names, arch)
+    usage = parse_ptxas_log(log)
+    reports = []
+    for cfg, name in zip(cfgs, names):
+        u = usage[lowered[name]]
+        reports.append(CompileReport(name, kind, cfg.name, arch, u["registers"], u["stack"], u["spill_st"],
+                                     u["spill_ld"], u["smem"], configs.shared_bytes(kind, cfg)))
+    return reports
+
+
+def compile_support(arch: str) -> list[CompileReport]:
+    reports = []
+    for name, filename in SUPPORT_KERNELS.items():
+        _, log = compile_source(filename, (), arch)
+        u = parse_ptxas_log(log)[name]
+        reports.append(CompileReport(name, "support", "", arch, u["registers"], u["stack"], u["spill_st"],
+                                     u["spill_ld"], u["smem"], 0))
+    return reports
+
+
+def compile_all(archs=DEFAULT_ARCHS) -> list[CompileReport]:
+    """Every registered variant of both GEMM kernels plus the support kernels, for each arch."""
+    reports = []
+    for arch in archs:
+        if arch not in KNOWN_ARCHS:
+            raise ValueError(f"arch must be one of {KNOWN_ARCHS} (mma.sync m16n8k16 and cp.async need sm_80+), got {arch!r}")
+        for kind in configs.KINDS:
+            reports += compile_variants(kind, configs.variants(kind), arch)
+        reports += compile_support(arch)
+    return reports

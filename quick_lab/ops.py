@@ -1,0 +1,158 @@
+"""Public W4A16 GEMM ops on CuPy arrays: ``y[M, N] = x[M, K] @ W[K, N]`` in fp16.
+
+``awq_gemm`` runs the AutoAWQ-style baseline on AutoAWQ-format weights, ``quick_gemm`` the QUICK
+kernel on interleaved weights (:func:`quick_lab.interleave.interleave`, once, offline). Both accept
+any M >= 1: rows past M are zero-filled on load and masked on store. ``plan_*`` returns a prepared
+launch (validation and argument packing done once) for timing loops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import configs, kernels, validation
+from .format import AWQWeight
+from .interleave import QuickWeight
+
+NUM_SMS_FALLBACK = 132
+
+
+def to_device(weight):
+    """Copy an AWQWeight / QuickWeight of NumPy arrays to the current GPU."""
+    import cupy
+
+    return replace(weight, qweight=cupy.asarray(weight.qweight), qzeros=cupy.asarray(weight.qzeros),
+                   scales=cupy.asarray(weight.scales))
+
+
+def _num_sms() -> int:
+    import cupy
+
+    try:
+        return cupy.cuda.Device().attributes["MultiProcessorCount"]
+    except Exception:
+        return NUM_SMS_FALLBACK
+
+
+def default_config(kind: str, M: int, N: int, group_size: int) -> configs.TileConfig:
+    """The AutoAWQ shape for the baseline; for QUICK the smallest listed tile_m covering M (capped at
+    128) with the widest tile_n dividing N and a tile_k dividing the group size."""
+    if kind == "awq":
+        return configs.AWQ_DEFAULT
+    tile_m = next((t for t in (16, 32, 64, 128) if M <= t), 128)
+    fitting = [c for c in configs.QUICK_VARIANTS
+               if c.tile_m == tile_m and N % c.tile_n == 0 and group_size % c.tile_k == 0]
+    if not fitting:
+        return configs.QUICK_DEFAULT
+    return max(fitting, key=lambda c: (c.tile_n == 128, c.tile_k, c.stages))
+
+
+def default_split_k(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int) -> int:
+    """AutoAWQ's split-K 8 for the baseline; for QUICK enough splits for ~2 blocks per SM."""
+    k_tiles = K // cfg.tile_k
+    if kind == "awq" and cfg == configs.AWQ_DEFAULT:
+        return min(configs.AWQ_DEFAULT_SPLIT_K, k_tiles)
+    blocks = (N // cfg.tile_n) * -(-M // cfg.tile_m)
+    split = 1
+    while blocks * split < 2 * _num_sms() and split * 2 <= min(16, k_tiles // 4):
+        split *= 2
+    return split
+
+
+@dataclass
+class GemmPlan:
+    """A validated, argument-packed launch; ``run()`` does only the kernel launch(es)."""
+
+    kind: str
+    config: configs.TileConfig
+    split_k: int
+    M: int
+    K: int
+    N: int
+    _kernel: object
+    _grid: tuple
+    _args: tuple
+    _out: object
+    _workspace: object
+
+    def run(self):
+        smem = configs.shared_bytes(self.kind, self.config)
+        self._kernel(self._grid, (self.config.threads,), self._args, shared_mem=smem)
+        if self.split_k > 1:
+            mn = self.M * self.N
+            threads = 256
+            blocks = -(-mn // (4 * threads))
+            kernels.support_kernel("splitk_reduce")((blocks,), (threads,),
+                                                    (self._workspace, self._out, np.int32(self.split_k), np.int64(mn)))
+        return self._out
+
+    @property
+    def out(self):
+        return self._out
+
+
+def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
+    import cupy
+
+    K, N, G = validation.check_weight(weight, kind)
+    M = validation.check_activations(x, K)
+    cfg = config if config is not None else default_config(kind, M, N, G)
+    if isinstance(cfg, str):
+        cfg = configs.TileConfig.parse(cfg)
+    split = split_k if split_k is not None else default_split_k(kind, cfg, max(M, 1), K, N)
+    validation.check_problem(kind, cfg, max(M, 1), K, N, G, split)
+    if out is None:
+        out = cupy.empty((M, N), dtype=cupy.float16)
+    else:
+        validation.check_device_array(out, "out", np.float16)
+        if out.shape != (M, N):
+            raise ValueError(f"out must have shape [M, N] = {(M, N)}, got {out.shape}")
+    workspace = cupy.empty((split, M, N), dtype=cupy.float32) if split > 1 and M > 0 else None
+    grid = (N // cfg.tile_n, -(-M // cfg.tile_m), split)
+    target = workspace if workspace is not None else out
+    args = (x, weight.qweight, weight.qzeros, weight.scales, target,
+            np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(split))
+    return GemmPlan(kind, cfg, split, M, K, N, kernels.gemm_kernel(kind, cfg), grid, args, out, workspace)
+
+
+def plan_awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None) -> GemmPlan:
+    if not isinstance(weight, AWQWeight):
+        raise TypeError(f"weight must be an AWQWeight (AutoAWQ GEMM format), got {type(weight).__name__}")
+    return _plan("awq", x, weight, config, split_k, out)
+
+
+def plan_quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None) -> GemmPlan:
+    if not isinstance(weight, QuickWeight):
+        raise TypeError(f"weight must be a QuickWeight (interleave an AWQWeight first), got {type(weight).__name__}")
+    return _plan("quick", x, weight, config, split_k, out)
+
+
+def _execute(plan: GemmPlan):
+    return plan.run() if plan.M > 0 else plan.out
+
+
+def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
+    """Baseline (AutoAWQ-style) W4A16 GEMM. ``config``: a TileConfig or its name; default AutoAWQ's."""
+    return _execute(plan_awq_gemm(x, weight, config=config, split_k=split_k, out=out))
+
+
+def quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
+    """QUICK W4A16 GEMM on interleaved weights. ``config``: a TileConfig or its name; default by M."""
+    return _execute(plan_quick_gemm(x, weight, config=config, split_k=split_k, out=out))
+
+
+def dequantize(weight: AWQWeight):
+    """AutoAWQ-format weight -> fp16 ``W[K, N]`` on the GPU (same arithmetic as the GEMM kernels)."""
+    import cupy
+
+    if not isinstance(weight, AWQWeight):
+        raise TypeError(f"weight must be an AWQWeight, got {type(weight).__name__}")
+    K, N, G = validation.check_weight(weight, "awq")
+    out = cupy.empty((K, N), dtype=cupy.float16)
+    words = K * N // 8
+    threads = 256
+    kernels.support_kernel("dequantize_awq")((-(-words // threads),), (threads,),
+                                             (weight.qweight, weight.qzeros, weight.scales, out,
+                                              np.int32(K), np.int32(N), np.int32(G)))
+    return out

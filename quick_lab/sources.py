@@ -1,0 +1,36 @@
+"""CUDA sources of quick_lab: where they live and how a translation unit is assembled.
+
+Kernels ``#include "common.cuh"``; the include is spliced in here (with ``#line`` markers so compiler
+messages keep the right file and line) so that the compiled text is complete in itself. CuPy keys its
+on-disk kernel cache on the source text, so a header edit always triggers a rebuild.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+COMPILE_OPTIONS = ("-std=c++17",)
+
+GEMM_SOURCES = {"awq": "awq_gemm.cu", "quick": "quick_gemm.cu"}
+SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "splitk_reduce": "splitk_reduce.cu"}
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+
+
+def assemble(filename: str, _seen: frozenset[str] = frozenset()) -> str:
+    """The source of ``kernels/<filename>`` with every local ``#include "..."`` spliced in once."""
+    path = KERNEL_DIR / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel source {path} not found (is quick_lab installed from a checkout?)")
+    out = [f'#line 1 "{filename}"']
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _INCLUDE.match(line)
+        if match:
+            header = match.group(1)
+            if header not in _seen:
+                out.append(assemble(header, _seen | {filename, header}))
+            out.append(f'#line {number + 1} "{filename}"')
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
