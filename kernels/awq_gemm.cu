@@ -12,8 +12,8 @@ using namespace ql;
 template <int TILE_M, int TILE_N, int TILE_K, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     awq_gemm(const u16* __restrict__ x, const u32* __restrict__ qweight, const u32* __restrict__ qzeros,
-             const u16* __restrict__ scales, void* __restrict__ out, int M, int K, int N, int group_size,
-             int split) {
+             const u16* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
+             int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
   using Shape = TileShape<TILE_M, TILE_N, TILE_K, WARPS_M, WARPS_N>;
   using ATile = ActivationTile<TILE_M, TILE_K>;
   constexpr int kThreads = Shape::kThreads, MMA_M = Shape::kMmaM, MMA_N = Shape::kMmaN;
@@ -34,7 +34,8 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
-  const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+  const BlockCoord blk = block_coord<TILE_M, TILE_N>();
+  const int m0 = blk.m0, n0 = blk.n0;
   int kt_begin, kt_end;
   split_k_range(K / TILE_K, split, kt_begin, kt_end);
 
@@ -84,5 +85,6 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     }
     __syncthreads();
   }
-  store_warp_tile(acc, out, split, M, N, m0 + warp_m * Shape::kWarpM, n0 + warp_n * Shape::kWarpN, lane);
+  finish_block<TILE_M, TILE_N, kThreads>(acc, out, workspace, tile_counters, split, M, N, blk,
+                                          m0 + warp_m * Shape::kWarpM, n0 + warp_n * Shape::kWarpN, lane);
 }

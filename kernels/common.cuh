@@ -219,38 +219,81 @@ __device__ __forceinline__ void warp_mma(float (&acc)[MMA_M][MMA_N][4], const u3
     for (int j = 0; j < MMA_N; ++j) mma_m16n8k16(acc[i][j], a[i], b[j][0], b[j][1]);
 }
 
+// ---------------------------------------------------------------- block placement
+// Grid = (row tiles, column tiles, split). Row tiles vary fastest, so blocks that run together share
+// one weight tile (read from DRAM once, then from L2) while the small activation matrix stays in L2.
+struct BlockCoord {
+  int m0, n0;
+};
+template <int TILE_M, int TILE_N>
+__device__ __forceinline__ BlockCoord block_coord() {
+  return {static_cast<int>(blockIdx.x) * TILE_M, static_cast<int>(blockIdx.y) * TILE_N};
+}
+
 // ---------------------------------------------------------------- epilogue
-// Accumulator fragment (m16 x n8) -> output. Split-K partials go to an fp32 workspace
-// [split, M, N] reduced by splitk_reduce; otherwise fp16 is written directly.
-__device__ __forceinline__ void store_accumulators(const float (&c)[4], void* out, bool fp32_out, int M,
-                                                   int N, int row, int col) {
-  // c0, c1 -> (row, col..col+1); c2, c3 -> (row + 8, col..col+1)
+__device__ __forceinline__ float4 load_l2_f4(const float* p) {  // bypass L1: written by other SMs
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+  return v;
+}
+
+// Accumulator fragment (m16 x n8) at (row, col) -> fp16 output, or fp32 split-K partial.
+// c0, c1 -> (row, col..col+1); c2, c3 -> (row + 8, col..col+1).
+__device__ __forceinline__ void store_fragment(const float (&c)[4], u16* out_h, float* out_f, int M, int N,
+                                               int row, int col) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row + 8 * h;
     if (r < M) {
       const long long idx = (long long)r * N + col;
-      if (fp32_out) {
-        *reinterpret_cast<float2*>(static_cast<float*>(out) + idx) = make_float2(c[2 * h], c[2 * h + 1]);
-      } else {
-        *reinterpret_cast<u32*>(static_cast<u16*>(out) + idx) = float2_to_half2(c[2 * h], c[2 * h + 1]);
-      }
+      if (out_f) *reinterpret_cast<float2*>(out_f + idx) = make_float2(c[2 * h], c[2 * h + 1]);
+      else *reinterpret_cast<u32*>(out_h + idx) = float2_to_half2(c[2 * h], c[2 * h + 1]);
     }
   }
 }
 
-// Writes a warp's accumulators; split-K blocks write their own fp32 slice [blockIdx.z, M, N].
-template <int MMA_M, int MMA_N>
-__device__ __forceinline__ void store_warp_tile(const float (&acc)[MMA_M][MMA_N][4], void* out, int split,
-                                                int M, int N, int row0, int col0, int lane) {
-  const bool fp32_out = split > 1;
-  void* dst = fp32_out ? static_cast<void*>(static_cast<float*>(out) + (long long)blockIdx.z * M * N) : out;
+// Writes the block's result. Without split-K: fp16 straight from the accumulators. With split-K, in
+// one launch: every block stores its fp32 partial tile into workspace[blockIdx.z] ([split, M, N]),
+// then takes a ticket on its output tile; the block drawing the last ticket sums the slices in split
+// order (deterministic whatever the arrival order), writes fp16 and resets the ticket counter to 0
+// for the next launch. The fence before the ticket publishes the partial device-wide.
+template <int TILE_M, int TILE_N, int THREADS, int MMA_M, int MMA_N>
+__device__ __forceinline__ void finish_block(const float (&acc)[MMA_M][MMA_N][4], u16* out, float* workspace,
+                                             int* tile_counters, int split, int M, int N, BlockCoord blk,
+                                             int warp_row0, int warp_col0, int lane) {
   const int g = lane >> 2, t = lane & 3;
+  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
 #pragma unroll
   for (int i = 0; i < MMA_M; ++i)
 #pragma unroll
     for (int j = 0; j < MMA_N; ++j)
-      store_accumulators(acc[i][j], dst, fp32_out, M, N, row0 + 16 * i + g, col0 + 8 * j + 2 * t);
+      store_fragment(acc[i][j], out, partial, M, N, warp_row0 + 16 * i + g, warp_col0 + 8 * j + 2 * t);
+  if (split == 1) return;
+
+  __shared__ int last_block;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = tile_counters + blockIdx.y * gridDim.x + blockIdx.x;
+    last_block = atomicAdd(counter, 1) == split - 1;
+    if (last_block) *counter = 0;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  const long long mn = (long long)M * N;
+  for (int i = 4 * threadIdx.x; i < TILE_M * TILE_N; i += 4 * THREADS) {
+    const int r = blk.m0 + i / TILE_N, c = blk.n0 + i % TILE_N;
+    if (r >= M) break;  // i grows row by row
+    const float* src = workspace + (long long)r * N + c;
+    float4 sum = load_l2_f4(src);
+    for (int s = 1; s < split; ++s) {
+      const float4 v = load_l2_f4(src + s * mn);
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
+    *reinterpret_cast<uint2*>(out + (long long)r * N + c) =
+        make_uint2(float2_to_half2(sum.x, sum.y), float2_to_half2(sum.z, sum.w));
+  }
 }
 
 }  // namespace ql

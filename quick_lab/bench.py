@@ -86,13 +86,21 @@ def measure_problem(p: Problem, M: int, plans: dict, timer: Timer, bandwidth: fl
 
 
 def default_plans(p: Problem, M: int) -> dict:
-    """The two kernels as the public ops run them by default."""
-    plans = {}
-    for kind, weight, make in (("awq", p.awq, ops.plan_awq_gemm), ("quick", p.quick, ops.plan_quick_gemm)):
-        cfg = ops.default_config(kind, M, p.N, p.G)
-        split = ops.default_split_k(kind, cfg, M, p.K, p.N)
-        plans[(kind, cfg.name, split)] = (lambda x, make=make, weight=weight, cfg=cfg, split=split:
-                                          make(x, weight, config=cfg, split_k=split))
+    """The baseline in AutoAWQ's configuration, the paper's QUICK configuration, and QUICK as the
+    public op runs it (the per-GPU dispatcher)."""
+    awq_cfg, quick_cfg = configs.AWQ_DEFAULT, configs.QUICK_DEFAULT
+    awq_split = ops.default_split_k("awq", awq_cfg, M, p.K, p.N)
+    paper_split = min(configs.AWQ_DEFAULT_SPLIT_K, p.K // quick_cfg.tile_k)
+    import cupy
+
+    probe = ops.plan_dispatch(cupy.empty((M, p.K), dtype=cupy.float16), p.quick)
+    plans = {
+        ("awq", awq_cfg.name, awq_split): lambda x: ops.plan_awq_gemm(x, p.awq, config=awq_cfg, split_k=awq_split),
+        ("quick-paper", quick_cfg.name, paper_split):
+            lambda x: ops.plan_quick_gemm(x, p.quick, config=quick_cfg, split_k=paper_split),
+        ("quick", getattr(probe.config, "name", probe.config), probe.split_k):
+            lambda x: ops.plan_dispatch(x, p.quick),
+    }
     return plans
 
 
@@ -107,6 +115,7 @@ def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8)) -> dict:
                 if split <= p.K // cfg.tile_k:
                     plans[(kind, cfg.name, split)] = (lambda x, make=make, weight=weight, cfg=cfg, split=split:
                                                       make(x, weight, config=cfg, split_k=split))
+    plans[("fallback", "dequant+cublas", 1)] = lambda x: ops.plan_fallback(x, p.quick)
     return plans
 
 

@@ -17,7 +17,9 @@ SMEM_PER_BLOCK_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on s
 
 @dataclass(frozen=True, order=True)
 class TileConfig:
-    """Block tile shape, warp grid and (QUICK only) cp.async pipeline depth."""
+    """Block tile shape, warp grid and (QUICK only) the cp.async pipeline depth and weight path:
+    ``async_weights`` False is the paper's (each lane loads its packed weights straight into registers),
+    True stages the still-packed weights through the cp.async pipeline (name suffix ``_cp``)."""
 
     tile_m: int
     tile_n: int
@@ -25,6 +27,7 @@ class TileConfig:
     warps_m: int
     warps_n: int
     stages: int = 1
+    async_weights: bool = False
 
     @property
     def threads(self) -> int:
@@ -41,16 +44,18 @@ class TileConfig:
     @property
     def name(self) -> str:
         return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}"
-                f"_w{self.warps_m}x{self.warps_n}_s{self.stages}")
+                f"_w{self.warps_m}x{self.warps_n}_s{self.stages}" + ("_cp" if self.async_weights else ""))
 
     @classmethod
     def parse(cls, name: str) -> "TileConfig":
-        """Inverse of :attr:`name`, e.g. ``"16x128x32_w1x2_s1"``."""
+        """Inverse of :attr:`name`, e.g. ``"16x128x32_w1x2_s1"`` or ``"64x256x64_w1x4_s4_cp"``."""
         try:
-            tile, warps, stages = name.split("_")
+            parts = name.split("_")
+            async_weights = parts[-1] == "cp"
+            tile, warps, stages = parts[:-1] if async_weights else parts
             tm, tn, tk = (int(v) for v in tile.split("x"))
             wm, wn = (int(v) for v in warps.lstrip("w").split("x"))
-            return cls(tm, tn, tk, wm, wn, int(stages.lstrip("s")))
+            return cls(tm, tn, tk, wm, wn, int(stages.lstrip("s")), async_weights)
         except ValueError as exc:
             raise ValueError(
                 f"config must look like '16x128x32_w1x2_s1' (tile_m x tile_n x tile_k, warps, stages), "
@@ -61,7 +66,7 @@ def template_name(kind: str, cfg: TileConfig) -> str:
     """The C++ name expression NVRTC instantiates for this kernel variant."""
     args = [cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n]
     if kind == "quick":
-        args.append(cfg.stages)
+        args += [cfg.stages, int(cfg.async_weights)]
     elif kind != "awq":
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return f"{kind}_gemm<{','.join(str(a) for a in args)}>"
@@ -72,7 +77,11 @@ def shared_bytes(kind: str, cfg: TileConfig) -> int:
     activation_stage = cfg.tile_m * (cfg.tile_k + 8) * 2
     if kind == "awq":  # one activation tile + the dequantized weight tile written back
         return activation_stage + cfg.tile_k * (cfg.tile_n + 8) * 2
-    return cfg.stages * activation_stage  # QUICK: weights never touch shared memory
+    if not cfg.async_weights:  # the paper's QUICK: weights never touch shared memory
+        return cfg.stages * activation_stage
+    # staged QUICK: packed int4 weights, scales (8 fp16 per lane group) and zeros per stage
+    n64 = cfg.tile_n // 64
+    return cfg.stages * (activation_stage + cfg.tile_k * cfg.tile_n // 2 + n64 * 128 + n64 * 32)
 
 
 def violations(kind: str, cfg: TileConfig) -> list[str]:
@@ -96,6 +105,8 @@ def violations(kind: str, cfg: TileConfig) -> list[str]:
             out.append("threads must cover whole rows of the write-back tile")
         if cfg.stages != 1:
             out.append("the AutoAWQ-style kernel is single-stage (stages=1)")
+        if cfg.async_weights:
+            out.append("the AutoAWQ-style kernel writes dequantized weights back (no async_weights)")
     else:
         if cfg.warp_n * cfg.warps_n != cfg.tile_n or cfg.warp_n % 64:
             out.append("tile_n / warps_n must be a multiple of 64 (whole interleaved n64 blocks)")
@@ -129,6 +140,7 @@ AWQ_DEFAULT_SPLIT_K = 8
 AWQ_VARIANTS = _awq_variants()
 
 # QUICK variants: the freed shared memory buys deeper activation pipelines and larger tiles.
+# First the paper's weight path (registers), then the staged one (_cp).
 QUICK_VARIANTS = tuple(TileConfig(*v) for v in (
     (16, 64, 64, 1, 1, 4),
     (16, 128, 32, 1, 2, 2),
@@ -142,6 +154,16 @@ QUICK_VARIANTS = tuple(TileConfig(*v) for v in (
     (128, 128, 32, 2, 2, 3),
     (128, 128, 64, 2, 2, 3),
     (128, 256, 32, 2, 4, 3),
+    (16, 128, 64, 1, 2, 4, True),
+    (16, 128, 128, 1, 2, 4, True),
+    (16, 256, 64, 1, 4, 4, True),
+    (32, 128, 64, 1, 2, 4, True),
+    (32, 256, 64, 1, 4, 4, True),
+    (64, 128, 64, 1, 2, 4, True),
+    (64, 256, 64, 1, 4, 4, True),
+    (128, 128, 64, 2, 2, 4, True),
+    (128, 256, 32, 2, 4, 4, True),
+    (128, 256, 64, 2, 4, 3, True),
 ))
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that
 # the comparison isolates the write-back; the dispatcher picks larger tiles for speed.

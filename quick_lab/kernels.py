@@ -41,7 +41,7 @@ def gemm_kernel(kind: str, cfg: configs.TileConfig):
 
 @functools.lru_cache(maxsize=None)
 def support_kernel(name: str):
-    """``dequantize_awq`` or ``splitk_reduce``."""
+    """A non-GEMM kernel by name (``dequantize_awq``, ``dequantize_quick_t``)."""
     if name not in SUPPORT_KERNELS:
         raise ValueError(f"unknown support kernel {name!r}; have {sorted(SUPPORT_KERNELS)}")
     return _compile(SUPPORT_KERNELS[name], (), name).get_function(name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -11,6 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """HEAD of the checkout (``-dirty`` with uncommitted changes); QUICK_LAB_GIT_COMMIT overrides it
+    for runs on a copy of the tree without its .git (a remote GPU machine)."""
+    if os.environ.get("QUICK_LAB_GIT_COMMIT"):
+        return os.environ["QUICK_LAB_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,

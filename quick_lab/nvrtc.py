@@ -109,11 +109,11 @@ def compile_variants(kind: str, cfgs, arch: str) -> list[CompileReport]:
 
 def compile_support(arch: str) -> list[CompileReport]:
     reports = []
-    for name, filename in SUPPORT_KERNELS.items():
+    for filename in sorted(set(SUPPORT_KERNELS.values())):
         _, log = compile_source(filename, (), arch)
-        u = parse_ptxas_log(log)[name]
-        reports.append(CompileReport(name, "support", "", arch, u["registers"], u["stack"], u["spill_st"],
-                                     u["spill_ld"], u["smem"], 0))
+        for name, u in parse_ptxas_log(log).items():
+            reports.append(CompileReport(name, "support", "", arch, u["registers"], u["stack"], u["spill_st"],
+                                         u["spill_ld"], u["smem"], 0))
     return reports
 
 

@@ -60,9 +60,29 @@ def default_split_k(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int) 
     return split
 
 
+_tile_counters: dict = {}
+
+
+def tile_counters(tiles: int):
+    """Split-K ticket counters for ``tiles`` output tiles on the current device and stream.
+
+    The kernels leave every counter at zero when they finish (the last block of a tile resets it), so
+    one zero-initialized buffer serves every launch on a stream; launches on one stream never overlap.
+    """
+    import cupy
+
+    key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    buf = _tile_counters.get(key)
+    if buf is None or buf.size < tiles:
+        buf = cupy.zeros(max(tiles, 4096), dtype=cupy.int32)
+        _tile_counters[key] = buf
+    return buf
+
+
 @dataclass
 class GemmPlan:
-    """A validated, argument-packed launch; ``run()`` does only the kernel launch(es)."""
+    """A validated, argument-packed launch; ``run()`` does only the kernel launch (one, split-K
+    included: the last block of each output tile reduces the partials)."""
 
     kind: str
     config: configs.TileConfig
@@ -74,17 +94,10 @@ class GemmPlan:
     _grid: tuple
     _args: tuple
     _out: object
-    _workspace: object
 
     def run(self):
-        smem = configs.shared_bytes(self.kind, self.config)
-        self._kernel(self._grid, (self.config.threads,), self._args, shared_mem=smem)
-        if self.split_k > 1:
-            mn = self.M * self.N
-            threads = 256
-            blocks = -(-mn // (4 * threads))
-            kernels.support_kernel("splitk_reduce")((blocks,), (threads,),
-                                                    (self._workspace, self._out, np.int32(self.split_k), np.int64(mn)))
+        self._kernel(self._grid, (self.config.threads,), self._args,
+                     shared_mem=configs.shared_bytes(self.kind, self.config))
         return self._out
 
     @property
@@ -100,6 +113,8 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
     cfg = config if config is not None else default_config(kind, M, N, G)
     if isinstance(cfg, str):
         cfg = configs.TileConfig.parse(cfg)
+    if not isinstance(cfg, configs.TileConfig):
+        raise TypeError(f"config must be a TileConfig or its name, got {type(cfg).__name__}")
     split = split_k if split_k is not None else default_split_k(kind, cfg, max(M, 1), K, N)
     validation.check_problem(kind, cfg, max(M, 1), K, N, G, split)
     if out is None:
@@ -108,12 +123,15 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
         validation.check_device_array(out, "out", np.float16)
         if out.shape != (M, N):
             raise ValueError(f"out must have shape [M, N] = {(M, N)}, got {out.shape}")
-    workspace = cupy.empty((split, M, N), dtype=cupy.float32) if split > 1 and M > 0 else None
-    grid = (N // cfg.tile_n, -(-M // cfg.tile_m), split)
-    target = workspace if workspace is not None else out
-    args = (x, weight.qweight, weight.qzeros, weight.scales, target,
+    grid = (-(-M // cfg.tile_m), N // cfg.tile_n, split)
+    if split > 1 and M > 0:
+        workspace = cupy.empty((split, M, N), dtype=cupy.float32)
+        counters = tile_counters(grid[0] * grid[1])
+    else:
+        workspace = counters = None
+    args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
             np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(split))
-    return GemmPlan(kind, cfg, split, M, K, N, kernels.gemm_kernel(kind, cfg), grid, args, out, workspace)
+    return GemmPlan(kind, cfg, split, M, K, N, kernels.gemm_kernel(kind, cfg), grid, args, out)
 
 
 def plan_awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None) -> GemmPlan:
@@ -137,9 +155,99 @@ def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
     return _execute(plan_awq_gemm(x, weight, config=config, split_k=split_k, out=out))
 
 
+def plan_dispatch(x, weight: QuickWeight, *, out=None):
+    """The fastest measured QUICK path for this problem on this GPU (``quick_lab.dispatch``): a QUICK
+    kernel config and split-K, or dequantize + cuBLAS at large batch; the heuristic default when the
+    GPU has no table."""
+    from . import dispatch
+    from .metadata import gpu_slug
+
+    K, N, G = validation.check_weight(weight, "quick")
+    M = validation.check_activations(x, K)
+    choice = dispatch.choose(dispatch.load_table(gpu_slug(_gpu_name())), max(M, 1), K, N, G)
+    if choice is None:
+        return plan_quick_gemm(x, weight, out=out)
+    kernel, cfg, split = choice
+    if kernel == dispatch.FALLBACK:
+        return plan_fallback(x, weight, out=out)
+    return plan_quick_gemm(x, weight, config=cfg, split_k=split, out=out)
+
+
+def _gpu_name() -> str:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
-    """QUICK W4A16 GEMM on interleaved weights. ``config``: a TileConfig or its name; default by M."""
+    """QUICK W4A16 GEMM on interleaved weights. With no ``config`` (a TileConfig or its name) the
+    per-GPU dispatch table picks the kernel config and split-K, or dequantize + cuBLAS."""
+    if config is None and split_k is None:
+        return _execute(plan_dispatch(x, weight, out=out))
     return _execute(plan_quick_gemm(x, weight, config=config, split_k=split_k, out=out))
+
+
+@dataclass
+class FallbackPlan:
+    """Dequantize + cuBLAS: the QUICK-layout weight is expanded to fp16 W^T [N, K] every call (the
+    model keeps only int4 in memory) and ``cupy.matmul`` runs on it. Wins at large batch, where the
+    GEMM is compute-bound and cuBLAS's Hopper kernels outrun mma.sync."""
+
+    kind = "fallback"
+    config = "dequant+cublas"
+    split_k = 1
+    M: int
+    K: int
+    N: int
+    _x: object
+    _weight: object
+    _w_t: object
+    _out: object
+
+    def run(self):
+        _launch_dequantize_quick_t(self._weight, self._w_t)
+        import cupy
+
+        return cupy.matmul(self._x, self._w_t.T, out=self._out)
+
+    @property
+    def out(self):
+        return self._out
+
+
+def plan_fallback(x, weight: QuickWeight, *, out=None) -> FallbackPlan:
+    import cupy
+
+    if not isinstance(weight, QuickWeight):
+        raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
+    K, N, _ = validation.check_weight(weight, "quick")
+    M = validation.check_activations(x, K)
+    if out is None:
+        out = cupy.empty((M, N), dtype=cupy.float16)
+    return FallbackPlan(M, K, N, x, weight, cupy.empty((N, K), dtype=cupy.float16), out)
+
+
+def _launch_dequantize_quick_t(weight: QuickWeight, out_t) -> None:
+    K, N = weight.K, weight.N
+    chunks = K // 16 * N // 64 * 32
+    threads = 256
+    kernels.support_kernel("dequantize_quick_t")((-(-chunks // threads),), (threads,),
+                                                 (weight.qweight, weight.qzeros, weight.scales, out_t,
+                                                  np.int32(K), np.int32(N), np.int32(weight.group_size)))
+
+
+def dequantize_quick_t(weight: QuickWeight):
+    """QUICK-layout weight -> fp16 ``W^T [N, K]`` on the GPU (same arithmetic as the kernels)."""
+    import cupy
+
+    if not isinstance(weight, QuickWeight):
+        raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
+    K, N, _ = validation.check_weight(weight, "quick")
+    out_t = cupy.empty((N, K), dtype=cupy.float16)
+    _launch_dequantize_quick_t(weight, out_t)
+    return out_t
 
 
 def dequantize(weight: AWQWeight):

@@ -37,13 +37,24 @@ def count_opcodes(sass_text: str) -> collections.Counter:
     return counts
 
 
-def sass_counts(kind: str, cfg: configs.TileConfig, arch: str = "sm_90") -> dict[str, int]:
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        raise RuntimeError("cuobjdump is not on PATH (it ships with the CUDA toolkit)")
+def disassemble(binary: bytes) -> str:
+    """SASS text of a cubin, through cuobjdump or nvdisasm (both ship with the CUDA toolkit)."""
+    errors = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin(kind, cfg, arch))
-        text = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
-    counts = count_opcodes(text)
+        path.write_bytes(binary)
+        for tool, args in (("cuobjdump", ["-sass"]), ("nvdisasm", ["-c"])):
+            exe = shutil.which(tool)
+            if exe is None:
+                errors.append(f"{tool}: not on PATH")
+                continue
+            run = subprocess.run([exe, *args, str(path)], capture_output=True, text=True)
+            if run.returncode == 0 and run.stdout.strip():
+                return run.stdout
+            errors.append(f"{tool}: exit {run.returncode}: {run.stderr.strip()[:300]}")
+    raise RuntimeError("could not disassemble: " + "; ".join(errors))
+
+
+def sass_counts(kind: str, cfg: configs.TileConfig, arch: str = "sm_90") -> dict[str, int]:
+    counts = count_opcodes(disassemble(cubin(kind, cfg, arch)))
     return {op: counts.get(op, 0) for op in OPCODES}

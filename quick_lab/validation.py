@@ -82,8 +82,8 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
     if G % cfg.tile_k:
         raise ValueError(f"tile_k = {cfg.tile_k} must divide group_size = {G} (one group per k-tile) "
                          f"for config {cfg.name}")
-    if -(-M // cfg.tile_m) > MAX_GRID_Y:
-        raise ValueError(f"M = {M} needs more than {MAX_GRID_Y} row tiles of {cfg.tile_m}; split the batch")
+    if N // cfg.tile_n > MAX_GRID_Y:
+        raise ValueError(f"N = {N} needs more than {MAX_GRID_Y} column tiles of {cfg.tile_n}")
     if M * K > INT32_MAX * 8 or M * N > INT32_MAX * 8:
         raise ValueError(f"M = {M} with K = {K}, N = {N} is beyond the supported size")
     k_tiles = K // cfg.tile_k
