@@ -104,10 +104,13 @@ def default_plans(p: Problem, M: int) -> dict:
     return plans
 
 
-def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8)) -> dict:
-    """Every registered variant of both kernels that fits the problem, at each split-K."""
+def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=configs.KINDS) -> dict:
+    """Every registered variant of the chosen kernels that fits the problem, at each split-K, and the
+    dequantize + cuBLAS fallback."""
     plans = {}
     for kind, weight, make in (("awq", p.awq, ops.plan_awq_gemm), ("quick", p.quick, ops.plan_quick_gemm)):
+        if kind not in kinds:
+            continue
         for cfg in configs.variants(kind):
             if p.N % cfg.tile_n or p.G % cfg.tile_k:
                 continue

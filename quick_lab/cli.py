@@ -135,8 +135,8 @@ def cmd_bench(args) -> int:
 def cmd_tiles(args) -> int:
     from . import bench
 
-    splits = args.splits
-    return _sweep_command(args, lambda p, M: bench.tile_plans(p, M, splits), "tiles")
+    splits, kinds = args.splits, tuple(args.kinds.split(","))
+    return _sweep_command(args, lambda p, M: bench.tile_plans(p, M, splits, kinds), "tiles")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="results directory (default results/<gpu>/)")
         if name == "tiles":
             p.add_argument("--splits", type=_int_list, default=(1, 2, 4, 8), help="split-K values")
+            p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
         p.set_defaults(func=func)
     return parser
 
