@@ -18,35 +18,46 @@ extern "C" __global__ void dequantize_awq(const u32* __restrict__ qweight, const
   *reinterpret_cast<uint4*>(out + word * 8) = dequant_awq_word(qweight[word], zeros, s);
 }
 
-// QUICK layout -> fp16 W^T [N, K] (row n holds column n of W). The interleaved order puts each
-// dequantized pair on (k, k+1) of one column, so the transposed output takes every pair as one
-// aligned 32-bit store, and the 4 lanes of a quad fill one 32-byte sector per n8 tile and register
-// pair. cuBLAS then consumes W^T as a transposed operand, with no copy. One thread per 128-bit load.
-extern "C" __global__ void dequantize_quick_t(const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
-                                              const uint4* __restrict__ scales, u16* __restrict__ out_t, int K,
-                                              int N, int group_size) {
-  const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (kb, nb, lane)
+// QUICK layout -> fp16 W^T [N, K] (row n holds column n of W), for the dequantize + cuBLAS path;
+// cuBLAS consumes W^T as a transposed operand, with no copy. The interleaved order puts each
+// dequantized pair on (k, k+1) of one column, so pairs land as aligned 32-bit words in a shared
+// [64 n][128 k] tile (padded by 8 halves per row), which the block then writes out as 256-byte rows:
+// coalesced 16-byte stores instead of 4-byte scatter. Block = 8 warps = 8 k16 blocks of one n64 block.
+extern "C" __global__ void __launch_bounds__(256)
+    dequantize_quick_t(const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
+                       const uint4* __restrict__ scales, u16* __restrict__ out_t, int K, int N, int group_size) {
+  constexpr int kK = 128, kStride = kK + 8;  // k per block; +16 bytes per row keeps the u32 stores
+                                             // of a quad's 8 rows (g) in distinct banks
+  __shared__ __align__(16) u16 tile[64 * kStride];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int n64_per_k16 = N / 64;
-  if (chunk >= (long long)(K / 16) * n64_per_k16 * 32) return;
-  const int lane = static_cast<int>(chunk % 32), g = lane >> 2, t = lane & 3;
-  const int nb = static_cast<int>(chunk / 32 % n64_per_k16), kb = static_cast<int>(chunk / 32 / n64_per_k16);
-  const long long gb = (long long)(kb * 16 / group_size) * n64_per_k16 + nb;
-  const uint4 packed = qweight[chunk], s = scales[gb * 8 + g];
-  u32 zero_pair[4];
-  dequant_int4x8(qzeros[gb * 8 + g], zero_pair);
-  const u32 words[4] = {packed.x, packed.y, packed.z, packed.w};
-  const u32 scale_pairs[4] = {s.x, s.y, s.z, s.w};
+  const int nb = blockIdx.x, kb = blockIdx.y * (kK / 16) + warp;
+  if (kb < K / 16) {
+    const long long gb = (long long)(kb * 16 / group_size) * n64_per_k16 + nb;
+    const uint4 packed = qweight[((long long)kb * n64_per_k16 + nb) * 32 + lane], s = scales[gb * 8 + g];
+    u32 zero_pair[4];
+    dequant_int4x8(qzeros[gb * 8 + g], zero_pair);
+    const u32 words[4] = {packed.x, packed.y, packed.z, packed.w};
+    const u32 scale_pairs[4] = {s.x, s.y, s.z, s.w};
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    u32 q[4];
-    dequant_int4x8(words[w], q);
+    for (int w = 0; w < 4; ++w) {
+      u32 q[4];
+      dequant_int4x8(words[w], q);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {  // pair p: n8 tile 2w + p/2 (lo/hi half of the scale/zero pair), k + 8 * (p % 2)
-      const bool hi = p >= 2;
-      const u32 z = hi ? high_to_pair(zero_pair[w]) : low_to_pair(zero_pair[w]);
-      const u32 sc = hi ? high_to_pair(scale_pairs[w]) : low_to_pair(scale_pairs[w]);
-      const int n = nb * 64 + 8 * (2 * w + p / 2) + g, k = kb * 16 + 2 * t + 8 * (p % 2);
-      *reinterpret_cast<u32*>(out_t + (long long)n * K + k) = apply_zero_scale(q[p], z, sc);
+      for (int p = 0; p < 4; ++p) {  // pair p: n8 tile 2w + p / 2 (lo / hi of the scale pair), k + 8 (p % 2)
+        const u32 z = p < 2 ? low_to_pair(zero_pair[w]) : high_to_pair(zero_pair[w]);
+        const u32 sc = p < 2 ? low_to_pair(scale_pairs[w]) : high_to_pair(scale_pairs[w]);
+        const int n = 8 * (2 * w + p / 2) + g, k = 16 * warp + 2 * t + 8 * (p % 2);
+        *reinterpret_cast<u32*>(tile + n * kStride + k) = apply_zero_scale(q[p], z, sc);
+      }
     }
+  }
+  __syncthreads();
+  const int k0 = blockIdx.y * kK, k_valid = min(kK, K - k0);
+  for (int c = threadIdx.x; c < 64 * (kK / 8); c += 256) {  // 16-byte chunks: 16 per row
+    const int n = c / (kK / 8), k = (c % (kK / 8)) * 8;
+    if (k < k_valid)
+      *reinterpret_cast<uint4*>(out_t + (long long)(nb * 64 + n) * K + k0 + k) =
+          *reinterpret_cast<const uint4*>(tile + n * kStride + k);
   }
 }

@@ -231,9 +231,8 @@ def plan_fallback(x, weight: QuickWeight, *, out=None) -> FallbackPlan:
 
 def _launch_dequantize_quick_t(weight: QuickWeight, out_t) -> None:
     K, N = weight.K, weight.N
-    chunks = K // 16 * N // 64 * 32
-    threads = 256
-    kernels.support_kernel("dequantize_quick_t")((-(-chunks // threads),), (threads,),
+    grid = (N // 64, -(-K // 128))  # one block per n64 block x 128 rows of k (kernels/dequant.cu)
+    kernels.support_kernel("dequantize_quick_t")(grid, (256,),
                                                  (weight.qweight, weight.qzeros, weight.scales, out_t,
                                                   np.int32(K), np.int32(N), np.int32(weight.group_size)))
 

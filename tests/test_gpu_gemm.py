@@ -30,7 +30,7 @@ def test_awq_every_variant_and_split(cfg, split_k, M):
 @pytest.mark.parametrize("split_k", SPLITS)
 @pytest.mark.parametrize("M", (1, 33, 130))
 def test_quick_every_variant_and_split(cfg, split_k, M):
-    run_and_check("quick", M, 512, 512, 128, config=cfg, split_k=split_k)
+    run_and_check("quick", M, 1024, 512, 128, config=cfg, split_k=split_k)
 
 
 @pytest.mark.parametrize("kind", configs.KINDS)
@@ -81,7 +81,7 @@ def test_dequantize_quick_transposed_is_bit_exact():
     import quick_lab.ops as ops
     from quick_lab.format import dequantize_fp16
 
-    host, _, quick = weights(768, 384, 64)
+    host, _, quick = weights(832, 384, 64)  # K = 832: a partial last block of 128 rows
     w_t = cupy.asnumpy(ops.dequantize_quick_t(quick))
     assert np.array_equal(w_t.T.view(np.uint16), dequantize_fp16(host).view(np.uint16))
 
