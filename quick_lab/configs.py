@@ -146,6 +146,10 @@ QUICK_VARIANTS = tuple(TileConfig(*v) for v in (
     (16, 128, 32, 1, 2, 2),
     (16, 128, 64, 1, 2, 3),
     (16, 256, 64, 1, 4, 3),
+    # tile_k 128 (G = 128 only): twice the weight bytes in flight per lane at small batch, where
+    # the kernel waits on DRAM latency (Nsight Compute: long-scoreboard stalls dominate at M = 1)
+    (16, 128, 128, 1, 2, 3),
+    (16, 256, 128, 1, 4, 3),
     (32, 128, 64, 1, 2, 3),
     (32, 256, 32, 1, 4, 3),
     (64, 128, 32, 1, 2, 3),
