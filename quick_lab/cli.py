@@ -120,6 +120,11 @@ def _sweep_command(args, plan_fn, stem: str) -> int:
     write_metadata(out_dir / f"{stem}.meta.json", command=" ".join(sys.argv[1:]),
                    copy_bandwidth_Bps=df.attrs["copy_bandwidth_Bps"], reps=args.reps,
                    l2_flush="256 MB overwrite before every launch")
+    if stem == "tiles" and "quick" in set(df.kernel):
+        from . import dispatch
+
+        table = dispatch.write_table(df, out_dir / "dispatch.json")
+        print(f"wrote {out_dir / 'dispatch.json'} ({len(table)} problems)")
     summary = df.pivot_table(index=["K", "N", "M"], columns="kernel", values="ratio_to_fp16", aggfunc="min")
     print(summary.round(3).to_string())
     print(f"wrote {out_dir / (stem + '.csv')}")
@@ -166,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--splits", type=_int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
         p.set_defaults(func=func)
+    from . import conflicts
+
+    conflicts.add_parser(sub)
     return parser
 
 
