@@ -142,8 +142,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
 // m16n8k16). Lane = 4 * groupID + tig. A: a[0] row g cols 2t..2t+1, a[1] row g+8, a[2] row g cols +8,
 // a[3] row g+8 cols +8. B: b0 = rows (k) 2t..2t+1 of column g, b1 = rows +8. C: c0,c1 row g cols
 // 2t..2t+1; c2,c3 row g+8.
+// Not volatile: a pure register operation, so the compiler may interleave it with the fragment
+// loads and dequantization of the next k16 step (ldmatrix stays volatile: it reads shared memory).
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])

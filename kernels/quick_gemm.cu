@@ -148,12 +148,18 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) dequant_int4x8(cur.z[b], zero_pair[b]);
 
-#pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-      u32 a[MMA_M][4];
+    // A fragments are double-buffered across k16 steps: the ldmatrix of step ks + 1 is issued before
+    // the mma of step ks, so its shared-memory latency hides behind tensor-core work.
+    auto load_a = [&](u32 (&a)[MMA_M][4], int ks) {
 #pragma unroll
       for (int i = 0; i < MMA_M; ++i)
         ATile::load_fragment(a[i], reinterpret_cast<const u16*>(stage), warp_m * Shape::kWarpM + 16 * i, 16 * ks, lane);
+    };
+    u32 a_frag[2][MMA_M][4];
+    load_a(a_frag[0], 0);
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      if (ks + 1 < kSteps) load_a(a_frag[(ks + 1) % 2], ks + 1);
       u32 bfrag[MMA_N][2];
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b) {
@@ -170,7 +176,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
           bfrag[j + 1][1] = apply_zero_scale(q[3], z_hi, s_hi);
         }
       }
-      warp_mma(acc, a, bfrag);
+      warp_mma(acc, a_frag[ks % 2], bfrag);
     }
     __syncthreads();  // the stage just read is the next one cp.async overwrites
     if constexpr (ASYNC_W == 0) cur = next;
