@@ -101,6 +101,9 @@ def compile_variants(kind: str, cfgs, arch: str) -> list[CompileReport]:
     usage = parse_ptxas_log(log)
     reports = []
     for cfg, name in zip(cfgs, names):
+        if lowered[name] not in usage:
+            raise NvrtcError(f"ptxas printed no resource report for {name} ({lowered[name]}) on {arch}; "
+                             f"log tail:\n{log[-1500:]}")
         u = usage[lowered[name]]
         reports.append(CompileReport(name, kind, cfg.name, arch, u["registers"], u["stack"], u["spill_st"],
                                      u["spill_ld"], u["smem"], configs.shared_bytes(kind, cfg)))

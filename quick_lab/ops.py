@@ -113,8 +113,8 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
     cfg = config if config is not None else default_config(kind, M, N, G)
     if isinstance(cfg, str):
         cfg = configs.TileConfig.parse(cfg)
-    if not isinstance(cfg, configs.TileConfig):
-        raise TypeError(f"config must be a TileConfig or its name, got {type(cfg).__name__}")
+    validation.check_config(cfg)
+    configs.check(kind, cfg)
     split = split_k if split_k is not None else default_split_k(kind, cfg, max(M, 1), K, N)
     validation.check_problem(kind, cfg, max(M, 1), K, N, G, split)
     if out is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import configs
-from .format import VALID_GROUP_SIZES
+from .format import VALID_GROUP_SIZES, AWQWeight
+from .interleave import QuickWeight
 
 MAX_GRID_Y = 65535
 INT32_MAX = 2**31 - 1
@@ -39,12 +40,25 @@ def check_device_array(arr, name: str, dtype, ndim: int = 2):
 
 def check_weight(weight, kind: str) -> tuple[int, int, int]:
     """Checks the packed weight arrays of ``kind`` ('awq' or 'quick'); returns (K, N, group_size)."""
+    wanted = AWQWeight if kind == "awq" else QuickWeight
+    if not isinstance(weight, wanted):
+        hint = " (interleave an AWQWeight first)" if kind == "quick" else " (deinterleave a QuickWeight first)"
+        raise TypeError(f"weight must be a {wanted.__name__} for the {kind} kernel{hint}, "
+                        f"got {type(weight).__name__}")
     G = weight.group_size
+    if isinstance(G, bool) or not isinstance(G, (int, np.integer)):
+        raise TypeError(f"group_size must be an int, got {type(G).__name__}")
     if G not in VALID_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {VALID_GROUP_SIZES}, got {G}")
     scales = check_device_array(weight.scales, "scales", np.float16)
     qweight = check_device_array(weight.qweight, "qweight", np.int32)
     qzeros = check_device_array(weight.qzeros, "qzeros", np.int32)
+    # K as the packed weight sees it: AutoAWQ keeps one row per k, QUICK one row per k16 block.
+    k_rows = qweight.shape[0] if kind == "awq" else qweight.shape[0] * 16
+    if k_rows % G:
+        rule = "qweight.shape[0]" if kind == "awq" else "16 * qweight.shape[0]"
+        raise ValueError(f"K = {rule} = {k_rows} must be a multiple of group_size = {G} "
+                         f"(every group of G rows shares one scale and zero)")
     N = scales.shape[1]
     K = scales.shape[0] * G
     expected = (K, N // 8) if kind == "awq" else (K // 16, 2 * N)
@@ -62,8 +76,19 @@ def check_weight(weight, kind: str) -> tuple[int, int, int]:
 
 
 def check_scales_finite(scales) -> None:
-    cp = _cupy()
-    if not bool(cp.isfinite(scales).all()):
+    """Raises ValueError when ``scales`` (a CuPy or NumPy array) hold NaN or Inf.
+
+    Opt-in, on purpose: the GEMM ops do not call it, because scanning the scales is a full extra pass
+    over ``K/G x N`` fp16 values plus a device-to-host sync on every call (for M = 1 that is more than
+    the GEMM's own cost per weight byte). Call it once when weights are loaded (``ops.to_device``
+    output or a checkpoint), not per launch. A NaN/Inf scale otherwise shows up as NaN/Inf outputs in
+    the columns of its group.
+    """
+    if isinstance(scales, np.ndarray):
+        finite = bool(np.isfinite(scales).all())
+    else:
+        finite = bool(_cupy().isfinite(scales).all())
+    if not finite:
         raise ValueError("scales contain NaN or Inf; every scale must be finite")
 
 
@@ -75,7 +100,19 @@ def check_activations(x, K: int) -> int:
     return M
 
 
+def check_config(cfg) -> configs.TileConfig:
+    """A TileConfig whose fields are positive ints (``configs.check`` divides by them)."""
+    if not isinstance(cfg, configs.TileConfig):
+        raise TypeError(f"config must be a TileConfig or its name, got {type(cfg).__name__}")
+    for field in ("tile_m", "tile_n", "tile_k", "warps_m", "warps_n", "stages"):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"config {field} must be a positive int, got {value!r}")
+    return cfg
+
+
 def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G: int, split: int) -> None:
+    check_config(cfg)
     configs.check(kind, cfg)
     if N % cfg.tile_n:
         raise ValueError(f"N = {N} must be a multiple of tile_n = {cfg.tile_n} for config {cfg.name}")
