@@ -93,12 +93,12 @@ def default_plans(p: Problem, M: int) -> dict:
     paper_split = min(configs.AWQ_DEFAULT_SPLIT_K, p.K // quick_cfg.tile_k)
     import cupy
 
-    probe = ops.plan_dispatch(cupy.empty((M, p.K), dtype=cupy.float16), p.quick)
+    kernel, cfg, split = ops.quick_choice(M, p.K, p.N, p.G, cupy.cuda.Device().id)
     plans = {
         ("awq", awq_cfg.name, awq_split): lambda x: ops.plan_awq_gemm(x, p.awq, config=awq_cfg, split_k=awq_split),
         ("quick-paper", quick_cfg.name, paper_split):
             lambda x: ops.plan_quick_gemm(x, p.quick, config=quick_cfg, split_k=paper_split),
-        ("quick", getattr(probe.config, "name", probe.config), probe.split_k):
+        ("quick", cfg.name if cfg else "dequant+cublas", split):
             lambda x: ops.plan_dispatch(x, p.quick),
     }
     return plans

@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--splits", type=_int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
         p.set_defaults(func=func)
-    from . import conflicts, figures, sanitizer
+    from . import conflicts, e2e, figures, sanitizer
 
     conflicts.add_parser(sub)
+    e2e.add_parser(sub)
     sanitizer.add_parser(sub)
     figures.add_parser(sub)
     return parser

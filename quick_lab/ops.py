@@ -7,6 +7,7 @@ launch (validation and argument packing done once) for timing loops.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,8 +30,15 @@ def to_device(weight):
 def _num_sms() -> int:
     import cupy
 
-    try:
-        return cupy.cuda.Device().attributes["MultiProcessorCount"]
+    return _num_sms_of(cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(device: int) -> int:
+    import cupy
+
+    try:  # Device.attributes queries every attribute (~1 ms): once per device
+        return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
     except Exception:
         return NUM_SMS_FALLBACK
 
@@ -155,29 +163,38 @@ def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
     return _execute(plan_awq_gemm(x, weight, config=config, split_k=split_k, out=out))
 
 
-def plan_dispatch(x, weight: QuickWeight, *, out=None):
-    """The fastest measured QUICK path for this problem on this GPU (``quick_lab.dispatch``): a QUICK
-    kernel config and split-K, or dequantize + cuBLAS at large batch; the heuristic default when the
-    GPU has no table."""
+@functools.lru_cache(maxsize=None)
+def quick_choice(M: int, K: int, N: int, group_size: int, device: int = 0):
+    """``("quick", TileConfig, split_k)`` or ``("fallback", None, 1)``: the fastest measured QUICK path
+    for this problem on this GPU (``quick_lab.dispatch``), else the heuristic default config."""
     from . import dispatch
     from .metadata import gpu_slug
 
+    choice = dispatch.choose(dispatch.load_table(gpu_slug(_gpu_name(device))), max(M, 1), K, N, group_size)
+    if choice is None:
+        cfg = default_config("quick", max(M, 1), N, group_size)
+        return "quick", cfg, default_split_k("quick", cfg, max(M, 1), K, N)
+    return choice
+
+
+def plan_dispatch(x, weight: QuickWeight, *, out=None):
+    """The public op's path: a QUICK kernel config and split-K, or dequantize + cuBLAS at large batch,
+    as :func:`quick_choice` picks."""
+    import cupy
+
     K, N, G = validation.check_weight(weight, "quick")
     M = validation.check_activations(x, K)
-    choice = dispatch.choose(dispatch.load_table(gpu_slug(_gpu_name())), max(M, 1), K, N, G)
-    if choice is None:
-        return plan_quick_gemm(x, weight, out=out)
-    kernel, cfg, split = choice
-    if kernel == dispatch.FALLBACK:
+    kernel, cfg, split = quick_choice(M, K, N, G, cupy.cuda.Device().id)
+    if kernel == "fallback":
         return plan_fallback(x, weight, out=out)
     return plan_quick_gemm(x, weight, config=cfg, split_k=split, out=out)
 
 
-def _gpu_name() -> str:
+@functools.lru_cache(maxsize=None)
+def _gpu_name(device: int) -> str:
     import cupy
 
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    name = props["name"]
+    name = cupy.cuda.runtime.getDeviceProperties(device)["name"]
     return name.decode() if isinstance(name, bytes) else name
 
 
