@@ -81,13 +81,15 @@ _nonce = itertools.count()
 def compile_source(filename: str, name_expressions: tuple[str, ...], arch: str) -> tuple[dict[str, str], str]:
     """Compile kernels/<filename> for ``arch``; returns ({name expression or C name: mangled}, log)."""
     nvrtc = _nvrtc()
-    program = nvrtc.createProgram(assemble(filename), filename, [], [])
+    # A never-repeated device symbol: on the H100 machine's NVRTC a second in-process compile of the
+    # same program came back with an empty ptxas log (served from a cache keyed on the generated
+    # code, so a -D macro did not help), and the report needs the log.
+    source = assemble(filename) + f'extern "C" __device__ int quick_lab_report_build_{next(_nonce)} = 0;\n'
+    program = nvrtc.createProgram(source, filename, [], [])
     try:
         for expr in name_expressions:
             nvrtc.addNameExpression(program, expr)
-        # A never-repeated macro: on the H100 machine a second in-process compile of the same program
-        # came back with an empty ptxas log (served from a cache), and the report needs the log.
-        options = [f"-arch={arch}", *COMPILE_OPTIONS, "-Xptxas=-v", f"-DQUICK_LAB_BUILD={next(_nonce)}"]
+        options = [f"-arch={arch}", *COMPILE_OPTIONS, "-Xptxas=-v"]
         try:
             nvrtc.compileProgram(program, options)
         except Exception as exc:
