@@ -113,9 +113,6 @@ __device__ __forceinline__ u32 load_stream_u32(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
-// Asks L2 to fetch a line ahead of the register load that will need it (PTX ISA 9.7.9.15): more
-// bytes in flight without holding registers or shared memory.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Scales and zeros are tiny and re-read by the 4 lanes of a quad and by later k-tiles: keep them in L1.
 __device__ __forceinline__ uint4 load_cached_u4(const void* p) {
   uint4 v;

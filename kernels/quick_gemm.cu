@@ -27,11 +27,6 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Direct path: tiles ahead of the register double buffer whose weights are prefetched into L2. At
-// small batch the kernel waits on DRAM latency with only one tile per lane in flight (Nsight Compute:
-// long-scoreboard stalls lead at M = 1); the L2 prefetches deepen that without registers.
-constexpr int kL2PrefetchTiles = 2;
-
 template <int TILE_M, int TILE_N, int TILE_K, int WARPS_M, int WARPS_N, int STAGES, int ASYNC_W>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     quick_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
@@ -100,7 +95,6 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   };
   auto load_global = [&](int kt, Fragments& f) {  // direct path: global -> registers
     const int group = kt * TILE_K / group_size;     // TILE_K divides group_size
-    const bool prefetch = kt + kL2PrefetchTiles < kt_end && warp_m == 0;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) {
       const int block = tile_block0 + warp_block0 + b;
@@ -108,8 +102,6 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       for (int ks = 0; ks < kSteps; ++ks) {
         const uint4* p = qweight + ((long long)(kt * kSteps + ks) * n64_per_k16 + block) * 32 + lane;
         f.q[ks][b] = kSharedWeights ? load_cached_u4(p) : load_stream_u4(p);
-        // one 128-byte line per 8 lanes: lanes 0, 8, 16, 24 cover the warp's 512 bytes
-        if (prefetch && (lane & 7) == 0) prefetch_l2(p + (long long)kL2PrefetchTiles * kSteps * n64_per_k16 * 32);
       }
       const long long gb = (long long)group * n64_per_k16 + block;
       f.s[b] = load_cached_u4(scales + gb * 8 + g);
