@@ -336,3 +336,21 @@ def test_cli_measure_reports_a_failed_sweep(tmp_path, monkeypatch):
     args = _parse(["reproduce", "--measure", "--results", str(results)])
     assert args.func(args) == 2
     assert (results / "REPORT.md").is_file()
+
+
+def test_kernel_speedups_compare_kernels_only_against_the_autoawq_configuration():
+    import pandas as pd
+
+    from quick_lab import configs, figures
+
+    base = dict(K=8192, N=8192, M=256, group_size=128, ratio_to_fp16=1.0)
+    tiles = pd.DataFrame([
+        dict(base, kernel="awq", config=configs.AWQ_DEFAULT.name, split_k=8, time_us=300.0),
+        dict(base, kernel="awq", config="64x128x32_w2x2_s1", split_k=1, time_us=10.0),  # not the AutoAWQ config
+        dict(base, kernel="quick", config="64x128x64_w1x2_s3", split_k=1, time_us=150.0),
+        dict(base, kernel="quick", config="64x256x64_w1x4_s4_cp", split_k=2, time_us=100.0),
+        dict(base, kernel="fallback", config="dequant+cublas", split_k=1, time_us=1.0),  # never counted
+    ])
+    text = "\n".join(figures._kernel_speedups(tiles))
+    assert "| 8192 x 8192 | 256 | 2.00x | 3.00x |" in text
+    assert "ranges 2.00x to 2.00x" in text
