@@ -704,20 +704,19 @@ def _list(kind):
     return parse
 
 
-def _models(text: str):
-    names = _list(str)(text)
-    for n in names:
-        if n not in PRESETS:
-            raise argparse.ArgumentTypeError(f"unknown model {n!r}; have {', '.join(PRESETS)}")
-    return names
+def _choices(allowed, what: str):
+    """argparse type: a comma-separated list whose items are all in ``allowed``."""
+    def parse(text: str):
+        names = _list(str)(text)
+        for n in names:
+            if n not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {what} {n!r}; have {', '.join(allowed)}")
+        return names
+    return parse
 
 
-def _backends(text: str):
-    names = _list(str)(text)
-    for n in names:
-        if n not in BACKENDS:
-            raise argparse.ArgumentTypeError(f"unknown backend {n!r}; have {', '.join(BACKENDS)}")
-    return names
+_models = _choices(PRESETS, "model")
+_backends = _choices(BACKENDS, "backend")
 
 
 def cmd_e2e(args) -> int:
