@@ -76,9 +76,9 @@ def measure_problem(p: Problem, M: int, plans: dict, timer: Timer, bandwidth: fl
                                 nvtx=range_name("fp16", "cublas", p.K, p.N, M)), bandwidth)]
     for (kernel, cfg, split), make in plans.items():
         plan = make(x)
-        rows.append(_row(kernel, cfg, split, p, M,
-                         timer.times_ms(plan.run, reps=reps, nvtx=range_name(kernel, cfg, p.K, p.N, M)),
-                         bandwidth))
+        row = _row(kernel, cfg, split, p, M,
+                   timer.times_ms(plan.run, reps=reps, nvtx=range_name(kernel, cfg, p.K, p.N, M)), bandwidth)
+        rows.append({**row, **getattr(plan, "resources", {})})
     fp16_us = rows[0]["time_us"]
     for r in rows:
         r["ratio_to_fp16"] = r["time_us"] / fp16_us

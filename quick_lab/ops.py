@@ -112,6 +112,13 @@ class GemmPlan:
     def out(self):
         return self._out
 
+    @property
+    def resources(self) -> dict:
+        """What the compiled variant occupies per thread / block (registers, shared memory)."""
+        return {"registers": self._kernel.num_regs,
+                "smem_bytes": self._kernel.shared_size_bytes + configs.shared_bytes(self.kind, self.config),
+                "threads": self.config.threads}
+
 
 def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
     import cupy
