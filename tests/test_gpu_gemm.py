@@ -119,3 +119,16 @@ def test_split_k_is_deterministic_and_leaves_counters_zero():
         again = ops.quick_gemm(x, quick, config=cfg, split_k=7)
         assert np.array_equal(cupy.asnumpy(again).view(np.uint16), cupy.asnumpy(first).view(np.uint16))
     assert int(ops.tile_counters(1).max()) == 0 and int(ops.tile_counters(1).min()) == 0
+
+
+def test_plan_reports_the_compiled_variants_resources():
+    import cupy
+    import quick_lab.ops as ops
+
+    _, _, quick = weights(1024, 512, 128)
+    cfg = configs.TileConfig(64, 256, 64, 1, 4, 4, True)
+    plan = ops.plan_quick_gemm(cupy.zeros((3, 1024), dtype=cupy.float16) + 1, quick, config=cfg, split_k=1)
+    res = plan.resources
+    assert res["threads"] == 128
+    assert 64 <= res["registers"] <= 255
+    assert res["smem_bytes"] >= configs.shared_bytes("quick", cfg)
