@@ -132,3 +132,12 @@ def test_plan_reports_the_compiled_variants_resources():
     assert res["threads"] == 128
     assert 64 <= res["registers"] <= 255
     assert res["smem_bytes"] >= configs.shared_bytes("quick", cfg)
+
+
+def test_compile_error_names_the_kernel_and_shows_the_log(tmp_path, monkeypatch):
+    from quick_lab import kernels, sources
+
+    (tmp_path / "broken.cu").write_text('extern "C" __global__ void broken() { this_is_not_cuda; }\n')
+    monkeypatch.setattr(sources, "KERNEL_DIR", tmp_path)
+    with pytest.raises(kernels.KernelCompileError, match=r"(?s)compiling broken from kernels/broken\.cu failed.*this_is_not_cuda"):
+        kernels._compile("broken.cu", (), "broken")
