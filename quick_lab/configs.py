@@ -134,14 +134,17 @@ def _awq_variants() -> tuple[TileConfig, ...]:
     return tuple(out)
 
 
-# The AutoAWQ kernel's own shape: 16 x 128 x 32 block tile, 2 warps of 16 x 64, split-K 8.
+# The AutoAWQ kernel's own shape: 16 x 128 x 32 block tile, 2 warps of 16 x 64, split-K 8; like
+# AutoAWQ, 16 x 64 x 32 with one warp when N is not a multiple of 128.
 AWQ_DEFAULT = TileConfig(16, 128, 32, 1, 2, 1)
+AWQ_DEFAULT_N64 = TileConfig(16, 64, 32, 1, 1, 1)
 AWQ_DEFAULT_SPLIT_K = 8
 AWQ_VARIANTS = _awq_variants()
 
 # QUICK variants: the freed shared memory buys deeper activation pipelines and larger tiles.
 # First the paper's weight path (registers), then the staged one (_cp).
 QUICK_VARIANTS = tuple(TileConfig(*v) for v in (
+    (16, 64, 32, 1, 1, 3),  # N not a multiple of 128 with group size 32: the one variant that fits
     (16, 64, 64, 1, 1, 4),
     (16, 128, 32, 1, 2, 2),
     (16, 128, 64, 1, 2, 3),

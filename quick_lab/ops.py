@@ -44,22 +44,22 @@ def _num_sms_of(device: int) -> int:
 
 
 def default_config(kind: str, M: int, N: int, group_size: int) -> configs.TileConfig:
-    """The AutoAWQ shape for the baseline; for QUICK the smallest listed tile_m covering M (capped at
-    128) with the widest tile_n dividing N and a tile_k dividing the group size."""
+    """AutoAWQ's shape for the baseline (by N, as AutoAWQ picks); for QUICK a listed variant whose tile_n divides N and tile_k
+    the group size, with tile_m as close as possible to the smallest of 16..128 covering M (ties: tile_n
+    128, then the deeper tile_k and pipeline)."""
     if kind == "awq":
-        return configs.AWQ_DEFAULT
+        return configs.AWQ_DEFAULT if N % configs.AWQ_DEFAULT.tile_n == 0 else configs.AWQ_DEFAULT_N64
     tile_m = next((t for t in (16, 32, 64, 128) if M <= t), 128)
-    fitting = [c for c in configs.QUICK_VARIANTS
-               if c.tile_m == tile_m and N % c.tile_n == 0 and group_size % c.tile_k == 0]
+    fitting = [c for c in configs.QUICK_VARIANTS if N % c.tile_n == 0 and group_size % c.tile_k == 0]
     if not fitting:
-        return configs.QUICK_DEFAULT
-    return max(fitting, key=lambda c: (c.tile_n == 128, c.tile_k, c.stages))
+        return configs.QUICK_DEFAULT  # N not a multiple of 64: validation names the rule
+    return min(fitting, key=lambda c: (abs(c.tile_m - tile_m), c.tile_n != 128, -c.tile_k, -c.stages))
 
 
 def default_split_k(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int) -> int:
     """AutoAWQ's split-K 8 for the baseline; for QUICK enough splits for ~2 blocks per SM."""
     k_tiles = K // cfg.tile_k
-    if kind == "awq" and cfg == configs.AWQ_DEFAULT:
+    if kind == "awq" and cfg in (configs.AWQ_DEFAULT, configs.AWQ_DEFAULT_N64):
         return min(configs.AWQ_DEFAULT_SPLIT_K, k_tiles)
     blocks = (N // cfg.tile_n) * -(-M // cfg.tile_m)
     split = 1

@@ -97,3 +97,13 @@ def test_bad_cli_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--shapes", "8192by8192"])
     assert "8192x28672" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("M,N,G", [(1, 4096, 128), (100, 64, 128), (7, 192, 32), (2000, 4096, 64)])
+def test_default_quick_config_always_fits_the_problem(M, N, G):
+    from quick_lab import ops
+
+    for kind in configs.KINDS:
+        cfg = ops.default_config(kind, M, N, G)
+        assert N % cfg.tile_n == 0 and G % cfg.tile_k == 0
+        assert configs.violations(kind, cfg) == []

@@ -141,3 +141,9 @@ def test_compile_error_names_the_kernel_and_shows_the_log(tmp_path, monkeypatch)
     monkeypatch.setattr(sources, "KERNEL_DIR", tmp_path)
     with pytest.raises(kernels.KernelCompileError, match=r"(?s)compiling broken from kernels/broken\.cu failed.*this_is_not_cuda"):
         kernels._compile("broken.cu", (), "broken")
+
+
+@pytest.mark.parametrize("kind", configs.KINDS)
+@pytest.mark.parametrize("M", (1, 40))
+def test_default_configs_cover_n_not_a_multiple_of_128(kind, M):
+    run_and_check(kind, M, 256, 192, 32)
