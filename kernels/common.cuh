@@ -34,11 +34,6 @@ __device__ __forceinline__ u32 float2_to_half2(float lo, float hi) {
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
   return d;
 }
-__device__ __forceinline__ float half_to_float(u16 h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
 
 // ---------------------------------------------------------------- int4 -> fp16 dequantizer
 // The lop3 "magic number" trick: OR-ing a nibble into the mantissa of 0x6400 (fp16 1024.0) makes the

@@ -1,4 +1,4 @@
-"""The ``quick-lab`` command line: info, compile, bench, tiles (and more as the lab grows)."""
+"""The ``quick-lab`` command line: info, compile, bench, tiles, conflicts, e2e, check, reproduce."""
 from __future__ import annotations
 
 import argparse
