@@ -5,35 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from .argtypes import int_list, shape_list
 from .device import cuda_device_status
-
-RESULTS = Path(__file__).resolve().parent.parent / "results"
-
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"quick-lab: {message}", file=sys.stderr)
     return code
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
-    shapes = []
-    for item in text.split(","):
-        try:
-            K, N = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"shapes look like 8192x28672 (K x N), got {item!r}") from None
-        shapes.append((K, N))
-    return tuple(shapes)
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -102,9 +79,9 @@ def _need_gpu() -> str | None:
 
 
 def _results_dir(args) -> Path:
-    from .metadata import gpu_info, gpu_slug
+    from .metadata import results_dir
 
-    return Path(args.out) if args.out else RESULTS / gpu_slug(gpu_info().get("gpu"))
+    return results_dir(args.out)
 
 
 def _sweep_command(args, plan_fn, stem: str) -> int:
@@ -163,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
          "tile-size study: every variant and split-K"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--shapes", type=_shape_list, default=shapes, help="K x N list, e.g. 8192x8192,4096x4096")
-        p.add_argument("--batches", type=_int_list, default=batches, help="M list, e.g. 1,16,256")
+        p.add_argument("--shapes", type=shape_list, default=shapes, help="K x N list, e.g. 8192x8192,4096x4096")
+        p.add_argument("--batches", type=int_list, default=batches, help="M list, e.g. 1,16,256")
         p.add_argument("--reps", type=int, default=50, help="timed launches per case (median reported)")
         p.add_argument("--out", help="results directory (default results/<gpu>/)")
         if name == "tiles":
-            p.add_argument("--splits", type=_int_list, default=(1, 2, 4, 8), help="split-K values")
+            p.add_argument("--splits", type=int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
         p.set_defaults(func=func)
     from . import conflicts, e2e, figures, sanitizer

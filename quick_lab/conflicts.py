@@ -37,6 +37,7 @@ import pandas as pd
 from . import bank_model, configs
 from .configs import TileConfig
 from .device import cuda_device_status
+from .metadata import REPO
 from .timing import range_name
 
 NCU_METRICS = list(bank_model.NCU_METRICS)
@@ -56,7 +57,6 @@ GROUP_SIZE = 128
 DEFAULT_SHAPES = ((4096, 4096),)
 DEFAULT_BATCHES = (16, 256)
 DEFAULT_TIMEOUT_S = 1800
-REPO = Path(__file__).resolve().parent.parent
 # kernel:config:K..:N..:M.. anywhere in a CSV cell (possibly behind a domain or nesting prefix)
 RANGE_RE = re.compile(r"(awq|quick):([^:\s\"/]+):K(\d+):N(\d+):M(\d+)")
 _UNIT_SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -407,7 +407,7 @@ def _fmt(v) -> str:
 
 def add_parser(subparsers):
     """Registers ``quick-lab conflicts`` on the CLI's subparsers; returns the parser."""
-    from .cli import _int_list, _shape_list
+    from .argtypes import int_list as _int_list, shape_list as _shape_list
 
     p = subparsers.add_parser("conflicts", help="shared-memory bank conflicts under Nsight Compute vs the model")
     p.add_argument("--shapes", type=_shape_list, default=DEFAULT_SHAPES, help="K x N list, e.g. 4096x4096")

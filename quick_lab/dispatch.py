@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import configs
+from .metadata import RESULTS
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
 FALLBACK = "fallback"
 
 

@@ -30,10 +30,10 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .argtypes import choice_list, int_list
 from .format import AWQWeight, dequantize_fp16, random_awq
 
 BACKENDS = ("fp16", "awq", "quick")
@@ -695,28 +695,8 @@ def summary_table(df):
 # ---------------------------------------------------------------- command line
 
 
-def _list(kind):
-    def parse(text: str):
-        values = tuple(kind(v) for v in text.split(",") if v)
-        if not values:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        return values
-    return parse
-
-
-def _choices(allowed, what: str):
-    """argparse type: a comma-separated list whose items are all in ``allowed``."""
-    def parse(text: str):
-        names = _list(str)(text)
-        for n in names:
-            if n not in allowed:
-                raise argparse.ArgumentTypeError(f"unknown {what} {n!r}; have {', '.join(allowed)}")
-        return names
-    return parse
-
-
-_models = _choices(PRESETS, "model")
-_backends = _choices(BACKENDS, "backend")
+_models = choice_list(PRESETS, "model")
+_backends = choice_list(BACKENDS, "backend")
 
 
 def cmd_e2e(args) -> int:
@@ -726,9 +706,9 @@ def cmd_e2e(args) -> int:
     if not ok:
         print(f"quick-lab: e2e measures on a GPU and none is usable: {reason}", file=sys.stderr)
         return 2
-    from .metadata import REPO, gpu_info, gpu_slug, write_metadata
+    from .metadata import results_dir, write_metadata
 
-    out_dir = Path(args.out) if args.out else REPO / "results" / gpu_slug(gpu_info().get("gpu"))
+    out_dir = results_dir(args.out)
 
     def progress(done, total, label):
         print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
@@ -755,7 +735,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Registers ``quick-lab e2e``."""
     p = subparsers.add_parser("e2e", help="end-to-end decode throughput vs batch: fp16, AWQ, QUICK")
     p.add_argument("--models", type=_models, default=tuple(PRESETS), help="comma-separated, from " + ",".join(PRESETS))
-    p.add_argument("--batches", type=_list(int), default=(1, 2, 4, 8, 16, 32, 64, 128, 256), help="e.g. 1,16,256")
+    p.add_argument("--batches", type=int_list, default=(1, 2, 4, 8, 16, 32, 64, 128, 256), help="e.g. 1,16,256")
     p.add_argument("--backends", type=_backends, default=BACKENDS, help="comma-separated, from fp16,awq,quick")
     p.add_argument("--layers", type=int, default=4,
                    help="decoder layers built per model (default 4; full-depth tokens/s is then estimated)")

@@ -28,9 +28,8 @@ import numpy as np
 import pandas as pd
 
 from . import bank_model, configs
+from .metadata import RESULTS
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "results"
 RESULTS_ENV = "QUICK_LAB_RESULTS"  # overrides default_results_dir() (notebooks, tests)
 FIGURES = "figures"
 REPORT = "REPORT.md"
@@ -83,7 +82,7 @@ def _has_gpu() -> bool:
 def _gpu_results_dir(root: Path) -> Path:
     from .metadata import gpu_info, gpu_slug
 
-    return root / gpu_slug(gpu_info().get("gpu"))
+    return root / gpu_slug(gpu_info().get("gpu"))  # root may differ from RESULTS (tests)
 
 
 def default_results_dir(results_root=None, strict: bool = True) -> Path | None:
@@ -401,7 +400,8 @@ def fig2_bank_conflicts(conflicts: pd.DataFrame | None):
 def fig3_tflops_vs_batch(throughput: pd.DataFrame, shape=FIG3_SHAPE, max_batch: int = FIG3_MAX_BATCH):
     """TFLOPS vs batch (p10-p90 band) of every kernel on M x K x N (default 8192 x 8192, M <= 256),
     and the QUICK / AWQ speedup below. Falls back to the largest measured shape when absent."""
-    plt, sns = _plt(), _style()
+    plt = _plt()
+    _style()
     shapes = sorted({(int(k), int(n)) for k, n in zip(throughput.K, throughput.N)}, key=lambda s: s[0] * s[1])
     K, N = tuple(shape) if tuple(shape) in shapes else shapes[-1]
     df = best_times(throughput[(throughput.K == K) & (throughput.N == N) & (throughput.M <= max_batch)])
@@ -435,7 +435,8 @@ def fig3_tflops_vs_batch(throughput: pd.DataFrame, shape=FIG3_SHAPE, max_batch: 
 
 def fig3b_speedup_all_shapes(throughput: pd.DataFrame):
     """time / cuBLAS fp16 vs batch for every shape (log y; below 1.0 beats fp16)."""
-    plt, sns = _plt(), _style()
+    sns = _style()
+    _plt()
     df = best_times(throughput[throughput.kernel != "fp16"])
     df = df.assign(shape=[f"K={k} N={n}" for k, n in zip(df.K, df.N)])
     order = [f"K={k} N={n}" for k, n in sorted({(int(k), int(n)) for k, n in zip(df.K, df.N)})]
@@ -465,7 +466,8 @@ def fig3b_speedup_all_shapes(throughput: pd.DataFrame):
 
 def fig4_e2e(e2e: pd.DataFrame):
     """Decode tokens/s vs batch per model (top) and QUICK / AWQ, QUICK / fp16 (bottom)."""
-    plt, sns = _plt(), _style()
+    plt = _plt()
+    _style()
     ok = e2e.dropna(subset=["tokens_per_s"])
     models = list(dict.fromkeys(ok.model))
     fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False,

@@ -140,7 +140,7 @@ def lane_fragments(quick: QuickWeight, kb: int, nb: int) -> dict[str, np.ndarray
     fp16. The layout is right exactly when ``value == W[k, n]`` for every slot.
     """
     qweight = np.asarray(quick.qweight).view(np.uint32)
-    K, N = quick.K, quick.N
+    N = quick.N
     lanes = qweight[kb].reshape(N // N_BLOCK, LANES, WORDS)[nb]               # [32, 4] words
     pairs = emulate_dequantizer(lanes)                                        # [32, 4 w, 4 p, 2 h]
     # pair p of word w is register p % 2 of tile 2w + p // 2

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
 
 
 def git_commit() -> str:
@@ -76,6 +77,11 @@ def write_metadata(path: Path, **extra) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
+
+
+def results_dir(out=None) -> Path:
+    """``out`` when given, else ``results/<slug of the current GPU>/``."""
+    return Path(out) if out else RESULTS / gpu_slug(gpu_info().get("gpu"))
 
 
 def gpu_slug(name: str | None) -> str:

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import configs
+from .metadata import REPO
 
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # Substrings of the mangled names of our kernels, for an optional ``--kernel-name kns=...`` scope.
@@ -61,7 +62,6 @@ MEMCHECK_PADDING = 256  # bytes of guard after every allocation
 DEFAULT_TIMEOUT_S = 600
 REL_TOL = 2e-3
 TARGET_MISMATCH_EXIT = 3
-REPO = Path(__file__).resolve().parent.parent
 
 
 class SanitizerError(RuntimeError):
@@ -480,7 +480,7 @@ def format_table(rows: list[str], tools, runs: dict) -> str:
 
 def cmd_check(args) -> int:
     from .device import cuda_device_status
-    from .metadata import gpu_info, gpu_slug, write_metadata
+    from .metadata import results_dir, write_metadata
 
     if not sanitizer_path():
         print("quick-lab: compute-sanitizer is not on PATH; install the CUDA toolkit and add its bin/ "
@@ -494,7 +494,7 @@ def cmd_check(args) -> int:
     awq, quick = smoke_variants() if args.smoke else (None, None)
     cases = all_cases(awq, quick)
     script = target_script(cases)
-    out_dir = Path(args.out) if args.out else REPO / "results" / gpu_slug(gpu_info().get("gpu"))
+    out_dir = results_dir(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(cases)} cases, ~{launch_count(cases)} launches per tool; tools: {', '.join(args.tools)}",
           file=sys.stderr)
