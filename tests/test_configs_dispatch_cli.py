@@ -107,3 +107,14 @@ def test_default_quick_config_always_fits_the_problem(M, N, G):
         cfg = ops.default_config(kind, M, N, G)
         assert N % cfg.tile_n == 0 and G % cfg.tile_k == 0
         assert configs.violations(kind, cfg) == []
+
+
+def test_results_dir_is_the_given_one_or_results_slash_gpu(tmp_path, monkeypatch):
+    from quick_lab import metadata
+
+    assert metadata.results_dir(tmp_path) == tmp_path
+    monkeypatch.setattr(metadata, "gpu_info", lambda: {"gpu": "NVIDIA H100 80GB HBM3"})
+    assert metadata.results_dir() == metadata.RESULTS / "h100-80gb-hbm3"
+    from quick_lab import dispatch
+
+    assert dispatch.RESULTS == metadata.RESULTS  # the dispatch table lives beside the sweeps
