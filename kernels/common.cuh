@@ -35,6 +35,12 @@ __device__ __forceinline__ u32 float2_to_half2(float lo, float hi) {
   return d;
 }
 
+__device__ __forceinline__ u16 float_to_half(float v) {
+  u16 d;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(v));
+  return d;
+}
+
 // ---------------------------------------------------------------- int4 -> fp16 dequantizer
 // The lop3 "magic number" trick: OR-ing a nibble into the mantissa of 0x6400 (fp16 1024.0) makes the
 // fp16 number 1024 + nibble, with no integer-to-float conversion. One LOP3 handles two nibbles, one per
@@ -117,6 +123,11 @@ __device__ __forceinline__ uint4 load_cached_u4(const void* p) {
 __device__ __forceinline__ u32 load_cached_u32(const void* p) {
   u32 v;
   asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 load_cached_u2(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
 

@@ -56,5 +56,7 @@ def choose(table, M: int, K: int, N: int, group_size: int):
     cfg = configs.TileConfig.parse(row["config"])
     if N % cfg.tile_n or group_size % cfg.tile_k:
         return None
+    if cfg.wgmma and row["split_k"] == configs.STREAM_K:
+        return "quick", cfg, configs.STREAM_K
     k_tiles = K // cfg.tile_k
     return "quick", cfg, max(1, min(row["split_k"], k_tiles))

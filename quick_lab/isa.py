@@ -8,7 +8,7 @@ import collections
 
 from . import configs
 from .nvrtc import _nvrtc
-from .sources import COMPILE_OPTIONS, GEMM_SOURCES, assemble
+from .sources import COMPILE_OPTIONS, assemble
 
 # PTX opcodes that touch shared memory or the tensor cores, by what they do in these kernels.
 PTX_CLASSES = {
@@ -18,6 +18,7 @@ PTX_CLASSES = {
     "ldmatrix": "LDSM: ldmatrix (A fragments; B fragments in the baseline)",
     "cp.async": "LDGSTS: asynchronous global -> shared copy",
     "mma.sync": "HMMA: tensor-core mma.sync",
+    "wgmma.mma_async": "HGMMA: Hopper warpgroup MMA (the wgmma mainloop)",
     "lop3.b32": "LOP3: the int4 -> fp16 dequantizer",
 }
 
@@ -25,9 +26,10 @@ PTX_CLASSES = {
 def _program(kind: str, cfg: configs.TileConfig, arch: str):
     nvrtc = _nvrtc()
     name = configs.template_name(kind, cfg)
-    program = nvrtc.createProgram(assemble(GEMM_SOURCES[kind]), GEMM_SOURCES[kind], [], [])
+    filename = configs.source_file(kind, cfg)
+    program = nvrtc.createProgram(assemble(filename), filename, [], [])
     nvrtc.addNameExpression(program, name)
-    nvrtc.compileProgram(program, [f"-arch={arch}", *COMPILE_OPTIONS])
+    nvrtc.compileProgram(program, [f"-arch={configs.target_arch(cfg, arch)}", *COMPILE_OPTIONS])
     return nvrtc, program
 
 

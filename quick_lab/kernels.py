@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 from . import configs
-from .sources import COMPILE_OPTIONS, GEMM_SOURCES, SUPPORT_KERNELS, assemble
+from .sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 
 class KernelCompileError(RuntimeError):
@@ -27,12 +27,41 @@ def _compile(filename: str, name_expressions: tuple[str, ...], label: str):
     return module
 
 
+def _load_sm90a(filename: str, name: str):
+    """Compile for sm_90a (wgmma exists only in the arch-specific target, which CuPy's RawModule cannot
+    request) through quick_lab.nvrtc, and load the cubin with RawModule(path=...)."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    import cupy
+
+    from . import nvrtc
+
+    if cupy.cuda.Device().compute_capability != "90":
+        raise ValueError(f"{name} uses Hopper wgmma: it needs a compute capability 9.0 GPU, "
+                         f"this one is {cupy.cuda.Device().compute_capability}")
+    try:
+        lowered, _, cubin = nvrtc.compile_cubin(filename, (name,), "sm_90a")
+    except nvrtc.NvrtcError as exc:
+        raise KernelCompileError(f"compiling {name} from kernels/{filename} failed:\n{exc}") from exc
+    cache = Path(tempfile.gettempdir()) / "quick_lab_cubins"
+    cache.mkdir(exist_ok=True)
+    path = cache / f"{hashlib.sha256(cubin).hexdigest()[:24]}.cubin"
+    if not path.exists():
+        path.write_bytes(cubin)
+    return cupy.RawModule(path=str(path)).get_function(lowered[name])
+
+
 @functools.lru_cache(maxsize=None)
 def gemm_kernel(kind: str, cfg: configs.TileConfig):
     """The compiled GEMM variant, its dynamic shared-memory limit raised to what the tile needs."""
     configs.check(kind, cfg)
     name = configs.template_name(kind, cfg)
-    function = _compile(GEMM_SOURCES[kind], (name,), name).get_function(name)
+    if cfg.wgmma:
+        function = _load_sm90a(configs.source_file(kind, cfg), name)
+    else:
+        function = _compile(configs.source_file(kind, cfg), (name,), name).get_function(name)
     smem = configs.shared_bytes(kind, cfg)
     if smem > 48 * 1024:  # above 48 KB a block must opt in (CUDA C++ Guide, shared memory)
         function.max_dynamic_shared_size_bytes = smem

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from . import configs
-from .sources import COMPILE_OPTIONS, GEMM_SOURCES, SUPPORT_KERNELS, assemble
+from .sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 KNOWN_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
@@ -80,6 +80,13 @@ _nonce = itertools.count()
 
 def compile_source(filename: str, name_expressions: tuple[str, ...], arch: str) -> tuple[dict[str, str], str]:
     """Compile kernels/<filename> for ``arch``; returns ({name expression or C name: mangled}, log)."""
+    lowered, log, _ = compile_cubin(filename, name_expressions, arch)
+    return lowered, log
+
+
+def compile_cubin(filename: str, name_expressions: tuple[str, ...], arch: str) -> tuple[dict[str, str], str, bytes]:
+    """Like :func:`compile_source`, also returning the cubin (loaded by quick_lab.kernels for sm_90a,
+    an arch CuPy's own NVRTC call cannot target)."""
     nvrtc = _nvrtc()
     # A never-repeated device symbol: on the H100 machine's NVRTC a second in-process compile of the
     # same program came back with an empty ptxas log (served from a cache keyed on the generated
@@ -97,15 +104,26 @@ def compile_source(filename: str, name_expressions: tuple[str, ...], arch: str) 
                              f"{nvrtc.getProgramLog(program)}") from exc
         log = nvrtc.getProgramLog(program)
         lowered = {expr: nvrtc.getLoweredName(program, expr) for expr in name_expressions}
+        cubin = nvrtc.getCUBIN(program)
     finally:
         nvrtc.destroyProgram(program)
-    return lowered, log
+    return lowered, log, cubin
 
 
 def compile_variants(kind: str, cfgs, arch: str) -> list[CompileReport]:
-    """Compile a batch of one kernel's variants in a single NVRTC program."""
+    """Compile a batch of one kernel's variants, one NVRTC program per source file and target arch."""
+    reports = []
+    batches: dict[tuple[str, str], list] = {}
+    for cfg in cfgs:
+        batches.setdefault((configs.source_file(kind, cfg), configs.target_arch(cfg, arch)), []).append(cfg)
+    for (filename, target), batch in batches.items():
+        reports += _compile_batch(kind, filename, batch, target)
+    return reports
+
+
+def _compile_batch(kind: str, filename: str, cfgs, arch: str) -> list[CompileReport]:
     names = tuple(configs.template_name(kind, c) for c in cfgs)
-    lowered, log = compile_source(GEMM_SOURCES[kind], names, arch)
+    lowered, log = compile_source(filename, names, arch)
     usage = parse_ptxas_log(log)
     reports = []
     for cfg, name in zip(cfgs, names):
@@ -135,6 +153,6 @@ def compile_all(archs=DEFAULT_ARCHS) -> list[CompileReport]:
         if arch not in KNOWN_ARCHS:
             raise ValueError(f"arch must be one of {KNOWN_ARCHS} (mma.sync m16n8k16 and cp.async need sm_80+), got {arch!r}")
         for kind in configs.KINDS:
-            reports += compile_variants(kind, configs.variants(kind), arch)
+            reports += compile_variants(kind, configs.variants(kind, hopper=arch == "sm_90"), arch)
         reports += compile_support(arch)
     return reports

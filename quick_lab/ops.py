@@ -57,7 +57,10 @@ def default_config(kind: str, M: int, N: int, group_size: int) -> configs.TileCo
 
 
 def default_split_k(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int) -> int:
-    """AutoAWQ's split-K 8 for the baseline; for QUICK enough splits for ~2 blocks per SM."""
+    """AutoAWQ's split-K 8 for the baseline; stream-K for the wgmma mainloop; for QUICK enough splits
+    for ~2 blocks per SM."""
+    if cfg.wgmma:
+        return configs.STREAM_K
     k_tiles = K // cfg.tile_k
     if kind == "awq" and cfg in (configs.AWQ_DEFAULT, configs.AWQ_DEFAULT_N64):
         return min(configs.AWQ_DEFAULT_SPLIT_K, k_tiles)
@@ -138,15 +141,38 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
         validation.check_device_array(out, "out", np.float16)
         if out.shape != (M, N):
             raise ValueError(f"out must have shape [M, N] = {(M, N)}, got {out.shape}")
-    grid = (-(-M // cfg.tile_m), N // cfg.tile_n, split)
-    if split > 1 and M > 0:
-        workspace = cupy.empty((split, M, N), dtype=cupy.float32)
-        counters = tile_counters(grid[0] * grid[1])
+    kernel = kernels.gemm_kernel(kind, cfg)
+    tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
+    if cfg.wgmma:  # stream-K schedule over P blocks (kernels/quick_wgmma.cu)
+        units = tiles * (K // cfg.tile_k)
+        blocks = min(units, resident_blocks(kernel, cfg) * _num_sms() if split == configs.STREAM_K else tiles * split)
+        grid = (max(blocks, 1), 1, 1)
+        shared = blocks not in (1, tiles)  # else every tile is one block's whole k range
+        workspace = cupy.empty((blocks, 2, cfg.tile_m * cfg.tile_n), dtype=cupy.float32) if shared else None
+        counters = tile_counters(tiles) if shared else None
+        launch_split = blocks
     else:
-        workspace = counters = None
+        grid = (-(-M // cfg.tile_m), N // cfg.tile_n, split)
+        if split > 1 and M > 0:
+            workspace = cupy.empty((split, M, N), dtype=cupy.float32)
+            counters = tile_counters(grid[0] * grid[1])
+        else:
+            workspace = counters = None
+        launch_split = split
     args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
-            np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(split))
-    return GemmPlan(kind, cfg, split, M, K, N, kernels.gemm_kernel(kind, cfg), grid, args, out)
+            np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch_split))
+    return GemmPlan(kind, cfg, split, M, K, N, kernel, grid, args, out)
+
+
+def resident_blocks(kernel, cfg: configs.TileConfig) -> int:
+    """Blocks of a compiled variant one SM holds at once (registers, shared memory, warps), from the
+    sm_90 limits: 64 K registers allocated per warp in units of 256, 228 KB shared memory with 1 KB
+    reserved per block, 64 warps, 32 blocks (CUDA C++ Programming Guide, compute capabilities)."""
+    warps = cfg.threads // 32
+    regs_per_warp = -(-kernel.num_regs * 32 // 256) * 256
+    by_regs = (65536 // regs_per_warp) // warps
+    by_smem = (228 * 1024) // (configs.shared_bytes("quick", cfg) + kernel.shared_size_bytes + 1024)
+    return max(1, min(by_regs, by_smem, 64 // warps, 32))
 
 
 def plan_awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None) -> GemmPlan:

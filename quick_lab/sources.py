@@ -12,7 +12,6 @@ from pathlib import Path
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 COMPILE_OPTIONS = ("-std=c++17",)
 
-GEMM_SOURCES = {"awq": "awq_gemm.cu", "quick": "quick_gemm.cu"}
 SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequant.cu"}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')

@@ -126,5 +126,8 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
     k_tiles = K // cfg.tile_k
     if isinstance(split, bool) or not isinstance(split, (int, np.integer)):
         raise TypeError(f"split_k must be an int, got {type(split).__name__}")
+    if getattr(cfg, "wgmma", False) and split == configs.STREAM_K:
+        return
     if not 1 <= split <= k_tiles:
-        raise ValueError(f"split_k must be between 1 and K / tile_k = {k_tiles}, got {split}")
+        stream = f" (or {configs.STREAM_K} for stream-K)" if getattr(cfg, "wgmma", False) else ""
+        raise ValueError(f"split_k must be between 1 and K / tile_k = {k_tiles}{stream}, got {split}")
