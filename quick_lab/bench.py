@@ -105,16 +105,19 @@ def default_plans(p: Problem, M: int) -> dict:
 
 
 def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=configs.KINDS) -> dict:
-    """Every registered variant of the chosen kernels that fits the problem, at each split-K, and the
-    dequantize + cuBLAS fallback."""
+    """Every registered variant of the chosen kernels that fits the problem (on an sm_90 GPU the
+    wgmma ones too, also with stream-K), at each split-K, and the dequantize + cuBLAS fallback."""
+    import cupy
+
+    hopper = cupy.cuda.Device().compute_capability == "90"
     plans = {}
     for kind, weight, make in (("awq", p.awq, ops.plan_awq_gemm), ("quick", p.quick, ops.plan_quick_gemm)):
         if kind not in kinds:
             continue
-        for cfg in configs.variants(kind):
+        for cfg in configs.variants(kind, hopper=hopper):
             if p.N % cfg.tile_n or p.G % cfg.tile_k:
                 continue
-            for split in splits:
+            for split in ((configs.STREAM_K,) if cfg.wgmma else ()) + tuple(splits):
                 if split <= p.K // cfg.tile_k:
                     plans[(kind, cfg.name, split)] = (lambda x, make=make, weight=weight, cfg=cfg, split=split:
                                                       make(x, weight, config=cfg, split_k=split))

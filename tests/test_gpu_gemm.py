@@ -147,3 +147,100 @@ def test_compile_error_names_the_kernel_and_shows_the_log(tmp_path, monkeypatch)
 @pytest.mark.parametrize("M", (1, 40))
 def test_default_configs_cover_n_not_a_multiple_of_128(kind, M):
     run_and_check(kind, M, 256, 192, 32)
+
+
+# ---------------------------------------------------------------- Hopper wgmma mainloop (sm_90a)
+
+@pytest.fixture
+def hopper():
+    """Skips unless the current GPU is compute capability 9.0: the wgmma kernel is built for sm_90a."""
+    import cupy
+
+    cc = cupy.cuda.Device().compute_capability
+    if cc != "90":
+        pytest.skip(f"the wgmma mainloop needs a compute capability 9.0 GPU (sm_90a); this one is {cc}")
+
+
+def _wgmma_cases(cfg):
+    """(M, K, N, G, split_k) per wgmma config: batch 1 / 7 / 33 / 1000, stream-K (0), split-K 1 and 3,
+    odd multiples of tile_n, a tile shared by many stream-K blocks (few tiles, 64 k-tiles), and G = 64."""
+    tn, S = cfg.tile_n, configs.STREAM_K
+    return [
+        (1, 512, 3 * tn, 128, S),
+        (7, 1024, tn, 128, 1),        # one block per tile: no workspace, no fix-up
+        (33, 1024, 5 * tn, 128, 3),   # split-K 3 of 16 (or 8) k-tiles: blocks straddle tile boundaries
+        (33, 4096, 3 * tn, 128, S),   # few tiles, many resident blocks: each tile summed from many partials
+        (1000, 512, 4096, 128, 3),
+        (7, 768, 3 * tn, 64, S),
+        (33, 768, 5 * tn, 64, 3),
+    ]
+
+
+_WGMMA_CASES = [(cfg, *case) for cfg in configs.QUICK_WGMMA_VARIANTS for case in _wgmma_cases(cfg)]
+
+
+@pytest.mark.parametrize("cfg,M,K,N,G,split_k", _WGMMA_CASES,
+                         ids=[f"{c.name}-M{m}-K{k}-N{n}-G{g}-s{s}" for c, m, k, n, g, s in _WGMMA_CASES])
+def test_wgmma_every_variant(hopper, cfg, M, K, N, G, split_k):
+    if G % cfg.tile_k:
+        pytest.skip(f"tile_k = {cfg.tile_k} does not divide G = {G}")
+    run_and_check("quick", M, K, N, G, config=cfg, split_k=split_k)
+
+
+def _many_tiles_n(cfg, M: int, tiles: int = 1024) -> int:
+    """An N (a multiple of tile_n, at least 4096) that gives the M x N output at least ``tiles`` tiles."""
+    tiles_m = -(-M // cfg.tile_m)
+    return max(4096, cfg.tile_n * -(-tiles // tiles_m))
+
+
+@pytest.mark.parametrize("cfg", configs.QUICK_WGMMA_VARIANTS, ids=lambda c: c.name)
+def test_wgmma_stream_k_blocks_span_several_tiles(hopper, cfg):
+    import cupy
+    import quick_lab.ops as ops
+
+    M, K = 1000, 512
+    N = _many_tiles_n(cfg, M)
+    _, _, quick = weights(K, N, 128)
+    plan = ops.plan_quick_gemm(cupy.zeros((M, K), dtype=cupy.float16), quick, config=cfg,
+                               split_k=configs.STREAM_K)
+    tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
+    assert plan._grid[0] < tiles, f"{plan._grid[0]} blocks for {tiles} tiles: the case does not test the span"
+    run_and_check("quick", M, K, N, 128, config=cfg, split_k=configs.STREAM_K)
+
+
+@pytest.mark.parametrize("cfg,M,K,N", [
+    (configs.TileConfig(16, 256, 64, 1, 4, 8, True, True), 5, 4096, 1024),   # 4 tiles over many blocks
+    (configs.TileConfig(64, 128, 64, 1, 4, 4, wgmma=True), 1000, 512, 4096),  # blocks cross tiles
+], ids=lambda v: v.name if isinstance(v, configs.TileConfig) else str(v))
+def test_wgmma_stream_k_is_deterministic_and_leaves_counters_zero(hopper, cfg, M, K, N):
+    import cupy
+    import quick_lab.ops as ops
+    from quick_lab.format import reference_gemm
+    from gpu_helpers import REL_TOL, relative_error
+
+    host, _, quick = weights(K, N, 128)
+    x_host = np.random.default_rng(M).standard_normal((M, K)).astype(np.float16)
+    x = cupy.asarray(x_host)
+    plan = ops.plan_quick_gemm(x, quick, config=cfg, split_k=configs.STREAM_K)
+    tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
+    # the schedule must share tiles between blocks, or the fix-up and its counters are not exercised
+    assert plan._grid[0] not in (1, tiles) and plan._args[6] is not None
+    first = cupy.asnumpy(ops.quick_gemm(x, quick, config=cfg, split_k=configs.STREAM_K))
+    assert relative_error(first, reference_gemm(x_host, host)) < REL_TOL
+    for _ in range(3):
+        out = cupy.full((M, N), np.nan, dtype=cupy.float16)
+        again = cupy.asnumpy(ops.quick_gemm(x, quick, config=cfg, split_k=configs.STREAM_K, out=out))
+        assert np.array_equal(again.view(np.uint16), first.view(np.uint16))
+    counters = ops.tile_counters(tiles)
+    assert counters.size >= tiles and not bool(counters.any()), "a stream-K tile counter was left nonzero"
+
+
+def test_wgmma_config_is_refused_off_hopper():
+    import cupy
+    from quick_lab import kernels
+
+    cc = cupy.cuda.Device().compute_capability
+    if cc == "90":
+        pytest.skip("a compute capability 9.0 GPU runs the wgmma kernel")
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        kernels.gemm_kernel("quick", configs.QUICK_WGMMA_VARIANTS[0])
