@@ -41,6 +41,12 @@ __device__ __forceinline__ u16 float_to_half(float v) {
   return d;
 }
 
+__device__ __forceinline__ float half_to_float(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
 // ---------------------------------------------------------------- int4 -> fp16 dequantizer
 // The lop3 "magic number" trick: OR-ing a nibble into the mantissa of 0x6400 (fp16 1024.0) makes the
 // fp16 number 1024 + nibble, with no integer-to-float conversion. One LOP3 handles two nibbles, one per

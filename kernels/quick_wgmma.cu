@@ -27,6 +27,13 @@
 // pipeline with the activations, STAGES - 2 k-tiles ahead, and each lane reads its words with one LDS.
 // The second keeps more bytes in flight per SM, which the DRAM latency at small and mid batch needs.
 //
+// FOLD (folded zero points; one group per k-tile, TILE_K == group size): the dequantizer's biased
+// output 1024 + q goes into wgmma as is (4 LOP3 + 2 HFMA2 per packed word instead of 14
+// instructions), into per-group accumulators G; one more wgmma against an all-ones A gives the group's
+// activation row sums R[m] = sum_k x[m][k]. Per group: y[m][n] += s[n] (G[n][m] - (1024 + z[n]) R[m]),
+// which is sum_k s (q - z) x exactly up to fp32 rounding (the 1024 bias cancels; products of fp16
+// are exact in fp32). Costs a second accumulator set: a small-batch variant.
+//
 // Schedule: stream-K. The problem is tiles x k-tiles "units" (output tile major, k-tile minor) and
 // block b of the P launched processes units [b U / P, (b + 1) U / P) with one pipeline that runs on
 // across output tiles. With P = resident blocks (the host's default) every SM gets the same number
@@ -109,7 +116,7 @@ __device__ __forceinline__ void step(Unit& w, int k_tiles, int tiles_m) {
   if (++w.kt == k_tiles) w = unit_at<TILE_M, TILE_N>((w.tile + 1) * k_tiles, k_tiles, tiles_m);
 }
 
-template <int TILE_M, int TILE_N, int TILE_K, int WARPS_M, int WARPS_N, int STAGES, int ASYNC_W>
+template <int TILE_M, int TILE_N, int TILE_K, int WARPS_M, int WARPS_N, int STAGES, int ASYNC_W, int FOLD>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     quick_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                 const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
@@ -117,6 +124,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   static_assert(TILE_K == 64 || TILE_K == 128, "a k-tile is one or two 128-byte swizzled activation rows");
   static_assert(WARPS_M == 1 && (WARPS_N == 4 || WARPS_N == 8), "one or two warpgroups side by side along N");
   static_assert(STAGES >= 3, "a stage is refilled two k-tiles after use: at least three stages");
+  static_assert(!FOLD || TILE_K == 128, "folded zero points: one k-tile per group of 128");
   constexpr int kThreads = 32 * WARPS_N;
   constexpr int kWarpgroups = WARPS_N / 4;
   constexpr int kWords = TILE_N / kWarpgroups / 64;
@@ -295,6 +303,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   // wgmma chain asynchronous (an accumulator read on a conditional path serializes it).
   zero_acc();
   u32 a_in_flight[kInFlight][kWords][4] = {};  // A fragments the tensor core may still be reading
+  // FOLD: the current group's accumulators and activation row sums (every row of R is the same).
+  float group_acc[FOLD ? kWords : 1][kInstPerTile][kInstN / 2] = {};
+  float row_sum[kInstPerTile][kInstN / 2] = {};
+  constexpr u32 kOnes[4] = {0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u};  // fp16x2 (1, 1)
   for (int u = u_begin; u < u_end;) {
     const Unit tile_at = unit_at<TILE_M, TILE_N>(u, sk.k_tiles, tiles_m);
     const int segment_end = min(u_end, (tile_at.tile + 1) * sk.k_tiles);
@@ -335,19 +347,33 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
         for (int j = 0; j < kWords; ++j) {
           u32 q[4];
           dequant_int4x8(cur.q[ks][j], q);
-          a[j][0] = apply_zero_scale(q[0], z_lo[j], s_lo[j]);  // row g,     k 2t..2t+1
-          a[j][1] = apply_zero_scale(q[2], z_hi[j], s_hi[j]);  // row g + 8, k 2t..2t+1
-          a[j][2] = apply_zero_scale(q[1], z_lo[j], s_lo[j]);  // row g,     k 2t+8..2t+9
-          a[j][3] = apply_zero_scale(q[3], z_hi[j], s_hi[j]);  // row g + 8, k 2t+8..2t+9
+          if constexpr (FOLD) {  // 1024 + q straight in
+            a[j][0] = q[0];
+            a[j][1] = q[2];
+            a[j][2] = q[1];
+            a[j][3] = q[3];
+          } else {
+            a[j][0] = apply_zero_scale(q[0], z_lo[j], s_lo[j]);  // row g,     k 2t..2t+1
+            a[j][1] = apply_zero_scale(q[2], z_hi[j], s_hi[j]);  // row g + 8, k 2t..2t+1
+            a[j][2] = apply_zero_scale(q[1], z_lo[j], s_lo[j]);  // row g,     k 2t+8..2t+9
+            a[j][3] = apply_zero_scale(q[3], z_hi[j], s_hi[j]);  // row g + 8, k 2t+8..2t+9
+          }
         }
         wgmma_fence();  // the A registers were just written (PTX ISA 9.7.15.5.2, wgmma.fence)
         // k16 step ks: atom ks / 4, 32 bytes per step into each 128-byte row
         const u32 b_base = stage + (ks / 4) * kAtomBytes + (ks % 4) * 32;
 #pragma unroll
-        for (int j = 0; j < kWords; ++j)
+        for (int c = 0; c < kInstPerTile; ++c) {
+          const unsigned long long desc = smem_desc_sw128(b_base + c * kInstN * 128);
+          if constexpr (FOLD) {  // a group starts with every k-tile: its first step overwrites
 #pragma unroll
-          for (int c = 0; c < kInstPerTile; ++c)
-            wgmma_rs<kInstN>(acc[j][c], a[j], smem_desc_sw128(b_base + c * kInstN * 128));
+            for (int j = 0; j < kWords; ++j) wgmma_rs<kInstN>(group_acc[j][c], a[j], desc, ks > 0);
+            wgmma_rs<kInstN>(row_sum[c], kOnes, desc, ks > 0);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kWords; ++j) wgmma_rs<kInstN>(acc[j][c], a[j], desc, 1);
+          }
+        }
         wgmma_commit();
         // kInFlight k16 steps stay in flight while the next is dequantized. A retired step's A
         // registers are used "after" the wait, so the compiler cannot hand them to a later step's
@@ -359,6 +385,34 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
         for (int j = 0; j < kWords; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) a_in_flight[ks % kInFlight][j][r] = a[j][r];
+      }
+      if constexpr (FOLD) {  // close the group: y += s (G - (1024 + z) R)
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) keep_alive(a_in_flight[i]);
+        float s_row[kWords][2], zb_row[kWords][2];
+#pragma unroll
+        for (int j = 0; j < kWords; ++j) {
+          const u32 zp = pick(zero_pairs, first_word + j), sw = pick(scale_words, first_word + j);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // h = 0: rows g (low halves), 1: rows g + 8 (high)
+            s_row[j][h] = half_to_float(static_cast<u16>(sw >> (16 * h)));
+            zb_row[j][h] = half_to_float(static_cast<u16>(zp >> (16 * h)));
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < kInstPerTile; ++c) {
+          fence_operands(row_sum[c]);
+#pragma unroll
+          for (int j = 0; j < kWords; ++j) {
+            fence_operands(group_acc[j][c]);
+#pragma unroll
+            for (int e = 0; e < kInstN / 2; ++e) {
+              const int h = (e >> 1) & 1;
+              acc[j][c][e] = fmaf(s_row[j][h], fmaf(-zb_row[j][h], row_sum[c][e], group_acc[j][c][e]), acc[j][c][e]);
+            }
+          }
+        }
       }
       if constexpr (ASYNC_W == 0) cur = next;
     }

@@ -115,7 +115,7 @@ def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=configs.KINDS) -> 
         if kind not in kinds:
             continue
         for cfg in configs.variants(kind, hopper=hopper):
-            if p.N % cfg.tile_n or p.G % cfg.tile_k:
+            if not configs.fits(cfg, p.N, p.G):
                 continue
             for split in ((configs.STREAM_K,) if cfg.wgmma else ()) + tuple(splits):
                 if split <= p.K // cfg.tile_k:

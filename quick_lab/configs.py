@@ -24,7 +24,9 @@ class TileConfig:
     ``async_weights`` False is the paper's (each lane loads its packed weights straight into registers),
     True stages the still-packed weights through the cp.async pipeline (name suffix ``_cp``).
     ``wgmma`` (suffix ``_wg``, Hopper only) selects the warpgroup-MMA mainloop (kernels/quick_wgmma.cu):
-    dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup."""
+    dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup. ``folded_zeros``
+    (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
+    once per group (needs group_size == tile_k == 128)."""
 
     tile_m: int
     tile_n: int
@@ -34,6 +36,7 @@ class TileConfig:
     stages: int = 1
     async_weights: bool = False
     wgmma: bool = False
+    folded_zeros: bool = False
 
     @property
     def threads(self) -> int:
@@ -51,7 +54,7 @@ class TileConfig:
     def name(self) -> str:
         return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}"
                 f"_w{self.warps_m}x{self.warps_n}_s{self.stages}" + ("_cp" if self.async_weights else "")
-                + ("_wg" if self.wgmma else ""))
+                + ("_wg" if self.wgmma else "") + ("_fz" if self.folded_zeros else ""))
 
     @classmethod
     def parse(cls, name: str) -> "TileConfig":
@@ -59,11 +62,13 @@ class TileConfig:
         ``"64x256x64_w1x4_s4_wg"``."""
         try:
             tile, warps, stages, *suffixes = name.split("_")
-            if suffixes not in ([], ["cp"], ["wg"], ["cp", "wg"]):
+            order = ("cp", "wg", "fz")  # each at most once, in this order
+            if [x for x in order if x in suffixes] != suffixes:
                 raise ValueError(name)
             tm, tn, tk = (int(v) for v in tile.split("x"))
             wm, wn = (int(v) for v in warps.lstrip("w").split("x"))
-            return cls(tm, tn, tk, wm, wn, int(stages.lstrip("s")), "cp" in suffixes, "wg" in suffixes)
+            return cls(tm, tn, tk, wm, wn, int(stages.lstrip("s")), "cp" in suffixes, "wg" in suffixes,
+                       "fz" in suffixes)
         except ValueError as exc:
             raise ValueError(
                 f"config must look like '16x128x32_w1x2_s1' (tile_m x tile_n x tile_k, warps, stages), "
@@ -74,7 +79,8 @@ def template_name(kind: str, cfg: TileConfig) -> str:
     """The C++ name expression NVRTC instantiates for this kernel variant."""
     args = [cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n]
     if kind == "quick" and cfg.wgmma:
-        return f"quick_wgmma<{','.join(str(a) for a in args + [cfg.stages, int(cfg.async_weights)])}>"
+        extra = [cfg.stages, int(cfg.async_weights), int(cfg.folded_zeros)]
+        return f"quick_wgmma<{','.join(str(a) for a in args + extra)}>"
     if kind == "quick":
         args += [cfg.stages, int(cfg.async_weights)]
     elif kind != "awq":
@@ -117,6 +123,8 @@ def violations(kind: str, cfg: TileConfig) -> list[str]:
     out = []
     if kind not in KINDS:
         return [f"kind must be one of {KINDS}"]
+    if cfg.folded_zeros and not cfg.wgmma:
+        return ["folded zero points exist only in the wgmma mainloop (_fz needs _wg)"]
     if cfg.wgmma:
         return _wgmma_violations(kind, cfg)
     if cfg.tile_k % 32:
@@ -162,6 +170,10 @@ def _wgmma_violations(kind: str, cfg: TileConfig) -> list[str]:
             out.append("each warpgroup spans 64, 128 or 256 columns")
         elif words * cfg.tile_m // 2 > 128:
             out.append(f"{words * cfg.tile_m // 2} accumulators per thread (at most 128)")
+        elif cfg.folded_zeros and words * cfg.tile_m + cfg.tile_m // 2 > 160:
+            out.append("folded zero points double the accumulators: at most 160 per thread")
+    if cfg.folded_zeros and cfg.tile_k != 128:
+        out.append("folded zero points need tile_k = 128 (one k-tile per group of 128)")
     if cfg.tile_m not in (16, 32, 64, 128, 256):
         out.append("tile_m must be 16, 32, 64, 128 or 256 (wgmma's N, up to 128 per instruction)")
     if cfg.stages < 3:
@@ -169,6 +181,13 @@ def _wgmma_violations(kind: str, cfg: TileConfig) -> list[str]:
     if shared_bytes(kind, cfg) > SMEM_PER_BLOCK_LIMIT:
         out.append(f"needs {shared_bytes(kind, cfg)} bytes of shared memory")
     return out
+
+
+def fits(cfg: TileConfig, N: int, group_size: int) -> bool:
+    """Whether a variant can run a problem with N columns and this group size."""
+    if N % cfg.tile_n or group_size % cfg.tile_k:
+        return False
+    return not cfg.folded_zeros or group_size == cfg.tile_k
 
 
 def check(kind: str, cfg: TileConfig) -> None:
@@ -255,6 +274,12 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
     (128, 128, 128, 1, 8, 4, True),
     (128, 64, 64, 1, 4, 6, True),
     (256, 128, 64, 1, 8, 4, True),
+)) + tuple(TileConfig(*v, wgmma=True, folded_zeros=True) for v in (
+    # folded zero points (group size 128): fewer instructions per weight at small batch
+    (16, 256, 128, 1, 4, 5, True),
+    (16, 128, 128, 1, 4, 6, True),
+    (16, 256, 128, 1, 4, 4),
+    (32, 128, 128, 1, 4, 5, True),
 ))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that

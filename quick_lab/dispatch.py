@@ -54,7 +54,7 @@ def choose(table, M: int, K: int, N: int, group_size: int):
     if row["kernel"] == FALLBACK:
         return FALLBACK, None, 1
     cfg = configs.TileConfig.parse(row["config"])
-    if N % cfg.tile_n or group_size % cfg.tile_k:
+    if not configs.fits(cfg, N, group_size):
         return None
     if cfg.wgmma and row["split_k"] == configs.STREAM_K:
         return "quick", cfg, configs.STREAM_K

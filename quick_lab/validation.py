@@ -119,6 +119,9 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
     if G % cfg.tile_k:
         raise ValueError(f"tile_k = {cfg.tile_k} must divide group_size = {G} (one group per k-tile) "
                          f"for config {cfg.name}")
+    if getattr(cfg, "folded_zeros", False) and G != cfg.tile_k:
+        raise ValueError(f"config {cfg.name} folds zero points per k-tile: group_size must equal "
+                         f"tile_k = {cfg.tile_k}, got {G}")
     if N // cfg.tile_n > MAX_GRID_Y:
         raise ValueError(f"N = {N} needs more than {MAX_GRID_Y} column tiles of {cfg.tile_n}")
     if M * K > INT32_MAX * 8 or M * N > INT32_MAX * 8:
@@ -126,8 +129,13 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
     k_tiles = K // cfg.tile_k
     if isinstance(split, bool) or not isinstance(split, (int, np.integer)):
         raise TypeError(f"split_k must be an int, got {type(split).__name__}")
-    if getattr(cfg, "wgmma", False) and split == configs.STREAM_K:
-        return
+    if getattr(cfg, "wgmma", False):
+        units = -(-M // cfg.tile_m) * (N // cfg.tile_n) * k_tiles  # the stream-K schedule counts in int32
+        if units > INT32_MAX:
+            raise ValueError(f"M = {M}, K = {K}, N = {N} makes {units} tile x k-tile units for config "
+                             f"{cfg.name}; at most {INT32_MAX}")
+        if split == configs.STREAM_K:
+            return
     if not 1 <= split <= k_tiles:
         stream = f" (or {configs.STREAM_K} for stream-K)" if getattr(cfg, "wgmma", False) else ""
         raise ValueError(f"split_k must be between 1 and K / tile_k = {k_tiles}{stream}, got {split}")

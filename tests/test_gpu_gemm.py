@@ -182,8 +182,8 @@ _WGMMA_CASES = [(cfg, *case) for cfg in configs.QUICK_WGMMA_VARIANTS for case in
 @pytest.mark.parametrize("cfg,M,K,N,G,split_k", _WGMMA_CASES,
                          ids=[f"{c.name}-M{m}-K{k}-N{n}-G{g}-s{s}" for c, m, k, n, g, s in _WGMMA_CASES])
 def test_wgmma_every_variant(hopper, cfg, M, K, N, G, split_k):
-    if G % cfg.tile_k:
-        pytest.skip(f"tile_k = {cfg.tile_k} does not divide G = {G}")
+    if not configs.fits(cfg, N, G):
+        pytest.skip(f"{cfg.name} does not run group size {G} (configs.fits)")
     run_and_check("quick", M, K, N, G, config=cfg, split_k=split_k)
 
 

@@ -25,8 +25,10 @@ def _require_nvrtc():
 
 @pytest.mark.parametrize("cfg", WGMMA, ids=lambda c: c.name)
 def test_wgmma_names_round_trip(cfg):
-    assert cfg.wgmma and cfg.name.endswith("_wg")
-    assert cfg.name.endswith("_cp_wg") == cfg.async_weights
+    stem = cfg.name.removesuffix("_fz")
+    assert cfg.wgmma and stem.endswith("_wg")
+    assert cfg.name.endswith("_fz") == cfg.folded_zeros
+    assert stem.endswith("_cp_wg") == cfg.async_weights
     assert configs.TileConfig.parse(cfg.name) == cfg
 
 
@@ -59,8 +61,9 @@ def test_parse_rejects_bad_suffixes(name):
 
 
 @pytest.mark.parametrize("cfg,expected", [
-    (configs.TileConfig(64, 256, 64, 1, 8, 5, True, True), "quick_wgmma<64,256,64,1,8,5,1>"),
-    (configs.TileConfig(128, 64, 64, 1, 4, 4, wgmma=True), "quick_wgmma<128,64,64,1,4,4,0>"),
+    (configs.TileConfig(64, 256, 64, 1, 8, 5, True, True), "quick_wgmma<64,256,64,1,8,5,1,0>"),
+    (configs.TileConfig(128, 64, 64, 1, 4, 4, wgmma=True), "quick_wgmma<128,64,64,1,4,4,0,0>"),
+    (configs.TileConfig(16, 128, 128, 1, 4, 6, True, True, True), "quick_wgmma<16,128,128,1,4,6,1,1>"),
     (configs.TileConfig(64, 256, 64, 1, 8, 5, True), "quick_gemm<64,256,64,1,8,5,1>"),
 ])
 def test_template_name_and_source_file(cfg, expected):
@@ -72,7 +75,8 @@ def test_every_wgmma_template_names_its_config():
     for cfg in WGMMA:
         args = re.fullmatch(r"quick_wgmma<([\d,]+)>", configs.template_name("quick", cfg)).group(1)
         assert tuple(int(a) for a in args.split(",")) == (
-            cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n, cfg.stages, int(cfg.async_weights))
+            cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n, cfg.stages, int(cfg.async_weights),
+            int(cfg.folded_zeros))
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
@@ -224,7 +228,8 @@ def test_compile_variants_builds_wgmma_configs_for_sm_90a_beside_the_others():
 
 
 @pytest.fixture(scope="module", params=[configs.TileConfig(64, 128, 64, 1, 4, 4, wgmma=True),
-                                        configs.TileConfig(64, 256, 64, 1, 8, 5, True, True)],
+                                        configs.TileConfig(64, 256, 64, 1, 8, 5, True, True),
+                                        configs.TileConfig(16, 128, 128, 1, 4, 6, True, True, True)],
                 ids=lambda c: c.name)
 def wgmma_counts(request):
     _require_nvrtc()
@@ -233,10 +238,11 @@ def wgmma_counts(request):
 
 def test_wgmma_ptx_uses_warpgroup_mma_and_no_weight_write_back(wgmma_counts):
     cfg, counts = wgmma_counts
-    # per k-tile: tile_k / 16 steps x words per lane x wgmma instructions per tile_m (N <= 128 each)
+    # per k-tile: tile_k / 16 steps x words per lane x wgmma instructions per tile_m (N <= 128 each),
+    # with folded zero points one more per step and tile_m block (the activation row sums)
     words = cfg.tile_n // (cfg.warps_n // 4) // 64
     per_m = max(1, cfg.tile_m // 128)
-    assert counts["wgmma.mma_async"] == (cfg.tile_k // 16) * words * per_m
+    assert counts["wgmma.mma_async"] == (cfg.tile_k // 16) * (words + cfg.folded_zeros) * per_m
     assert counts["mma.sync"] == 0
     assert counts["ldmatrix"] == 0          # A comes from registers, B through the smem descriptor
     assert counts["st.shared.v4"] == 0      # weights are never written back as fp16
@@ -330,3 +336,29 @@ def test_wgmma_kernel_is_refused_before_compiling_on_a_non_hopper_gpu(monkeypatc
     monkeypatch.setattr(nvrtc, "compile_cubin", no_compile)
     with pytest.raises(ValueError, match="compute capability 9.0 GPU, this one is 80"):
         kernels.gemm_kernel("quick", BASE)
+
+
+# ---------------------------------------------------------------- folded zero points
+
+FOLDED = [c for c in WGMMA if c.folded_zeros]
+
+
+def test_folded_zero_points_need_wgmma_and_one_group_per_k_tile():
+    assert FOLDED, "no folded-zero-point variant registered"
+    assert "needs _wg" in configs.violations("quick", configs.TileConfig(16, 128, 128, 1, 2, 3, folded_zeros=True))[0]
+    bad = configs.TileConfig(16, 256, 64, 1, 4, 4, True, True, True)
+    assert any("tile_k = 128" in v for v in configs.violations("quick", bad))
+    for cfg in FOLDED:
+        assert configs.fits(cfg, 4 * cfg.tile_n, 128)
+        assert not configs.fits(cfg, 4 * cfg.tile_n, 256)   # two k-tiles per group: not folded per k-tile
+        assert not configs.fits(cfg, 4 * cfg.tile_n, 64)    # tile_k does not divide the group
+        with pytest.raises(ValueError, match="group_size must equal tile_k"):
+            validation.check_problem("quick", cfg, 16, 1024, 4 * cfg.tile_n, 256, 1)
+
+
+def test_dispatch_skips_a_folded_choice_for_another_group_size():
+    cfg = FOLDED[0]
+    table = [dict(K=1024, N=4 * cfg.tile_n, M=16, kernel="quick", config=cfg.name, split_k=0,
+                  time_us=1.0, ratio_to_fp16=0.5)]
+    assert dispatch.choose(table, 16, 1024, 4 * cfg.tile_n, 128) == ("quick", cfg, 0)
+    assert dispatch.choose(table, 16, 1024, 4 * cfg.tile_n, 256) is None
