@@ -335,7 +335,7 @@ def test_wgmma_kernel_is_refused_before_compiling_on_a_non_hopper_gpu(monkeypatc
     monkeypatch.setattr(cupy.cuda, "Device", Ampere)
     monkeypatch.setattr(nvrtc, "compile_cubin", no_compile)
     with pytest.raises(ValueError, match="compute capability 9.0 GPU, this one is 80"):
-        kernels.gemm_kernel("quick", BASE)
+        kernels.gemm_kernel.__wrapped__("quick", BASE)  # past the cache: a GPU session may have built it
 
 
 # ---------------------------------------------------------------- folded zero points
