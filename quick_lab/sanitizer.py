@@ -108,7 +108,7 @@ def gemm_cases(kind: str, variants=None, splits=SPLITS) -> list[Case]:
     """Every variant x every split x every group size its tile_k divides; M and N rotate."""
     out = []
     for v, cfg in enumerate(configs.variants(kind) if variants is None else variants):
-        groups = [G for G in GROUP_SIZES if G % cfg.tile_k == 0]
+        groups = [G for G in GROUP_SIZES if configs.fits(cfg, cfg.tile_n, G)]
         for s, split in enumerate(splits):
             for g, G in enumerate(groups):
                 M = ODD_M[(v + s + g) % len(ODD_M)]
@@ -297,7 +297,7 @@ def variant_labels() -> dict[str, str]:
     """NVRTC name expression of every GEMM variant -> ``kind:config``."""
     out = {}
     for kind in configs.KINDS:
-        for cfg in configs.variants(kind):
+        for cfg in configs.variants(kind, hopper=True):
             out[configs.template_name(kind, cfg).replace(" ", "")] = f"{kind}:{cfg.name}"
     return out
 
@@ -491,8 +491,11 @@ def cmd_check(args) -> int:
         print(f"quick-lab: check runs the kernels on a GPU and none is usable: {reason}", file=sys.stderr)
         return 2
 
-    awq, quick = smoke_variants() if args.smoke else (None, None)
-    cases = all_cases(awq, quick)
+    if args.wgmma:  # the Hopper mainloop only: every wgmma variant, stream-K and split-K
+        cases, stem = all_cases((), configs.QUICK_WGMMA_VARIANTS, (configs.STREAM_K, 1, 3), support=False), "sanitizer_wgmma"
+    else:
+        awq, quick = smoke_variants() if args.smoke else (None, None)
+        cases, stem = all_cases(awq, quick), "sanitizer"
     script = target_script(cases)
     out_dir = results_dir(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -515,11 +518,11 @@ def cmd_check(args) -> int:
             run = run_sanitizer_full(tool, script, timeout=args.timeout)
         except SanitizerError as exc:
             runs[tool] = exc
-            (out_dir / f"sanitizer.{tool}.log").write_text(f"{exc}\n")
+            (out_dir / f"{stem}.{tool}.log").write_text(f"{exc}\n")
             print(f"{tool}: {exc}", file=sys.stderr)
             continue
         runs[tool] = run
-        (out_dir / f"sanitizer.{tool}.log").write_text(run.log)
+        (out_dir / f"{stem}.{tool}.log").write_text(run.log)
         print(f"{tool}: {run.findings} findings in {run.seconds:.1f} s", file=sys.stderr)
 
     kernels = _rows_of(cases)
@@ -535,16 +538,16 @@ def cmd_check(args) -> int:
                  for k in kernels + extra]
         rows.append(dict(tool=tool, kernel="TOTAL", findings=run.findings, status="summary",
                          seconds=round(run.seconds, 1)))
-    with open(out_dir / "sanitizer.csv", "w", newline="") as f:
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["tool", "kernel", "findings", "status", "seconds"],
                                 lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    write_metadata(out_dir / "sanitizer.meta.json", command=" ".join(sys.argv[1:]) or "check",
+    write_metadata(out_dir / f"{stem}.meta.json", command=" ".join(sys.argv[1:]) or "check",
                    compute_sanitizer=sanitizer_version(), tools=list(args.tools), cases=len(cases),
                    launches_per_tool=launch_count(cases), kernel_filter="none (every kernel instrumented)",
                    memcheck_padding_bytes=MEMCHECK_PADDING, smoke=bool(args.smoke))
-    print(f"wrote {out_dir / 'sanitizer.csv'}")
+    print(f"wrote {out_dir / (stem + '.csv')}")
     failed = [t for t, r in runs.items() if not isinstance(r, SanitizerRun) or r.findings]
     if failed:
         print(f"quick-lab: findings or failed runs in: {', '.join(failed)}", file=sys.stderr)
@@ -560,5 +563,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default results/<gpu>/)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per tool run")
     p.add_argument("--smoke", action="store_true", help="a reduced variant set (defaults, smallest, largest)")
+    p.add_argument("--wgmma", action="store_true",
+                   help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
     p.set_defaults(func=cmd_check)
     return p
