@@ -135,12 +135,7 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
     configs.check(kind, cfg)
     split = split_k if split_k is not None else default_split_k(kind, cfg, max(M, 1), K, N)
     validation.check_problem(kind, cfg, max(M, 1), K, N, G, split)
-    if out is None:
-        out = cupy.empty((M, N), dtype=cupy.float16)
-    else:
-        validation.check_device_array(out, "out", np.float16)
-        if out.shape != (M, N):
-            raise ValueError(f"out must have shape [M, N] = {(M, N)}, got {out.shape}")
+    out = _output(out, M, N)
     kernel = kernels.gemm_kernel(kind, cfg)
     tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
     if cfg.wgmma:  # stream-K schedule over P blocks (kernels/quick_wgmma.cu)
@@ -162,6 +157,18 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
     args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
             np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch_split))
     return GemmPlan(kind, cfg, split, M, K, N, kernel, grid, args, out)
+
+
+def _output(out, M: int, N: int):
+    """The caller's ``out`` once checked (fp16 device array of shape [M, N]), or a new one."""
+    import cupy
+
+    if out is None:
+        return cupy.empty((M, N), dtype=cupy.float16)
+    validation.check_device_array(out, "out", np.float16)
+    if out.shape != (M, N):
+        raise ValueError(f"out must have shape [M, N] = {(M, N)}, got {out.shape}")
+    return out
 
 
 def resident_blocks(kernel, cfg: configs.TileConfig) -> int:
@@ -274,9 +281,7 @@ def plan_fallback(x, weight: QuickWeight, *, out=None) -> FallbackPlan:
         raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
     K, N, _ = validation.check_weight(weight, "quick")
     M = validation.check_activations(x, K)
-    if out is None:
-        out = cupy.empty((M, N), dtype=cupy.float16)
-    return FallbackPlan(M, K, N, x, weight, cupy.empty((N, K), dtype=cupy.float16), out)
+    return FallbackPlan(M, K, N, x, weight, cupy.empty((N, K), dtype=cupy.float16), _output(out, M, N))
 
 
 def _launch_dequantize_quick_t(weight: QuickWeight, out_t) -> None:

@@ -227,6 +227,15 @@ class TestActivations:
             with _raises(TypeError, "out must have dtype float16"):
                 gemm(dev[3], w, config=_cfg_of(gemm), split_k=1, out=cupy.zeros((4, N), cupy.float32))
 
+    def test_out_argument_of_the_fallback(self, dev):
+        import cupy
+
+        quick = dev[2]
+        with _raises(ValueError, "out must have shape [M, N]"):
+            ops.plan_fallback(dev[3], quick, out=cupy.zeros((4, N + 64), cupy.float16))
+        with _raises(TypeError, "out must have dtype float16"):
+            ops.plan_fallback(dev[3], quick, out=cupy.zeros((4, N), cupy.float32))
+
     def test_other_device(self, dev):
         import cupy
 
