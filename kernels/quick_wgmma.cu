@@ -19,8 +19,8 @@
 //
 // Activations: TILE_M rows x TILE_K halves per k-tile (one or two 64-half swizzle atoms), cp.async'd
 // into the 128-byte-swizzled K-major layout the descriptor describes (wgmma.cuh), STAGES - 2 k-tiles
-// ahead: the wgmmas of one k-tile stay in flight while the next is dequantized (wgmma.wait_group 1),
-// so the stage they read is refilled only two k-tiles later.
+// ahead: two k16 steps of wgmmas stay in flight while the next is dequantized (wgmma.wait_group 2),
+// so a stage is refilled only two k-tiles after it was read, when none of its wgmmas can be pending.
 //
 // Two weight paths, as in quick_gemm.cu (ASYNC_W): 0 - each lane loads its words global -> registers
 // one k-tile ahead (the paper's); 1 - the still-packed weights, scales and zeros ride the cp.async
