@@ -1,10 +1,10 @@
 """quick_lab: a reproduction of QUICK (arXiv 2402.10076) W4A16 GEMM kernels.
 
-Only the NumPy-only format helpers are imported here; GPU modules (``quick_lab.kernels``,
-``quick_lab.ops``, ...) import cupy and are loaded on demand.
+Only the NumPy-only format helpers are imported here; GPU modules (``quick_lab.build.loader``,
+``quick_lab.core.ops``, ...) import cupy and are loaded on demand.
 """
 
-from .format import (
+from quick_lab.core.format import (
     AWQ_ORDER,
     VALID_GROUP_SIZES,
     AWQWeight,

@@ -1,12 +1,58 @@
-"""The ``quick-lab`` command line: info, compile, bench, tiles, conflicts, e2e, check, reproduce."""
+"""The ``quick-lab`` command line: info, compile, bench, tiles, conflicts, e2e, check, reproduce.
+
+The one module that builds argparse parsers. Each command parses its arguments, calls the library
+(``quick_lab.lab``, ``quick_lab.model``, ``quick_lab.report``) and prints; nothing below imports it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from .argtypes import int_list, shape_list
-from .device import cuda_device_status
+from quick_lab.build.device import cuda_device_status
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"1,16,256"`` -> (1, 16, 256); positive integers only."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def shape_list(text: str) -> tuple[tuple[int, int], ...]:
+    """``"8192x8192,4096x4096"`` -> ((8192, 8192), (4096, 4096)), each K x N."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            K, N = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shapes look like 8192x28672 (K x N), got {item!r}") from None
+        shapes.append((K, N))
+    return tuple(shapes)
+
+
+def choice_list(allowed, what: str):
+    """An argparse type: a comma-separated list whose items are all in ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        if not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s")
+        for n in names:
+            if n not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {what} {n!r}; have {', '.join(allowed)}")
+        return names
+    return parse
+
+
+# ---------------------------------------------------------------- helpers
+
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"quick-lab: {message}", file=sys.stderr)
@@ -21,9 +67,23 @@ def _progress(done: int, total: int, label: str) -> None:
           flush=True)
 
 
+def _need_gpu(command: str) -> str | None:
+    ok, reason = cuda_device_status()
+    return None if ok else f"{command} measures on a GPU and none is usable: {reason}"
+
+
+def _results_dir(args) -> Path:
+    from quick_lab.lab.metadata import results_dir
+
+    return results_dir(args.out)
+
+
+# ---------------------------------------------------------------- info, compile
+
+
 def cmd_info(args) -> int:
     ok, reason = cuda_device_status()
-    from .nvrtc import NvrtcError, nvrtc_version
+    from quick_lab.build.nvrtc import NvrtcError, nvrtc_version
 
     try:
         nv = nvrtc_version()
@@ -40,7 +100,7 @@ def cmd_info(args) -> int:
         print(f"NVRTC: {nv}")
         print(f"CuPy: {cupy_version}")
         return 0
-    from .metadata import gpu_info
+    from quick_lab.lab.metadata import gpu_info
 
     info = gpu_info()
     for key in ("gpu", "compute_capability", "sm_count", "driver_version", "driver", "runtime", "nvrtc",
@@ -50,7 +110,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .nvrtc import NvrtcError, compile_all
+    from quick_lab.build.nvrtc import NvrtcError
+    from quick_lab.core.variants import compile_all
 
     try:
         reports = compile_all(tuple(args.arch.split(",")))
@@ -73,22 +134,14 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _need_gpu() -> str | None:
-    ok, reason = cuda_device_status()
-    return None if ok else f"this command measures on a GPU and none is usable: {reason}"
-
-
-def _results_dir(args) -> Path:
-    from .metadata import results_dir
-
-    return results_dir(args.out)
+# ---------------------------------------------------------------- bench, tiles
 
 
 def _sweep_command(args, plan_fn, stem: str) -> int:
-    if (msg := _need_gpu()):
+    if (msg := _need_gpu(stem)):
         return _fail(msg)
-    from . import bench
-    from .metadata import write_metadata
+    from quick_lab.lab import bench
+    from quick_lab.lab.metadata import write_metadata
 
     out_dir = _results_dir(args)
     df = bench.sweep(args.shapes, args.batches, plan_fn=plan_fn, reps=args.reps, progress=_progress)
@@ -98,7 +151,7 @@ def _sweep_command(args, plan_fn, stem: str) -> int:
                    copy_bandwidth_Bps=df.attrs["copy_bandwidth_Bps"], reps=args.reps,
                    l2_flush="256 MB overwrite before every launch")
     if stem == "tiles" and "quick" in set(df.kernel):
-        from . import dispatch
+        from quick_lab.core import dispatch
 
         table = dispatch.write_table(df, out_dir / "dispatch.json")
         print(f"wrote {out_dir / 'dispatch.json'} ({len(table)} problems)")
@@ -109,22 +162,150 @@ def _sweep_command(args, plan_fn, stem: str) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from quick_lab.lab import bench
 
     return _sweep_command(args, bench.default_plans, "throughput")
 
 
 def cmd_tiles(args) -> int:
-    from . import bench
+    from quick_lab.lab import bench
 
     splits, kinds = args.splits, tuple(args.kinds.split(","))
     return _sweep_command(args, lambda p, M: bench.tile_plans(p, M, splits, kinds), "tiles")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+# ---------------------------------------------------------------- conflicts
 
-    parser = argparse.ArgumentParser(prog="quick-lab", description=__doc__)
+
+def cmd_conflicts(args) -> int:
+    from quick_lab.lab import conflicts
+    from quick_lab.lab.metadata import write_metadata
+
+    try:
+        conflicts.check_environment(args.ncu)
+    except conflicts.NcuUnavailable as exc:
+        print(f"quick-lab conflicts: {exc}", file=sys.stderr)
+        return 2
+    try:
+        df, raw = conflicts.measure(None, args.shapes, args.batches, ncu=args.ncu, timeout=args.timeout)
+    except RuntimeError as exc:
+        print(f"quick-lab conflicts: {exc}", file=sys.stderr)
+        return 1
+    out_dir = _results_dir(args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "conflicts.ncu.csv").write_text(raw)
+    df.to_csv(out_dir / "conflicts.csv", index=False)
+    write_metadata(out_dir / "conflicts.meta.json", command=" ".join(sys.argv[1:]),
+                   ncu_command=" ".join(conflicts.ncu_command("<script>", args.ncu, "python3")),
+                   ncu_version=conflicts.ncu_version(args.ncu), split_k=conflicts.SPLIT_K,
+                   group_size=conflicts.GROUP_SIZE, metrics=conflicts.ALL_METRICS,
+                   model="quick_lab.lab.bank_model.predict_counts (see its docstring for the assumptions)")
+    print("measured / model per launch")
+    print(conflicts.summary_table(df).to_string(index=False))
+    print(f"wrote {out_dir / 'conflicts.csv'}")
+    return 0
+
+
+# ---------------------------------------------------------------- e2e
+
+
+def cmd_e2e(args) -> int:
+    if (msg := _need_gpu("e2e")):
+        return _fail(msg)
+    from quick_lab.lab.metadata import results_dir, write_metadata
+    from quick_lab.model import sweep
+
+    out_dir = results_dir(args.out)
+
+    def progress(done, total, label):
+        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+
+    df = sweep.e2e_sweep(args.models, args.batches, args.backends, n_layers=args.layers, prefill=args.prefill,
+                         decode_steps=args.decode, graph=not args.no_graph, lm_head=not args.no_lm_head,
+                         reps=args.reps, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / "e2e.csv", index=False)
+    write_metadata(out_dir / "e2e.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
+                   prefill=args.prefill, decode=args.decode, cuda_graph=not args.no_graph,
+                   lm_head=not args.no_lm_head, reps=args.reps, weights="random int4, group size 128",
+                   note="tokens_per_s is measured for `layers` layers; full_depth_tokens_per_s_estimate "
+                        "scales the per-layer time to `full_layers` (an estimate, not a measurement)")
+    if "tokens_per_s" in df:
+        print(sweep.summary_table(df).round(2).to_string())
+    if "error" in df and df["error"].notna().any():
+        print(f"{int(df['error'].notna().sum())} case(s) failed (see the error column)", file=sys.stderr)
+    print(f"wrote {out_dir / 'e2e.csv'}")
+    return 0
+
+
+# ---------------------------------------------------------------- check
+
+
+def cmd_check(args) -> int:
+    from quick_lab.lab import sanitizer
+    from quick_lab.lab.metadata import results_dir
+
+    if not sanitizer.sanitizer_path():
+        return _fail("compute-sanitizer is not on PATH; install the CUDA toolkit and add its bin/ "
+                     "(e.g. export PATH=/usr/local/cuda/bin:$PATH)")
+    if (msg := _need_gpu("check")):
+        return _fail(msg)
+    return sanitizer.check(results_dir(args.out), tools=args.tools, timeout=args.timeout, smoke=args.smoke,
+                           wgmma=args.wgmma, command=" ".join(sys.argv[1:]) or "check")
+
+
+# ---------------------------------------------------------------- reproduce
+
+
+def _measure(results_dir: Path) -> int:
+    """Re-runs the sweeps into ``results_dir``; returns the first non-zero exit code."""
+    rc = 0
+    for command in ("bench", "tiles", "conflicts", "e2e"):
+        print(f"quick-lab reproduce: measuring: quick-lab {command} --out {results_dir}", flush=True)
+        try:
+            code = main([command, "--out", str(results_dir)])
+        except SystemExit as exc:  # argparse rejected the command line
+            code = exc.code if isinstance(exc.code, int) else 2
+        if code:
+            print(f"quick-lab reproduce: `{command}` exited with {code}; drawing what exists", file=sys.stderr)
+            rc = rc or code
+    return rc
+
+
+def cmd_reproduce(args) -> int:
+    from quick_lab.report import results
+
+    rc = 0
+    if args.measure:
+        if cuda_device_status()[0]:
+            rc = _measure(Path(args.results) if args.results else results.gpu_results_dir())
+        else:
+            print("no GPU: drawing from the committed data")
+    try:
+        results_dir = Path(args.results) if args.results else results.default_results_dir()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"quick-lab reproduce: {exc}", file=sys.stderr)
+        return 2
+    if not results_dir.is_dir():
+        print(f"quick-lab reproduce: results directory {results_dir} does not exist "
+              f"(measure with --measure on a GPU, or pass --results DIR)", file=sys.stderr)
+        return 2
+    from quick_lab.report import reproduce
+
+    for path in reproduce.reproduce(results_dir):
+        print(f"wrote {path}")
+    return rc
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quick_lab.lab import bench, conflicts, sanitizer
+    from quick_lab.model.config import PRESETS
+    from quick_lab.model.sweep import BACKENDS, E2E_BATCHES
+
+    parser = argparse.ArgumentParser(prog="quick-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("info", help="GPU, driver, CUDA, NVRTC and CuPy versions").set_defaults(func=cmd_info)
@@ -137,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, shapes, batches, help_text in (
         ("bench", cmd_bench, bench.SHAPES, bench.BATCHES, "throughput vs batch: baseline, QUICK, cuBLAS fp16"),
         ("tiles", cmd_tiles, ((4096, 4096), (8192, 8192), (8192, 28672)), (1, 16, 64, 256, 1024),
-         "tile-size study: every variant and split-K"),
+          "tile-size study: every variant and split-K"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--shapes", type=shape_list, default=shapes, help="K x N list, e.g. 8192x8192,4096x4096")
@@ -148,12 +329,49 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--splits", type=int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
         p.set_defaults(func=func)
-    from . import conflicts, e2e, figures, sanitizer
 
-    conflicts.add_parser(sub)
-    e2e.add_parser(sub)
-    sanitizer.add_parser(sub)
-    figures.add_parser(sub)
+    p = sub.add_parser("conflicts", help="shared-memory bank conflicts under Nsight Compute vs the model")
+    p.add_argument("--shapes", type=shape_list, default=conflicts.DEFAULT_SHAPES, help="K x N list, e.g. 4096x4096")
+    p.add_argument("--batches", type=int_list, default=conflicts.DEFAULT_BATCHES, help="M list, e.g. 16,256")
+    p.add_argument("--out", help="results directory (default results/<gpu>/)")
+    p.add_argument("--ncu", default="ncu", help="Nsight Compute CLI executable")
+    p.add_argument("--timeout", type=float, default=conflicts.DEFAULT_TIMEOUT_S, help="seconds before ncu is stopped")
+    p.set_defaults(func=cmd_conflicts)
+
+    p = sub.add_parser("e2e", help="end-to-end decode throughput vs batch: fp16, AWQ, QUICK")
+    p.add_argument("--models", type=choice_list(PRESETS, "model"), default=tuple(PRESETS),
+                   help="comma-separated, from " + ",".join(PRESETS))
+    p.add_argument("--batches", type=int_list, default=E2E_BATCHES, help="e.g. 1,16,256")
+    p.add_argument("--backends", type=choice_list(BACKENDS, "backend"), default=BACKENDS,
+                   help="comma-separated, from " + ",".join(BACKENDS))
+    p.add_argument("--layers", type=int, default=4,
+                   help="decoder layers built per model (default 4; full-depth tokens/s is then estimated)")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--decode", type=int, default=128, help="generated tokens per sequence")
+    p.add_argument("--reps", type=int, default=1, help="timed runs per phase after one untimed run (best reported)")
+    p.add_argument("--no-graph", action="store_true", help="time the eager loop instead of a CUDA graph replay")
+    p.add_argument("--no-lm-head", action="store_true", help="skip the fp16 LM head (tokens fed, not sampled)")
+    p.add_argument("--out", help="results directory (default results/<gpu>/)")
+    p.set_defaults(func=cmd_e2e)
+
+    p = sub.add_parser("check", help="every kernel variant under compute-sanitizer "
+                                     "(memcheck, racecheck, initcheck, synccheck)")
+    p.add_argument("--tools", type=choice_list(sanitizer.TOOLS, "tool"), default=sanitizer.TOOLS,
+                   help=f"comma-separated, default {','.join(sanitizer.TOOLS)}")
+    p.add_argument("--out", help="results directory (default results/<gpu>/)")
+    p.add_argument("--timeout", type=float, default=sanitizer.DEFAULT_TIMEOUT_S, help="seconds per tool run")
+    p.add_argument("--smoke", action="store_true", help="a reduced variant set (defaults, smallest, largest)")
+    p.add_argument("--wgmma", action="store_true",
+                   help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md from results/<gpu>/")
+    p.add_argument("--results", metavar="DIR",
+                   help="results directory (default results/<gpu-slug>; without a GPU the single results/* "
+                        "directory holding a throughput.csv)")
+    p.add_argument("--measure", action="store_true",
+                   help="on a GPU, first re-run bench, tiles, conflicts and e2e into the results directory")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

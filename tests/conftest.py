@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quick_lab.device import cuda_device_status
+from quick_lab.build.device import cuda_device_status
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from quick_lab.format import random_awq, reference_gemm
-from quick_lab.interleave import interleave
+from quick_lab.core.format import random_awq, reference_gemm
+from quick_lab.core.interleave import interleave
 
 REL_TOL = 2e-3
 _weights: dict = {}
@@ -12,7 +12,7 @@ _weights: dict = {}
 
 def weights(K: int, N: int, G: int):
     """(host AWQWeight, device AWQWeight, device QuickWeight) for a shape, built once per session."""
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     key = (K, N, G)
     if key not in _weights:
@@ -28,7 +28,7 @@ def relative_error(y, ref: np.ndarray) -> float:
 def run_and_check(kind: str, M: int, K: int, N: int, G: int, config=None, split_k=None, seed: int = 0):
     """Runs one kernel on fresh random x with a NaN-poisoned output; asserts it matches float64."""
     import cupy
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     host, dev_awq, dev_quick = weights(K, N, G)
     rng = np.random.default_rng(seed + 1000 * M)

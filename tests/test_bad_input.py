@@ -6,7 +6,7 @@ host-array rejections are checked on the CPU too.
 
 NaN / Inf scales: the ops do **not** scan the scales on every call (a full extra pass over the scales
 plus a device-to-host sync per GEMM, more than the kernel's own cost per weight byte at M = 1).
-``quick_lab.validation.check_scales_finite`` is the opt-in check, to run once when weights are loaded;
+``quick_lab.core.validation.check_scales_finite`` is the opt-in check, to run once when weights are loaded;
 it is tested directly here.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from quick_lab import configs, ops, validation
-from quick_lab.format import AWQWeight, random_awq
-from quick_lab.interleave import QuickWeight, interleave
+from quick_lab.core import configs, ops, validation
+from quick_lab.core.format import AWQWeight, random_awq
+from quick_lab.core.interleave import QuickWeight, interleave
 
 K, N, G = 256, 128, 64
 
@@ -411,7 +411,7 @@ class TestSizes:
 
 def _check_huge(kind, split, M, K_, N_, G_):
     import cupy
-    from quick_lab.format import dequantize_fp16
+    from quick_lab.core.format import dequantize_fp16
 
     host = random_awq(K_, N_, G_, seed=11)
     weight = ops.to_device(host if kind == "awq" else interleave(host))

@@ -1,12 +1,12 @@
-"""CPU tests of the analytic shared-memory bank model (quick_lab.bank_model)."""
+"""CPU tests of the analytic shared-memory bank model (quick_lab.lab.bank_model)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from quick_lab import bank_model as bm
-from quick_lab import configs
-from quick_lab.configs import TileConfig
+from quick_lab.lab import bank_model as bm
+from quick_lab.core import configs
+from quick_lab.core.configs import TileConfig
 
 AWQ = TileConfig.parse("16x128x32_w1x2_s1")
 QUICK = TileConfig.parse("16x128x32_w1x2_s2")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from quick_lab import configs, nvrtc
+from quick_lab.core import configs
+from quick_lab.build import nvrtc
 from quick_lab.cli import main
-from quick_lab.sources import assemble
+from quick_lab.build.sources import assemble
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from quick_lab import configs, dispatch
+from quick_lab.core import configs, dispatch
 from quick_lab.cli import main
 
 
@@ -101,7 +101,7 @@ def test_bad_cli_arguments_are_rejected(capsys):
 
 @pytest.mark.parametrize("M,N,G", [(1, 4096, 128), (100, 64, 128), (7, 192, 32), (2000, 4096, 64)])
 def test_default_quick_config_always_fits_the_problem(M, N, G):
-    from quick_lab import ops
+    from quick_lab.core import ops
 
     for kind in configs.KINDS:
         cfg = ops.default_config(kind, M, N, G)
@@ -110,11 +110,11 @@ def test_default_quick_config_always_fits_the_problem(M, N, G):
 
 
 def test_results_dir_is_the_given_one_or_results_slash_gpu(tmp_path, monkeypatch):
-    from quick_lab import metadata
+    from quick_lab.lab import metadata
 
     assert metadata.results_dir(tmp_path) == tmp_path
     monkeypatch.setattr(metadata, "gpu_info", lambda: {"gpu": "NVIDIA H100 80GB HBM3"})
     assert metadata.results_dir() == metadata.RESULTS / "h100-80gb-hbm3"
-    from quick_lab import dispatch
+    from quick_lab.core import dispatch
 
     assert dispatch.RESULTS == metadata.RESULTS  # the dispatch table lives beside the sweeps

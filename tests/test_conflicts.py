@@ -1,4 +1,4 @@
-"""CPU tests of the Nsight Compute runner (quick_lab.conflicts): CSV parsing, the target script,
+"""CPU tests of the Nsight Compute runner (quick_lab.lab.conflicts): CSV parsing, the target script,
 the command line and the no-ncu / no-GPU paths. No GPU and no ncu are needed."""
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import textwrap
 
 import pytest
 
-from quick_lab import bank_model as bm
-from quick_lab import conflicts, configs, ops
-from quick_lab.timing import range_name
+from quick_lab.lab import bank_model as bm
+from quick_lab.lab import conflicts
+from quick_lab.core import configs, ops
+from quick_lab.lab.timing import range_name
 
 AWQ = configs.AWQ_DEFAULT
 QUICK = configs.QUICK_DEFAULT
@@ -48,7 +49,7 @@ def ncu_csv(launches, nvtx: bool = True, units=None) -> str:
                 cells[4:4] = [f'4242  ""<default domain>:{rng}:none:none:none:none:none:none"" ', ""]
             lines.append(",".join(f'"{c}"' for c in cells))
         if i == 0:
-            lines.append("quick_lab.conflicts target: something the app printed")
+            lines.append("quick_lab.lab.conflicts target: something the app printed")
     lines.append("==PROF== Disconnected from process 4242")
     return "\n".join(lines) + "\n"
 

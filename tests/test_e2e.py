@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from quick_lab import e2e
-from quick_lab.format import dequantize
+from quick_lab.model import e2e
+from quick_lab.core.format import dequantize
 
 # Kernel limits: N a multiple of 64, K of the group size (128).
 TINY = e2e.ModelConfig(hidden=256, intermediate=512, n_heads=4, n_kv_heads=2, n_layers=2, vocab=320,
@@ -130,9 +130,9 @@ def test_cli_defaults_and_validation():
 
 
 def test_cli_without_gpu_exits_2(monkeypatch, capsys):
-    import quick_lab.device
+    import quick_lab.build.device
 
-    monkeypatch.setattr(quick_lab.device, "cuda_device_status", lambda: (False, "no device (test)"))
+    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (False, "no device (test)"))
     args = _parser().parse_args(["e2e", "--models", "mistral-7b"])
     assert args.func(args) == 2
     assert "no device (test)" in capsys.readouterr().err

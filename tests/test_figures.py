@@ -1,4 +1,4 @@
-"""quick_lab.figures on synthetic CSVs in the exact schemas of the sweeps (CPU only).
+"""quick_lab.report.figures on synthetic CSVs in the exact schemas of the sweeps (CPU only).
 
 ``write_synthetic_results`` is also used by tests/test_notebooks.py to run the notebooks with data.
 """
@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from quick_lab import bank_model, configs, figures
-from quick_lab.conflicts import ALL_METRICS, LDGSTS_METRICS
+from quick_lab.lab import bank_model
+from quick_lab.core import configs
+from quick_lab.report import figures
+from quick_lab.lab.conflicts import ALL_METRICS, LDGSTS_METRICS
 
 THROUGHPUT_COLUMNS = ["kernel", "config", "split_k", "K", "N", "M", "group_size", "time_us", "p10_us", "p90_us",
                       "tflops", "gbps", "dram_floor_us", "pct_of_floor", "ratio_to_fp16"]
@@ -341,7 +343,8 @@ def test_cli_measure_reports_a_failed_sweep(tmp_path, monkeypatch):
 def test_kernel_speedups_compare_kernels_only_against_the_autoawq_configuration():
     import pandas as pd
 
-    from quick_lab import configs, figures
+    from quick_lab.core import configs
+    from quick_lab.report import figures
 
     base = dict(K=8192, N=8192, M=256, group_size=128, ratio_to_fp16=1.0)
     tiles = pd.DataFrame([

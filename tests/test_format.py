@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from quick_lab.format import (
+from quick_lab.core.format import (
     AWQ_ORDER,
     AWQWeight,
     dequantize,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quick_lab import configs
+from quick_lab.core import configs
 from gpu_helpers import run_and_check, weights
 
 pytestmark = pytest.mark.gpu
@@ -59,8 +59,8 @@ def test_quick_matches_baseline_within_fp16_rounding(M):
 
 def test_dequantize_kernel_is_bit_exact():
     import cupy
-    import quick_lab.ops as ops
-    from quick_lab.format import dequantize_fp16
+    import quick_lab.core.ops as ops
+    from quick_lab.core.format import dequantize_fp16
 
     host, dev, _ = weights(768, 384, 64)
     w = cupy.asnumpy(ops.dequantize(dev))
@@ -69,7 +69,7 @@ def test_dequantize_kernel_is_bit_exact():
 
 def test_empty_batch_returns_empty():
     import cupy
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     _, dev, _ = weights(512, 256, 128)
     y = ops.awq_gemm(cupy.empty((0, 512), dtype=cupy.float16), dev)
@@ -78,8 +78,8 @@ def test_empty_batch_returns_empty():
 
 def test_dequantize_quick_transposed_is_bit_exact():
     import cupy
-    import quick_lab.ops as ops
-    from quick_lab.format import dequantize_fp16
+    import quick_lab.core.ops as ops
+    from quick_lab.core.format import dequantize_fp16
 
     host, _, quick = weights(832, 384, 64)  # K = 832: a partial last block of 128 rows
     w_t = cupy.asnumpy(ops.dequantize_quick_t(quick))
@@ -89,8 +89,8 @@ def test_dequantize_quick_transposed_is_bit_exact():
 @pytest.mark.parametrize("M", (1, 33, 300))
 def test_fallback_plan_matches_reference(M):
     import cupy
-    import quick_lab.ops as ops
-    from quick_lab.format import reference_gemm
+    import quick_lab.core.ops as ops
+    from quick_lab.core.format import reference_gemm
     from gpu_helpers import relative_error
 
     host, _, quick = weights(1024, 512, 128)
@@ -109,7 +109,7 @@ def test_public_quick_op_uses_dispatcher_and_is_correct(M):
 
 def test_split_k_is_deterministic_and_leaves_counters_zero():
     import cupy
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     _, _, quick = weights(2048, 1024, 128)
     x = cupy.asarray(np.random.default_rng(3).standard_normal((5, 2048)).astype(np.float16))
@@ -123,7 +123,7 @@ def test_split_k_is_deterministic_and_leaves_counters_zero():
 
 def test_plan_reports_the_compiled_variants_resources():
     import cupy
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     _, _, quick = weights(1024, 512, 128)
     cfg = configs.TileConfig(64, 256, 64, 1, 4, 4, True)
@@ -135,12 +135,12 @@ def test_plan_reports_the_compiled_variants_resources():
 
 
 def test_compile_error_names_the_kernel_and_shows_the_log(tmp_path, monkeypatch):
-    from quick_lab import kernels, sources
+    from quick_lab.build import loader, sources
 
     (tmp_path / "broken.cu").write_text('extern "C" __global__ void broken() { this_is_not_cuda; }\n')
     monkeypatch.setattr(sources, "KERNEL_DIR", tmp_path)
-    with pytest.raises(kernels.KernelCompileError, match=r"(?s)compiling broken from kernels/broken\.cu failed.*this_is_not_cuda"):
-        kernels._compile("broken.cu", (), "broken")
+    with pytest.raises(loader.KernelCompileError, match=r"(?s)compiling broken from kernels/broken\.cu failed.*this_is_not_cuda"):
+        loader._compile("broken.cu", (), "broken")
 
 
 @pytest.mark.parametrize("kind", configs.KINDS)
@@ -196,7 +196,7 @@ def _many_tiles_n(cfg, M: int, tiles: int = 1024) -> int:
 @pytest.mark.parametrize("cfg", configs.QUICK_WGMMA_VARIANTS, ids=lambda c: c.name)
 def test_wgmma_stream_k_blocks_span_several_tiles(hopper, cfg):
     import cupy
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     M, K = 1000, 512
     N = _many_tiles_n(cfg, M)
@@ -214,8 +214,8 @@ def test_wgmma_stream_k_blocks_span_several_tiles(hopper, cfg):
 ], ids=lambda v: v.name if isinstance(v, configs.TileConfig) else str(v))
 def test_wgmma_stream_k_is_deterministic_and_leaves_counters_zero(hopper, cfg, M, K, N):
     import cupy
-    import quick_lab.ops as ops
-    from quick_lab.format import reference_gemm
+    import quick_lab.core.ops as ops
+    from quick_lab.core.format import reference_gemm
     from gpu_helpers import REL_TOL, relative_error
 
     host, _, quick = weights(K, N, 128)
@@ -237,10 +237,10 @@ def test_wgmma_stream_k_is_deterministic_and_leaves_counters_zero(hopper, cfg, M
 
 def test_wgmma_config_is_refused_off_hopper():
     import cupy
-    from quick_lab import kernels
+    from quick_lab.build import loader
 
     cc = cupy.cuda.Device().compute_capability
     if cc == "90":
         pytest.skip("a compute capability 9.0 GPU runs the wgmma kernel")
     with pytest.raises(ValueError, match="compute capability 9.0"):
-        kernels.gemm_kernel("quick", configs.QUICK_WGMMA_VARIANTS[0])
+        loader.gemm_kernel("quick", configs.QUICK_WGMMA_VARIANTS[0])

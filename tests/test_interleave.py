@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quick_lab.format import dequantize_fp16, random_awq
-from quick_lab.interleave import (K_OFFSET, N_OFFSET, QuickWeight, deinterleave, emulate_dequantizer,
+from quick_lab.core.format import dequantize_fp16, random_awq
+from quick_lab.core.interleave import (K_OFFSET, N_OFFSET, QuickWeight, deinterleave, emulate_dequantizer,
                                   interleave, lane_fragments)
 
 SHAPES = [(128, 64, 32), (256, 192, 64), (384, 128, 128), (1024, 512, 128)]

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quick_lab import configs
-from quick_lab.format import (
+from quick_lab.core import configs
+from quick_lab.core.format import (
     dequantize,
     dequantize_fp16,
     pack_int4,
@@ -21,7 +21,7 @@ from quick_lab.format import (
     random_awq,
     unpack_int4,
 )
-from quick_lab.interleave import K_BLOCK, N_BLOCK, deinterleave, interleave, lane_fragments
+from quick_lab.core.interleave import K_BLOCK, N_BLOCK, deinterleave, interleave, lane_fragments
 
 CPU = settings(max_examples=40, deadline=None, derandomize=False,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -147,7 +147,7 @@ def _valid_variants(kind: str, K: int, N: int, G: int):
 
 def _check_kernel(kind: str, problem, data):
     import cupy
-    import quick_lab.ops as ops
+    import quick_lab.core.ops as ops
 
     M, K, N, G = problem
     seed = data.draw(SEEDS, label="seed")

@@ -1,4 +1,4 @@
-"""quick_lab.sanitizer: summary parsing and report attribution on real compute-sanitizer output, the
+"""quick_lab.lab.sanitizer: summary parsing and report attribution on real compute-sanitizer output, the
 generated target program, the command's plumbing (CPU, with a fake compute-sanitizer), and on a GPU
 the check itself: memcheck must catch a planted out-of-bounds write and pass our kernels."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ import textwrap
 
 import pytest
 
-from quick_lab import configs, sanitizer, validation
+from quick_lab.core import configs, validation
+from quick_lab.lab import sanitizer
 
 # ---------------------------------------------------------------- real output (compute-sanitizer 2025.3.1, H100)
 
@@ -244,10 +245,10 @@ def test_check_exits_2_without_compute_sanitizer(monkeypatch, capsys):
 
 
 def test_check_exits_2_without_gpu(monkeypatch, capsys):
-    import quick_lab.device
+    import quick_lab.build.device
 
     monkeypatch.setattr(sanitizer, "sanitizer_path", lambda: "/usr/bin/true")
-    monkeypatch.setattr(quick_lab.device, "cuda_device_status", lambda: (False, "no usable CUDA device: test"))
+    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (False, "no usable CUDA device: test"))
     assert sanitizer.cmd_check(_parser().parse_args(["check"])) == 2
     assert "none is usable: no usable CUDA device: test" in capsys.readouterr().err
 
@@ -287,10 +288,10 @@ def test_run_sanitizer_without_a_verdict_raises(tmp_path, monkeypatch, output, c
 
 
 def test_check_command_end_to_end_with_fake_sanitizer(tmp_path, monkeypatch, capsys):
-    import quick_lab.device
+    import quick_lab.build.device
 
     _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_OOB, 1)
-    monkeypatch.setattr(quick_lab.device, "cuda_device_status", lambda: (True, ""))
+    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (True, ""))
     monkeypatch.setattr(sanitizer, "run_target_plain", lambda script, timeout: (0, "QL-DONE"))
     out = tmp_path / "res"
     code = sanitizer.cmd_check(_parser().parse_args(["check", "--tools", "memcheck", "--out", str(out), "--smoke"]))
@@ -308,10 +309,10 @@ def test_check_command_end_to_end_with_fake_sanitizer(tmp_path, monkeypatch, cap
 
 
 def test_check_command_clean_run_exits_0(tmp_path, monkeypatch):
-    import quick_lab.device
+    import quick_lab.build.device
 
     _fake_sanitizer(tmp_path, monkeypatch, RACECHECK_CLEAN, 0)
-    monkeypatch.setattr(quick_lab.device, "cuda_device_status", lambda: (True, ""))
+    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (True, ""))
     monkeypatch.setattr(sanitizer, "run_target_plain", lambda script, timeout: (0, "QL-DONE"))
     args = _parser().parse_args(["check", "--tools", "racecheck,synccheck", "--out", str(tmp_path / "r"), "--smoke"])
     assert sanitizer.cmd_check(args) == 0

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from quick_lab import configs, dispatch, isa, nvrtc, ops, validation
+from quick_lab.core import configs, dispatch, ops, validation
+from quick_lab.build import isa, nvrtc
 
 WGMMA = configs.QUICK_WGMMA_VARIANTS
 # A valid wgmma config the rule tests below break one field at a time.
@@ -324,7 +325,7 @@ def test_dispatch_table_from_a_sweep_keeps_a_stream_k_winner():
 
 def test_wgmma_kernel_is_refused_before_compiling_on_a_non_hopper_gpu(monkeypatch):
     cupy = pytest.importorskip("cupy")
-    from quick_lab import kernels
+    from quick_lab.build import loader
 
     class Ampere:
         compute_capability = "80"
@@ -335,7 +336,7 @@ def test_wgmma_kernel_is_refused_before_compiling_on_a_non_hopper_gpu(monkeypatc
     monkeypatch.setattr(cupy.cuda, "Device", Ampere)
     monkeypatch.setattr(nvrtc, "compile_cubin", no_compile)
     with pytest.raises(ValueError, match="compute capability 9.0 GPU, this one is 80"):
-        kernels.gemm_kernel.__wrapped__("quick", BASE)  # past the cache: a GPU session may have built it
+        loader.gemm_kernel.__wrapped__("quick", BASE)  # past the cache: a GPU session may have built it
 
 
 # ---------------------------------------------------------------- folded zero points

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .format import AWQWeight, VALID_GROUP_SIZES, pack_int4, unpack_int4, validate_awq
+from quick_lab.core.format import AWQWeight, VALID_GROUP_SIZES, pack_int4, unpack_int4, validate_awq
 
 K_BLOCK = 16  # k rows per interleaved block (one mma k16 step)
 N_BLOCK = 64  # columns per interleaved block (8 n8 tiles, one 128-bit load per lane)

@@ -5,7 +5,7 @@ same CSVs at generation time.
 Figures (seaborn / matplotlib, PNG + SVG into ``results/<gpu>/figures/``):
 
 * ``fig1_compute_paths``   per-k-tile shared-memory traffic of the two compute paths
-  (:func:`quick_lab.bank_model.tile_traffic` for ``AWQ_DEFAULT`` and ``QUICK_DEFAULT``).
+  (:func:`quick_lab.lab.bank_model.tile_traffic` for ``AWQ_DEFAULT`` and ``QUICK_DEFAULT``).
 * ``fig2_bank_conflicts``  Nsight Compute vs the bank model (``conflicts.csv``; model only without it).
 * ``fig3_tflops_vs_batch`` kernel TFLOPS vs batch on M x 8192 x 8192 (``throughput.csv``).
 * ``fig3b_speedup_all_shapes`` time / cuBLAS fp16 vs batch for every measured shape.
@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import bank_model, configs
-from .metadata import RESULTS
+from quick_lab.lab import bank_model
+from quick_lab.core import configs
+from quick_lab.lab.metadata import RESULTS
 
 RESULTS_ENV = "QUICK_LAB_RESULTS"  # overrides default_results_dir() (notebooks, tests)
 FIGURES = "figures"
@@ -47,7 +48,7 @@ KERNEL_LABELS = {
 # In tiles.csv 'awq' / 'quick' are the two kernels at every registered config (not the dispatcher).
 TILE_KERNEL_LABELS = {"awq": "AutoAWQ-style kernel (awq)", "quick": "QUICK kernel (quick)",
                       "fallback": "dequant + cuBLAS (fallback)"}
-# e2e.csv backends (each linear layer through quick_lab.ops with quick_lab.e2e's launch choice).
+# e2e.csv backends (each linear layer through quick_lab.core.ops with quick_lab.model.e2e's launch choice).
 E2E_LABELS = {"fp16": "fp16 cuBLAS", "awq": "AutoAWQ-style (awq)", "quick": "QUICK (quick)"}
 PALETTE = {"fp16": "#4d4d4d", "awq": "#d62728", "quick-paper": "#17becf", "quick": "#1f77b4",
            "fallback": "#9467bd"}
@@ -74,13 +75,13 @@ PAPER = {
 
 
 def _has_gpu() -> bool:
-    from .device import cuda_device_status
+    from quick_lab.build.device import cuda_device_status
 
     return cuda_device_status()[0]
 
 
 def _gpu_results_dir(root: Path) -> Path:
-    from .metadata import gpu_info, gpu_slug
+    from quick_lab.lab.metadata import gpu_info, gpu_slug
 
     return root / gpu_slug(gpu_info().get("gpu"))  # root may differ from RESULTS (tests)
 
@@ -198,7 +199,7 @@ _CONFLICT_METRICS = (
 def model_conflicts() -> pd.DataFrame:
     """The bank model's prediction for the cases ``quick-lab conflicts`` profiles by default, in the
     column layout of ``conflicts.csv`` (model columns only)."""
-    from . import conflicts
+    from quick_lab.lab import conflicts
 
     try:
         cases = conflicts.profile_cases(conflicts.default_kind_cfgs(), conflicts.DEFAULT_SHAPES,
@@ -352,7 +353,7 @@ def fig1_compute_paths(awq_cfg=None, quick_cfg=None):
         paths.append(f"{name}: DRAM int4 -> registers -> dequant (lop3) -> "
                      + (" -> ".join(steps) + " -> " if steps else "") + "mma.m16n8k16")
     fig.suptitle("Fig. 1: the two compute paths, shared-memory traffic per block per k-tile "
-                 "(bank model, quick_lab.bank_model.tile_traffic)\n" + "\n".join(paths), fontsize=10)
+                 "(bank model, quick_lab.lab.bank_model.tile_traffic)\n" + "\n".join(paths), fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.06), fontsize=9)
     fig.tight_layout()
     return fig
@@ -867,7 +868,7 @@ def reproduce(results_dir, out_dir=None) -> list[Path]:
 
 def _measure(results_dir: Path) -> int:
     """Re-runs the sweeps into ``results_dir`` through the CLI; returns the first non-zero exit code."""
-    from . import cli
+    from quick_lab import cli
 
     rc = 0
     for command in ("bench", "tiles", "conflicts", "e2e"):

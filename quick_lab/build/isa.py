@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import collections
 
-from . import configs
-from .nvrtc import _nvrtc
-from .sources import COMPILE_OPTIONS, assemble
+from quick_lab.core import configs
+from quick_lab.build.nvrtc import _nvrtc
+from quick_lab.build.sources import COMPILE_OPTIONS, assemble
 
 # PTX opcodes that touch shared memory or the tensor cores, by what they do in these kernels.
 PTX_CLASSES = {

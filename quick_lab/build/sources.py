@@ -7,9 +7,9 @@ on-disk kernel cache on the source text, so a header edit always triggers a rebu
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+from quick_lab.build.paths import KERNEL_DIR
+
 COMPILE_OPTIONS = ("-std=c++17",)
 
 SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequant.cu"}
@@ -21,7 +21,7 @@ def assemble(filename: str, _seen: frozenset[str] = frozenset()) -> str:
     """The source of ``kernels/<filename>`` with every local ``#include "..."`` spliced in once."""
     path = KERNEL_DIR / filename
     if not path.is_file():
-        raise FileNotFoundError(f"kernel source {path} not found (is quick_lab installed from a checkout?)")
+        raise FileNotFoundError(f"kernel source {path} not found (the package was built without its kernels/)")
     out = [f'#line 1 "{filename}"']
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         match = _INCLUDE.match(line)

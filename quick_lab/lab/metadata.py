@@ -8,8 +8,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "results"
+from quick_lab.build.device import gpu_slug
+from quick_lab.build.paths import CHECKOUT, results_root
 
 
 def git_commit() -> str:
@@ -18,8 +18,8 @@ def git_commit() -> str:
     if os.environ.get("QUICK_LAB_GIT_COMMIT"):
         return os.environ["QUICK_LAB_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=CHECKOUT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -39,7 +39,7 @@ def gpu_info() -> dict:
     """Facts about the current GPU and software stack; works (with fewer fields) without a GPU."""
     import cupy
 
-    from .nvrtc import nvrtc_version
+    from quick_lab.build.nvrtc import nvrtc_version
 
     info = {"cupy": cupy.__version__, "python": platform.python_version(), "host": platform.node()}
     try:
@@ -81,12 +81,5 @@ def write_metadata(path: Path, **extra) -> dict:
 
 def results_dir(out=None) -> Path:
     """``out`` when given, else ``results/<slug of the current GPU>/``."""
-    return Path(out) if out else RESULTS / gpu_slug(gpu_info().get("gpu"))
+    return Path(out) if out else results_root() / gpu_slug(gpu_info().get("gpu"))
 
-
-def gpu_slug(name: str | None) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3' (results/<slug>/)."""
-    if not name:
-        return "no-gpu"
-    words = name.lower().replace("nvidia", "").split()
-    return "-".join("".join(ch for ch in w if ch.isalnum()) for w in words if w) or "gpu"

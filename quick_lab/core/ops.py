@@ -1,7 +1,7 @@
 """Public W4A16 GEMM ops on CuPy arrays: ``y[M, N] = x[M, K] @ W[K, N]`` in fp16.
 
 ``awq_gemm`` runs the AutoAWQ-style baseline on AutoAWQ-format weights, ``quick_gemm`` the QUICK
-kernel on interleaved weights (:func:`quick_lab.interleave.interleave`, once, offline). Both accept
+kernel on interleaved weights (:func:`quick_lab.core.interleave.interleave`, once, offline). Both accept
 any M >= 1: rows past M are zero-filled on load and masked on store. ``plan_*`` returns a prepared
 launch (validation and argument packing done once) for timing loops.
 """
@@ -12,11 +12,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import configs, kernels, validation
-from .format import AWQWeight
-from .interleave import QuickWeight
-
-NUM_SMS_FALLBACK = 132
+from quick_lab.build import device, loader
+from quick_lab.core import configs, validation
+from quick_lab.core.format import AWQWeight
+from quick_lab.core.interleave import QuickWeight
 
 
 def to_device(weight):
@@ -28,19 +27,7 @@ def to_device(weight):
 
 
 def _num_sms() -> int:
-    import cupy
-
-    return _num_sms_of(cupy.cuda.Device().id)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_of(device: int) -> int:
-    import cupy
-
-    try:  # Device.attributes queries every attribute (~1 ms): once per device
-        return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
-    except Exception:
-        return NUM_SMS_FALLBACK
+    return device.num_sms(device.current_device())
 
 
 def default_config(kind: str, M: int, N: int, group_size: int) -> configs.TileConfig:
@@ -136,7 +123,7 @@ def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
     split = split_k if split_k is not None else default_split_k(kind, cfg, max(M, 1), K, N)
     validation.check_problem(kind, cfg, max(M, 1), K, N, G, split)
     out = _output(out, M, N)
-    kernel = kernels.gemm_kernel(kind, cfg)
+    kernel = loader.gemm_kernel(kind, cfg)
     tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
     if cfg.wgmma:  # stream-K schedule over P blocks (kernels/quick_wgmma.cu)
         units = tiles * (K // cfg.tile_k)
@@ -204,13 +191,13 @@ def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
 
 
 @functools.lru_cache(maxsize=None)
-def quick_choice(M: int, K: int, N: int, group_size: int, device: int = 0):
+def quick_choice(M: int, K: int, N: int, group_size: int, device_id: int = 0):
     """``("quick", TileConfig, split_k)`` or ``("fallback", None, 1)``: the fastest measured QUICK path
-    for this problem on this GPU (``quick_lab.dispatch``), else the heuristic default config."""
-    from . import dispatch
-    from .metadata import gpu_slug
+    for this problem on this GPU (``quick_lab.core.dispatch``), else the heuristic default config."""
+    from quick_lab.core import dispatch
 
-    choice = dispatch.choose(dispatch.load_table(gpu_slug(_gpu_name(device))), max(M, 1), K, N, group_size)
+    choice = dispatch.choose(dispatch.load_table(device.gpu_slug(device.gpu_name(device_id))), max(M, 1), K, N,
+                             group_size)
     if choice is None:
         cfg = default_config("quick", max(M, 1), N, group_size)
         return "quick", cfg, default_split_k("quick", cfg, max(M, 1), K, N)
@@ -228,14 +215,6 @@ def plan_dispatch(x, weight: QuickWeight, *, out=None):
     if kernel == "fallback":
         return plan_fallback(x, weight, out=out)
     return plan_quick_gemm(x, weight, config=cfg, split_k=split, out=out)
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_name(device: int) -> str:
-    import cupy
-
-    name = cupy.cuda.runtime.getDeviceProperties(device)["name"]
-    return name.decode() if isinstance(name, bytes) else name
 
 
 def quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
@@ -287,7 +266,7 @@ def plan_fallback(x, weight: QuickWeight, *, out=None) -> FallbackPlan:
 def _launch_dequantize_quick_t(weight: QuickWeight, out_t) -> None:
     K, N = weight.K, weight.N
     grid = (N // 64, -(-K // 128))  # one block per n64 block x 128 rows of k (kernels/dequant.cu)
-    kernels.support_kernel("dequantize_quick_t")(grid, (256,),
+    loader.support_kernel("dequantize_quick_t")(grid, (256,),
                                                  (weight.qweight, weight.qzeros, weight.scales, out_t,
                                                   np.int32(K), np.int32(N), np.int32(weight.group_size)))
 
@@ -314,7 +293,7 @@ def dequantize(weight: AWQWeight):
     out = cupy.empty((K, N), dtype=cupy.float16)
     words = K * N // 8
     threads = 256
-    kernels.support_kernel("dequantize_awq")((-(-words // threads),), (threads,),
+    loader.support_kernel("dequantize_awq")((-(-words // threads),), (threads,),
                                              (weight.qweight, weight.qzeros, weight.scales, out,
                                               np.int32(K), np.int32(N), np.int32(G)))
     return out

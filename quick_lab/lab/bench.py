@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import configs, ops
-from .format import random_awq
-from .interleave import interleave
-from .timing import Timer, range_name
+from quick_lab.core import configs, ops
+from quick_lab.core.format import random_awq
+from quick_lab.core.interleave import interleave
+from quick_lab.lab.timing import Timer, range_name
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192))
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 
-from . import configs
-from .sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
+from quick_lab.core import configs
+from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 
 class KernelCompileError(RuntimeError):
@@ -29,14 +29,14 @@ def _compile(filename: str, name_expressions: tuple[str, ...], label: str):
 
 def _load_sm90a(filename: str, name: str):
     """Compile for sm_90a (wgmma exists only in the arch-specific target, which CuPy's RawModule cannot
-    request) through quick_lab.nvrtc, and load the cubin with RawModule(path=...)."""
+    request) through quick_lab.build.nvrtc, and load the cubin with RawModule(path=...)."""
     import hashlib
     import tempfile
     from pathlib import Path
 
     import cupy
 
-    from . import nvrtc
+    from quick_lab.build import nvrtc
 
     if cupy.cuda.Device().compute_capability != "90":
         raise ValueError(f"{name} uses Hopper wgmma: it needs a compute capability 9.0 GPU, "

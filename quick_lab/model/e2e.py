@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .argtypes import choice_list, int_list
-from .format import AWQWeight, dequantize_fp16, random_awq
+from quick_lab.argtypes import choice_list, int_list
+from quick_lab.core.format import AWQWeight, dequantize_fp16, random_awq
 
 BACKENDS = ("fp16", "awq", "quick")
 GROUP_SIZE = 128
@@ -391,7 +391,7 @@ def _launch(kind: str, M: int, K: int, N: int, G: int) -> dict:
     dequantize + cuBLAS choice falls back to the heuristic kernel config)."""
     import cupy
 
-    from . import ops
+    from quick_lab.core import ops
 
     if kind == "quick":
         kernel, cfg, split = ops.quick_choice(M, K, N, G, cupy.cuda.Device().id)
@@ -405,8 +405,8 @@ class Linear:
     """One linear layer ``y = x @ W`` held in the forms its backends need (W from one AWQWeight)."""
 
     def __init__(self, awq: AWQWeight, backends=BACKENDS, quick=None):
-        from . import ops
-        from .interleave import interleave
+        from quick_lab.core import ops
+        from quick_lab.core.interleave import interleave
 
         self.K, self.N = awq.K, awq.N
         self.awq = ops.to_device(awq)
@@ -414,7 +414,7 @@ class Linear:
         self.fp16 = ops.dequantize(self.awq) if "fp16" in backends else None
 
     def __call__(self, x, backend: str):
-        from . import ops
+        from quick_lab.core import ops
 
         if backend == "fp16" and self.fp16 is not None:
             return matmul(x, self.fp16)
@@ -460,7 +460,7 @@ class Model:
     def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True):
         import cupy
 
-        from .interleave import interleave
+        from quick_lab.core.interleave import interleave
 
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
@@ -700,13 +700,13 @@ _backends = choice_list(BACKENDS, "backend")
 
 
 def cmd_e2e(args) -> int:
-    from .device import cuda_device_status
+    from quick_lab.build.device import cuda_device_status
 
     ok, reason = cuda_device_status()
     if not ok:
         print(f"quick-lab: e2e measures on a GPU and none is usable: {reason}", file=sys.stderr)
         return 2
-    from .metadata import results_dir, write_metadata
+    from quick_lab.lab.metadata import results_dir, write_metadata
 
     out_dir = results_dir(args.out)
 

@@ -5,7 +5,7 @@ is given.
 
 Lookup: the measured shape nearest in log(K), log(N), then the smallest measured batch >= M (the
 largest one beyond the table). A choice that does not fit the problem (tile_n must divide N, tile_k
-the group size) falls back to :func:`quick_lab.ops.default_config`.
+the group size) falls back to :func:`quick_lab.core.ops.default_config`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import configs
-from .metadata import RESULTS
+from quick_lab.core import configs
+from quick_lab.build.paths import dispatch_table_path
 
 FALLBACK = "fallback"
 
@@ -39,8 +39,8 @@ def write_table(tiles: pd.DataFrame, path: Path) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def load_table(gpu_slug: str) -> tuple:
-    path = RESULTS / gpu_slug / "dispatch.json"
-    return tuple(json.loads(path.read_text())) if path.is_file() else ()
+    path = dispatch_table_path(gpu_slug)
+    return tuple(json.loads(path.read_text())) if path is not None else ()
 
 
 def choose(table, M: int, K: int, N: int, group_size: int):

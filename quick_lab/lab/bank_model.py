@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import configs
-from .configs import TileConfig
+from quick_lab.core import configs
+from quick_lab.core.configs import TileConfig
 
 NUM_BANKS = 32
 BANK_BYTES = 4
@@ -64,7 +64,7 @@ CLASSES = (("ldgsts", "A"), ("ldgsts", "B"), ("ldgsts", "SZ"), ("ldsm", "A"), ("
            ("lds", "B"), ("lds", "SZ"))
 EPILOGUE_CLASSES = (("sts", "C"), ("lds", "C"))
 
-# Nsight Compute metric names predicted by predict_counts (quick_lab.conflicts measures them).
+# Nsight Compute metric names predicted by predict_counts (quick_lab.lab.conflicts measures them).
 ST_WAVEFRONTS = "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"
 LD_WAVEFRONTS = "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum"
 ST_CONFLICTS = "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
@@ -74,7 +74,7 @@ LD_INSTRUCTIONS = "smsp__sass_inst_executed_op_shared_ld.sum"
 LDSM_INSTRUCTIONS = "smsp__sass_inst_executed_op_ldsm.sum"
 NCU_METRICS = (ST_WAVEFRONTS, LD_WAVEFRONTS, ST_CONFLICTS, LD_CONFLICTS, ST_INSTRUCTIONS, LD_INSTRUCTIONS,
                LDSM_INSTRUCTIONS)
-# Model-only keys: the cp.async (LDGSTS) shared-memory writes under the bank rule. quick_lab.conflicts
+# Model-only keys: the cp.async (LDGSTS) shared-memory writes under the bank rule. quick_lab.lab.conflicts
 # sets them beside ncu's own LDGSTS counters, which the bank rule does NOT describe (module docstring).
 LDGSTS_WAVEFRONTS = "ldgsts_wavefronts"
 LDGSTS_CONFLICTS = "ldgsts_conflicts"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import configs
-from .format import VALID_GROUP_SIZES, AWQWeight
-from .interleave import QuickWeight
+from quick_lab.core import configs
+from quick_lab.core.format import VALID_GROUP_SIZES, AWQWeight
+from quick_lab.core.interleave import QuickWeight
 
 MAX_GRID_Y = 65535
 INT32_MAX = 2**31 - 1

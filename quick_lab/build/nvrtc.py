@@ -11,8 +11,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from . import configs
-from .sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
+from quick_lab.core import configs
+from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 KNOWN_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
@@ -85,7 +85,7 @@ def compile_source(filename: str, name_expressions: tuple[str, ...], arch: str) 
 
 
 def compile_cubin(filename: str, name_expressions: tuple[str, ...], arch: str) -> tuple[dict[str, str], str, bytes]:
-    """Like :func:`compile_source`, also returning the cubin (loaded by quick_lab.kernels for sm_90a,
+    """Like :func:`compile_source`, also returning the cubin (loaded by quick_lab.build.loader for sm_90a,
     an arch CuPy's own NVRTC call cannot target)."""
     nvrtc = _nvrtc()
     # A never-repeated device symbol: on the H100 machine's NVRTC a second in-process compile of the
