@@ -1,4 +1,4 @@
-"""AutoAWQ-format safetensors checkpoints (Llama / Mistral) -> :class:`quick_lab.model.e2e.ModelWeights`.
+"""AutoAWQ-format safetensors checkpoints (Llama / Mistral) -> :class:`quick_lab.model.weights.ModelWeights`.
 
 Tensor names follow Hugging Face: ``model.layers.{i}.self_attn.{q,k,v,o}_proj.{qweight,qzeros,scales}``,
 ``model.layers.{i}.mlp.{gate,up,down}_proj.*``, ``model.layers.{i}.{input,post_attention}_layernorm.weight``,
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from quick_lab.model.e2e import LayerWeights, ModelConfig, ModelWeights
 from quick_lab.core.format import VALID_GROUP_SIZES, AWQWeight
+from quick_lab.model.config import ModelConfig
+from quick_lab.model.weights import LayerWeights, ModelWeights
 
 ATTN = "model.layers.{i}.self_attn.{name}_proj"
 MLP = "model.layers.{i}.mlp.{name}_proj"
@@ -109,7 +110,7 @@ def fuse(parts: list[AWQWeight], names: list[str]) -> AWQWeight:
 def load_awq_checkpoint(path, cfg: ModelConfig | None = None, tie_word_embeddings: bool = False) -> ModelWeights:
     """Read an AutoAWQ checkpoint (a file, or a directory of shards with its ``config.json``) into
     host :class:`ModelWeights` with fused qkv / gate_up. Build the GPU model with
-    ``quick_lab.model.e2e.Model(weights, backends)``."""
+    ``quick_lab.model.decoder.Model(weights, backends)``."""
     path = Path(path)
     if cfg is None:
         config_json = (path if path.is_dir() else path.parent) / "config.json"
