@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from quick_lab.core import configs
+from quick_lab.core import configs, registry, variants
 from quick_lab.build import nvrtc
 from quick_lab.cli import main
 from quick_lab.build.sources import assemble
@@ -11,14 +11,14 @@ from quick_lab.build.sources import assemble
 
 @pytest.fixture(scope="module")
 def reports():
-    return nvrtc.compile_all(("sm_80", "sm_90"))
+    return variants.compile_all(("sm_80", "sm_90"))
 
 
 def test_every_variant_of_both_kernels_compiles_for_both_archs(reports):
     for arch in ("sm_80", "sm_90"):
         built = {(r.kind, r.config) for r in reports if r.arch == arch}
         for kind in configs.KINDS:
-            assert {(kind, c.name) for c in configs.variants(kind)} <= built
+            assert {(kind, c.name) for c in registry.variants(kind)} <= built
 
 
 def test_no_variant_spills_or_uses_a_stack(reports):
@@ -32,7 +32,7 @@ def test_resources_are_reported(reports):
         assert 16 <= r.registers <= 255, r
     quick = {r.config: r for r in reports if r.kind == "quick" and r.arch == "sm_90"}
     cfg = configs.QUICK_DEFAULT
-    assert quick[cfg.name].dynamic_smem_bytes == configs.shared_bytes("quick", cfg)
+    assert quick[cfg.name].dynamic_smem_bytes == registry.shared_bytes("quick", cfg)
 
 
 def test_ptxas_log_parser_reads_registers_and_spills():

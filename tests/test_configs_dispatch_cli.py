@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from quick_lab.core import configs, dispatch
+from quick_lab.core import configs, dispatch, registry
 from quick_lab.cli import main
 
 
@@ -15,8 +15,8 @@ def test_config_names_round_trip(cfg):
 
 @pytest.mark.parametrize("kind", configs.KINDS)
 def test_registered_variants_are_valid(kind):
-    for cfg in configs.variants(kind):
-        assert configs.violations(kind, cfg) == []
+    for cfg in registry.variants(kind):
+        assert registry.violations(kind, cfg) == []
 
 
 @pytest.mark.parametrize("kind,cfg,rule", [
@@ -28,7 +28,7 @@ def test_registered_variants_are_valid(kind):
 ])
 def test_invalid_configs_name_the_rule(kind, cfg, rule):
     with pytest.raises(ValueError, match=rule):
-        configs.check(kind, cfg)
+        registry.check(kind, cfg)
 
 
 def test_bad_config_string_is_rejected():
@@ -39,9 +39,9 @@ def test_bad_config_string_is_rejected():
 def test_shared_memory_accounts_for_the_weight_path():
     base = configs.TileConfig(16, 128, 64, 1, 2, 4)
     staged = configs.TileConfig(16, 128, 64, 1, 2, 4, True)
-    assert configs.shared_bytes("quick", base) == 4 * 16 * 72 * 2
-    assert configs.shared_bytes("quick", staged) == 4 * (16 * 72 * 2 + 64 * 128 // 2 + 2 * 128 + 2 * 32)
-    assert configs.shared_bytes("awq", configs.AWQ_DEFAULT) == 16 * 40 * 2 + 32 * 136 * 2
+    assert registry.shared_bytes("quick", base) == 4 * 16 * 72 * 2
+    assert registry.shared_bytes("quick", staged) == 4 * (16 * 72 * 2 + 64 * 128 // 2 + 2 * 128 + 2 * 32)
+    assert registry.shared_bytes("awq", configs.AWQ_DEFAULT) == 16 * 40 * 2 + 32 * 136 * 2
 
 
 def _tiles():
@@ -68,12 +68,12 @@ def test_dispatch_table_keeps_the_fastest_quick_path_per_problem():
 
 def test_dispatch_rounds_m_up_to_a_measured_batch_and_checks_fit():
     table = dispatch.build_table(_tiles())
-    kernel, cfg, split = dispatch.choose(table, 7, 8192, 8192, 128)
+    kernel, cfg, split = dispatch.lookup(table, 7, 8192, 8192, 128)
     assert (kernel, cfg.name, split) == ("quick", "64x256x64_w1x4_s4_cp", 2)
-    assert dispatch.choose(table, 1, 6144, 7936, 128)[1].name == "16x256x64_w1x4_s3"
-    assert dispatch.choose(table, 10**5, 8192, 8192, 128) == ("fallback", None, 1)
-    assert dispatch.choose(table, 1, 8192, 8192 + 64, 128) is None   # tile_n 256 does not divide N
-    assert dispatch.choose((), 1, 8192, 8192, 128) is None
+    assert dispatch.lookup(table, 1, 6144, 7936, 128)[1].name == "16x256x64_w1x4_s3"
+    assert dispatch.lookup(table, 10**5, 8192, 8192, 128) == ("fallback", None, 1)
+    assert dispatch.lookup(table, 1, 8192, 8192 + 64, 128) is None   # tile_n 256 does not divide N
+    assert dispatch.lookup((), 1, 8192, 8192, 128) is None
 
 
 def test_info_without_gpu_exits_zero(capsys, monkeypatch):
@@ -101,20 +101,23 @@ def test_bad_cli_arguments_are_rejected(capsys):
 
 @pytest.mark.parametrize("M,N,G", [(1, 4096, 128), (100, 64, 128), (7, 192, 32), (2000, 4096, 64)])
 def test_default_quick_config_always_fits_the_problem(M, N, G):
-    from quick_lab.core import ops
-
     for kind in configs.KINDS:
-        cfg = ops.default_config(kind, M, N, G)
+        cfg = dispatch.default_config(kind, M, N, G)
         assert N % cfg.tile_n == 0 and G % cfg.tile_k == 0
-        assert configs.violations(kind, cfg) == []
+        assert registry.violations(kind, cfg) == []
 
 
 def test_results_dir_is_the_given_one_or_results_slash_gpu(tmp_path, monkeypatch):
+    from quick_lab.build import paths
     from quick_lab.lab import metadata
 
     assert metadata.results_dir(tmp_path) == tmp_path
     monkeypatch.setattr(metadata, "gpu_info", lambda: {"gpu": "NVIDIA H100 80GB HBM3"})
-    assert metadata.results_dir() == metadata.RESULTS / "h100-80gb-hbm3"
-    from quick_lab.core import dispatch
-
-    assert dispatch.RESULTS == metadata.RESULTS  # the dispatch table lives beside the sweeps
+    monkeypatch.delenv(paths.RESULTS_ROOT_ENV, raising=False)
+    assert metadata.results_dir() == paths.results_root() / "h100-80gb-hbm3"
+    # the dispatch table lives beside the sweeps: a table measured into the results root wins
+    (tmp_path / "h100-80gb-hbm3").mkdir()
+    (tmp_path / "h100-80gb-hbm3" / "dispatch.json").write_text("[]\n")
+    monkeypatch.setenv(paths.RESULTS_ROOT_ENV, str(tmp_path))
+    assert metadata.results_dir() == tmp_path / "h100-80gb-hbm3"
+    assert paths.dispatch_table_path("h100-80gb-hbm3") == tmp_path / "h100-80gb-hbm3" / "dispatch.json"

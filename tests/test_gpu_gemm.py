@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quick_lab.core import configs
+from quick_lab.core import configs, registry, variants
 from gpu_helpers import run_and_check, weights
 
 pytestmark = pytest.mark.gpu
@@ -131,7 +131,7 @@ def test_plan_reports_the_compiled_variants_resources():
     res = plan.resources
     assert res["threads"] == 128
     assert 64 <= res["registers"] <= 255
-    assert res["smem_bytes"] >= configs.shared_bytes("quick", cfg)
+    assert res["smem_bytes"] >= registry.shared_bytes("quick", cfg)
 
 
 def test_compile_error_names_the_kernel_and_shows_the_log(tmp_path, monkeypatch):
@@ -182,8 +182,8 @@ _WGMMA_CASES = [(cfg, *case) for cfg in configs.QUICK_WGMMA_VARIANTS for case in
 @pytest.mark.parametrize("cfg,M,K,N,G,split_k", _WGMMA_CASES,
                          ids=[f"{c.name}-M{m}-K{k}-N{n}-G{g}-s{s}" for c, m, k, n, g, s in _WGMMA_CASES])
 def test_wgmma_every_variant(hopper, cfg, M, K, N, G, split_k):
-    if not configs.fits(cfg, N, G):
-        pytest.skip(f"{cfg.name} does not run group size {G} (configs.fits)")
+    if not registry.fits(cfg, N, G):
+        pytest.skip(f"{cfg.name} does not run group size {G} (registry.fits)")
     run_and_check("quick", M, K, N, G, config=cfg, split_k=split_k)
 
 
@@ -243,4 +243,4 @@ def test_wgmma_config_is_refused_off_hopper():
     if cc == "90":
         pytest.skip("a compute capability 9.0 GPU runs the wgmma kernel")
     with pytest.raises(ValueError, match="compute capability 9.0"):
-        loader.gemm_kernel("quick", configs.QUICK_WGMMA_VARIANTS[0])
+        variants.gemm_kernel("quick", configs.QUICK_WGMMA_VARIANTS[0])

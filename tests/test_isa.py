@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from quick_lab.core import configs
+from quick_lab.core import configs, variants
 from quick_lab.build import isa
 
 
 @pytest.fixture(scope="module", params=[configs.AWQ_DEFAULT, configs.TileConfig(64, 128, 32, 2, 2, 1)],
                 ids=lambda c: c.name)
 def awq_counts(request):
-    return request.param, isa.ptx_counts("awq", request.param)
+    return request.param, variants.ptx_counts("awq", request.param)
 
 
 @pytest.fixture(scope="module", params=[configs.QUICK_DEFAULT, configs.TileConfig(64, 256, 64, 1, 4, 4, True)],
                 ids=lambda c: c.name)
 def quick_counts(request):
-    return request.param, isa.ptx_counts("quick", request.param)
+    return request.param, variants.ptx_counts("quick", request.param)
 
 
 def test_baseline_writes_weights_back_and_reads_them_with_ldmatrix(awq_counts):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quick_lab.core import configs
+from quick_lab.core import configs, registry
 from quick_lab.core.format import (
     dequantize,
     dequantize_fp16,
@@ -142,7 +142,7 @@ def gemm_problems(draw):
 
 
 def _valid_variants(kind: str, K: int, N: int, G: int):
-    return [c for c in configs.variants(kind) if N % c.tile_n == 0 and G % c.tile_k == 0 and K % c.tile_k == 0]
+    return [c for c in registry.variants(kind) if N % c.tile_n == 0 and G % c.tile_k == 0 and K % c.tile_k == 0]
 
 
 def _check_kernel(kind: str, problem, data):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from quick_lab.core import configs, dispatch, ops, validation
+from quick_lab.core import configs, dispatch, ops, registry, validation, variants
 from quick_lab.build import isa, nvrtc
 
 WGMMA = configs.QUICK_WGMMA_VARIANTS
@@ -68,13 +68,13 @@ def test_parse_rejects_bad_suffixes(name):
     (configs.TileConfig(64, 256, 64, 1, 8, 5, True), "quick_gemm<64,256,64,1,8,5,1>"),
 ])
 def test_template_name_and_source_file(cfg, expected):
-    assert configs.template_name("quick", cfg) == expected
-    assert configs.source_file("quick", cfg) == ("quick_wgmma.cu" if cfg.wgmma else "quick_gemm.cu")
+    assert registry.template_name("quick", cfg) == expected
+    assert registry.family("quick", cfg).source == ("quick_wgmma.cu" if cfg.wgmma else "quick_gemm.cu")
 
 
 def test_every_wgmma_template_names_its_config():
     for cfg in WGMMA:
-        args = re.fullmatch(r"quick_wgmma<([\d,]+)>", configs.template_name("quick", cfg)).group(1)
+        args = re.fullmatch(r"quick_wgmma<([\d,]+)>", registry.template_name("quick", cfg)).group(1)
         assert tuple(int(a) for a in args.split(",")) == (
             cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n, cfg.stages, int(cfg.async_weights),
             int(cfg.folded_zeros))
@@ -82,9 +82,9 @@ def test_every_wgmma_template_names_its_config():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
 def test_target_arch_is_sm_90a_only_for_wgmma(arch):
-    assert configs.target_arch(BASE, arch) == "sm_90a"
-    assert configs.target_arch(configs.QUICK_DEFAULT, arch) == arch
-    assert configs.target_arch(configs.AWQ_DEFAULT, arch) == arch
+    assert registry.family("quick", BASE).target_arch(arch) == "sm_90a"
+    assert registry.family("quick", configs.QUICK_DEFAULT).target_arch(arch) == arch
+    assert registry.family("awq", configs.AWQ_DEFAULT).target_arch(arch) == arch
 
 
 # ---------------------------------------------------------------- rules
@@ -100,43 +100,43 @@ def test_target_arch_is_sm_90a_only_for_wgmma(arch):
     (configs.TileConfig(128, 64, 128, 1, 4, 8, wgmma=True), "bytes of shared memory"),
 ], ids=["tile_k32", "warps2x4", "warps_n12", "tile_m48", "stages2", "tile_n192", "accumulators", "smem"])
 def test_wgmma_rules_name_the_broken_rule(cfg, rule):
-    assert configs.violations("quick", BASE) == []  # the field changed is what breaks it
-    bad = configs.violations("quick", cfg)
+    assert registry.violations("quick", BASE) == []  # the field changed is what breaks it
+    bad = registry.violations("quick", cfg)
     assert any(rule in v for v in bad), bad
     with pytest.raises(ValueError, match=re.escape(rule)):
-        configs.check("quick", cfg)
+        registry.check("quick", cfg)
 
 
 def test_accumulator_limit_is_exactly_128_per_thread():
     # 4 words per lane (one warpgroup over 256 columns) x tile_m / 2: 64 rows fit (128), 128 do not (256)
-    assert configs.violations("quick", configs.TileConfig(64, 256, 64, 1, 4, 4, wgmma=True)) == []
-    bad = configs.violations("quick", configs.TileConfig(128, 256, 64, 1, 4, 4, wgmma=True))
+    assert registry.violations("quick", configs.TileConfig(64, 256, 64, 1, 4, 4, wgmma=True)) == []
+    bad = registry.violations("quick", configs.TileConfig(128, 256, 64, 1, 4, 4, wgmma=True))
     assert bad == ["256 accumulators per thread (at most 128)"]
 
 
 def test_only_quick_has_a_wgmma_mainloop():
-    assert configs.violations("awq", BASE) == ["only the QUICK kernel has a wgmma mainloop"]
+    assert registry.violations("awq", BASE) == ["only the QUICK kernel has a wgmma mainloop"]
 
 
 def test_wgmma_rules_do_not_leak_into_the_mma_sync_kernel():
     # the same shape without wgmma is judged by the mma.sync rules (warp tile 64 x 32: not whole n64 blocks)
-    assert configs.violations("quick", replace(BASE, wgmma=False)) != []
+    assert registry.violations("quick", replace(BASE, wgmma=False)) != []
 
 
 @pytest.mark.parametrize("cfg", WGMMA, ids=lambda c: c.name)
 def test_every_registered_wgmma_variant_is_valid(cfg):
-    assert configs.violations("quick", cfg) == []
-    assert configs.shared_bytes("quick", cfg) <= configs.SMEM_PER_BLOCK_LIMIT
+    assert registry.violations("quick", cfg) == []
+    assert registry.shared_bytes("quick", cfg) <= registry.SMEM_PER_BLOCK_LIMIT
 
 
 def test_wgmma_variants_only_with_hopper():
-    plain = configs.variants("quick")
+    plain = registry.variants("quick")
     assert plain == configs.QUICK_VARIANTS
     assert not any(c.wgmma for c in plain)
-    hopper = configs.variants("quick", hopper=True)
+    hopper = registry.variants("quick", hopper=True)
     assert hopper == configs.QUICK_VARIANTS + WGMMA
     assert {c for c in hopper if c.wgmma} == set(WGMMA) and len(WGMMA) > 0
-    assert configs.variants("awq", hopper=True) == configs.AWQ_VARIANTS
+    assert registry.variants("awq", hopper=True) == configs.AWQ_VARIANTS
 
 
 # ---------------------------------------------------------------- shared memory
@@ -153,7 +153,7 @@ def test_wgmma_variants_only_with_hopper():
     (configs.TileConfig(16, 512, 64, 1, 8, 4, True, True), 4 * 20480 + 1024),
 ])
 def test_wgmma_shared_bytes_hand_computed(cfg, expected):
-    assert configs.shared_bytes("quick", cfg) == expected
+    assert registry.shared_bytes("quick", cfg) == expected
 
 
 @pytest.mark.parametrize("cfg", WGMMA, ids=lambda c: c.name)
@@ -166,16 +166,16 @@ def test_wgmma_shared_bytes_follow_the_kernels_stage_layout(cfg):
     if cfg.async_weights:
         stage += steps * blocks * 512 + blocks * 128 + blocks * 32
     stage = (stage + 1023) // 1024 * 1024
-    assert configs.shared_bytes("quick", cfg) == cfg.stages * stage + 1024
-    assert configs.shared_bytes("quick", cfg) % 1024 == 0
+    assert registry.shared_bytes("quick", cfg) == cfg.stages * stage + 1024
+    assert registry.shared_bytes("quick", cfg) % 1024 == 0
 
 
 def test_staged_weights_cost_shared_memory_only_on_the_cp_path():
     direct = configs.TileConfig(64, 256, 64, 1, 8, 5, wgmma=True)
     staged = replace(direct, async_weights=True)
     # per stage: 64 x 256 / 2 weights + 4 x (128 + 32) scales and zeros -> 8192 + 8832 = 17024 -> 17408
-    assert configs.shared_bytes("quick", direct) == 5 * 8192 + 1024
-    assert configs.shared_bytes("quick", staged) == 5 * 17408 + 1024
+    assert registry.shared_bytes("quick", direct) == 5 * 8192 + 1024
+    assert registry.shared_bytes("quick", staged) == 5 * 17408 + 1024
 
 
 # ---------------------------------------------------------------- NVRTC build for sm_90a
@@ -184,7 +184,7 @@ def test_staged_weights_cost_shared_memory_only_on_the_cp_path():
 def wgmma_build():
     """Every wgmma variant compiled once, in one NVRTC program: (names, lowered, log, usage)."""
     _require_nvrtc()
-    names = tuple(configs.template_name("quick", c) for c in WGMMA)
+    names = tuple(registry.template_name("quick", c) for c in WGMMA)
     lowered, log = nvrtc.compile_source("quick_wgmma.cu", names, "sm_90a")
     return names, lowered, log, nvrtc.parse_ptxas_log(log)
 
@@ -217,14 +217,14 @@ def test_ptxas_keeps_the_wgmma_chain_asynchronous(wgmma_build):
 def test_compile_variants_builds_wgmma_configs_for_sm_90a_beside_the_others():
     _require_nvrtc()
     wg = configs.TileConfig(16, 128, 64, 1, 4, 8, True, True)
-    reports = nvrtc.compile_variants("quick", [configs.QUICK_DEFAULT, wg], "sm_90")
+    reports = variants.compile_variants("quick", [configs.QUICK_DEFAULT, wg], "sm_90")
     by_config = {r.config: r for r in reports}
     assert set(by_config) == {configs.QUICK_DEFAULT.name, wg.name}
     assert by_config[configs.QUICK_DEFAULT.name].arch == "sm_90"
     assert by_config[configs.QUICK_DEFAULT.name].kernel.startswith("quick_gemm<")
     assert by_config[wg.name].arch == "sm_90a"
-    assert by_config[wg.name].kernel == configs.template_name("quick", wg)
-    assert by_config[wg.name].dynamic_smem_bytes == configs.shared_bytes("quick", wg)
+    assert by_config[wg.name].kernel == registry.template_name("quick", wg)
+    assert by_config[wg.name].dynamic_smem_bytes == registry.shared_bytes("quick", wg)
     assert not by_config[wg.name].spills and by_config[wg.name].stack_bytes == 0
 
 
@@ -234,7 +234,7 @@ def test_compile_variants_builds_wgmma_configs_for_sm_90a_beside_the_others():
                 ids=lambda c: c.name)
 def wgmma_counts(request):
     _require_nvrtc()
-    return request.param, isa.ptx_counts("quick", request.param)
+    return request.param, variants.ptx_counts("quick", request.param)
 
 
 def test_wgmma_ptx_uses_warpgroup_mma_and_no_weight_write_back(wgmma_counts):
@@ -288,7 +288,7 @@ def test_wgmma_problem_rules_still_apply():
 
 @pytest.mark.parametrize("cfg", WGMMA, ids=lambda c: c.name)
 def test_default_split_of_a_wgmma_config_is_stream_k(cfg):
-    assert ops.default_split_k("quick", cfg, 7, 4096, 4096) == configs.STREAM_K
+    assert dispatch.default_split_k("quick", cfg, 7, 4096, 4096) == configs.STREAM_K
 
 
 def _row(M, config, split_k, kernel="quick"):
@@ -298,11 +298,11 @@ def _row(M, config, split_k, kernel="quick"):
 def test_dispatch_keeps_stream_k_for_wgmma_rows():
     wg = configs.TileConfig(64, 256, 64, 1, 8, 5, True, True)
     table = [_row(16, wg.name, configs.STREAM_K), _row(64, wg.name, 1000), _row(256, configs.QUICK_DEFAULT.name, 0)]
-    assert dispatch.choose(table, 16, 4096, 4096, 128) == ("quick", wg, configs.STREAM_K)
+    assert dispatch.lookup(table, 16, 4096, 4096, 128) == ("quick", wg, configs.STREAM_K)
     # a split-K row of a wgmma config is clamped to the k-tiles like any other
-    assert dispatch.choose(table, 64, 4096, 4096, 128) == ("quick", wg, 4096 // 64)
+    assert dispatch.lookup(table, 64, 4096, 4096, 128) == ("quick", wg, 4096 // 64)
     # 0 means stream-K only for wgmma configs: an mma.sync row with 0 becomes split 1
-    assert dispatch.choose(table, 256, 4096, 4096, 128) == ("quick", configs.QUICK_DEFAULT, 1)
+    assert dispatch.lookup(table, 256, 4096, 4096, 128) == ("quick", configs.QUICK_DEFAULT, 1)
 
 
 def test_dispatch_table_from_a_sweep_keeps_a_stream_k_winner():
@@ -317,8 +317,8 @@ def test_dispatch_table_from_a_sweep_keeps_a_stream_k_winner():
     ])
     table = dispatch.build_table(tiles)
     assert [(r["config"], r["split_k"]) for r in table] == [(wg.name, configs.STREAM_K)]
-    assert dispatch.choose(table, 1, 4096, 4096, 128) == ("quick", wg, configs.STREAM_K)
-    assert dispatch.choose(table, 1, 4096, 4096 + 128, 128) is None  # tile_n 256 does not divide N
+    assert dispatch.lookup(table, 1, 4096, 4096, 128) == ("quick", wg, configs.STREAM_K)
+    assert dispatch.lookup(table, 1, 4096, 4096 + 128, 128) is None  # tile_n 256 does not divide N
 
 
 # ---------------------------------------------------------------- loading off Hopper
@@ -336,7 +336,7 @@ def test_wgmma_kernel_is_refused_before_compiling_on_a_non_hopper_gpu(monkeypatc
     monkeypatch.setattr(cupy.cuda, "Device", Ampere)
     monkeypatch.setattr(nvrtc, "compile_cubin", no_compile)
     with pytest.raises(ValueError, match="compute capability 9.0 GPU, this one is 80"):
-        loader.gemm_kernel.__wrapped__("quick", BASE)  # past the cache: a GPU session may have built it
+        variants.gemm_kernel.__wrapped__("quick", BASE)  # past the cache: a GPU session may have built it
 
 
 # ---------------------------------------------------------------- folded zero points
@@ -346,13 +346,13 @@ FOLDED = [c for c in WGMMA if c.folded_zeros]
 
 def test_folded_zero_points_need_wgmma_and_one_group_per_k_tile():
     assert FOLDED, "no folded-zero-point variant registered"
-    assert "needs _wg" in configs.violations("quick", configs.TileConfig(16, 128, 128, 1, 2, 3, folded_zeros=True))[0]
+    assert "needs _wg" in registry.violations("quick", configs.TileConfig(16, 128, 128, 1, 2, 3, folded_zeros=True))[0]
     bad = configs.TileConfig(16, 256, 64, 1, 4, 4, True, True, True)
-    assert any("tile_k = 128" in v for v in configs.violations("quick", bad))
+    assert any("tile_k = 128" in v for v in registry.violations("quick", bad))
     for cfg in FOLDED:
-        assert configs.fits(cfg, 4 * cfg.tile_n, 128)
-        assert not configs.fits(cfg, 4 * cfg.tile_n, 256)   # two k-tiles per group: not folded per k-tile
-        assert not configs.fits(cfg, 4 * cfg.tile_n, 64)    # tile_k does not divide the group
+        assert registry.fits(cfg, 4 * cfg.tile_n, 128)
+        assert not registry.fits(cfg, 4 * cfg.tile_n, 256)   # two k-tiles per group: not folded per k-tile
+        assert not registry.fits(cfg, 4 * cfg.tile_n, 64)    # tile_k does not divide the group
         with pytest.raises(ValueError, match="group_size must equal tile_k"):
             validation.check_problem("quick", cfg, 16, 1024, 4 * cfg.tile_n, 256, 1)
 
@@ -361,5 +361,5 @@ def test_dispatch_skips_a_folded_choice_for_another_group_size():
     cfg = FOLDED[0]
     table = [dict(K=1024, N=4 * cfg.tile_n, M=16, kernel="quick", config=cfg.name, split_k=0,
                   time_us=1.0, ratio_to_fp16=0.5)]
-    assert dispatch.choose(table, 16, 1024, 4 * cfg.tile_n, 128) == ("quick", cfg, 0)
-    assert dispatch.choose(table, 16, 1024, 4 * cfg.tile_n, 256) is None
+    assert dispatch.lookup(table, 16, 1024, 4 * cfg.tile_n, 128) == ("quick", cfg, 0)
+    assert dispatch.lookup(table, 16, 1024, 4 * cfg.tile_n, 256) is None

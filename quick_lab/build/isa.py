@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 
-from quick_lab.core import configs
 from quick_lab.build.nvrtc import _nvrtc
 from quick_lab.build.sources import COMPILE_OPTIONS, assemble
 
@@ -23,29 +22,23 @@ PTX_CLASSES = {
 }
 
 
-def _program(kind: str, cfg: configs.TileConfig, arch: str):
+def ptx(filename: str, name: str, arch: str) -> str:
+    """The PTX of one name expression of ``kernels/<filename>`` compiled for ``arch``."""
     nvrtc = _nvrtc()
-    name = configs.template_name(kind, cfg)
-    filename = configs.source_file(kind, cfg)
     program = nvrtc.createProgram(assemble(filename), filename, [], [])
-    nvrtc.addNameExpression(program, name)
-    nvrtc.compileProgram(program, [f"-arch={configs.target_arch(cfg, arch)}", *COMPILE_OPTIONS])
-    return nvrtc, program
-
-
-def ptx(kind: str, cfg: configs.TileConfig, arch: str = "sm_90") -> str:
-    nvrtc, program = _program(kind, cfg, arch)
     try:
+        nvrtc.addNameExpression(program, name)
+        nvrtc.compileProgram(program, [f"-arch={arch}", *COMPILE_OPTIONS])
         text = nvrtc.getPTX(program)
         return text.decode() if isinstance(text, bytes) else text
     finally:
         nvrtc.destroyProgram(program)
 
 
-def ptx_counts(kind: str, cfg: configs.TileConfig, arch: str = "sm_90") -> dict[str, int]:
+def count_classes(ptx_text: str) -> dict[str, int]:
     """Static PTX instruction counts per class of :data:`PTX_CLASSES` (after full unrolling)."""
     counts = collections.Counter()
-    for line in ptx(kind, cfg, arch).splitlines():
+    for line in ptx_text.splitlines():
         op = line.strip().split(" ")[0].split("\t")[0]
         for cls in PTX_CLASSES:
             if op.startswith(cls):

@@ -1,13 +1,13 @@
-"""Runtime kernel loader: compiles kernels/ through ``cupy.RawModule`` (NVRTC) and caches them.
+"""Runtime kernel loader: compiles a kernels/ source through NVRTC and returns launchable functions.
 
-Each GEMM variant is its own module (one template instantiation through ``name_expressions``), so a
-sweep compiles only what it launches; CuPy's disk cache makes later processes start instantly.
+Knows files and C++ name expressions, not tile configs (``quick_lab.core.variants`` maps a config to a
+name). Each GEMM variant is its own module (one template instantiation through ``name_expressions``),
+so a sweep compiles only what it launches; CuPy's disk cache makes later processes start instantly.
 """
 from __future__ import annotations
 
 import functools
 
-from quick_lab.core import configs
 from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 
@@ -27,9 +27,10 @@ def _compile(filename: str, name_expressions: tuple[str, ...], label: str):
     return module
 
 
-def _load_sm90a(filename: str, name: str):
-    """Compile for sm_90a (wgmma exists only in the arch-specific target, which CuPy's RawModule cannot
-    request) through quick_lab.build.nvrtc, and load the cubin with RawModule(path=...)."""
+def _load_arch_specific(filename: str, name: str, arch: str):
+    """Compile for an arch-specific target such as sm_90a (wgmma exists only there, and CuPy's
+    RawModule cannot request it) through quick_lab.build.nvrtc, and load the cubin with
+    RawModule(path=...)."""
     import hashlib
     import tempfile
     from pathlib import Path
@@ -38,11 +39,8 @@ def _load_sm90a(filename: str, name: str):
 
     from quick_lab.build import nvrtc
 
-    if cupy.cuda.Device().compute_capability != "90":
-        raise ValueError(f"{name} uses Hopper wgmma: it needs a compute capability 9.0 GPU, "
-                         f"this one is {cupy.cuda.Device().compute_capability}")
     try:
-        lowered, _, cubin = nvrtc.compile_cubin(filename, (name,), "sm_90a")
+        lowered, _, cubin = nvrtc.compile_cubin(filename, (name,), arch)
     except nvrtc.NvrtcError as exc:
         raise KernelCompileError(f"compiling {name} from kernels/{filename} failed:\n{exc}") from exc
     cache = Path(tempfile.gettempdir()) / "quick_lab_cubins"
@@ -53,18 +51,16 @@ def _load_sm90a(filename: str, name: str):
     return cupy.RawModule(path=str(path)).get_function(lowered[name])
 
 
-@functools.lru_cache(maxsize=None)
-def gemm_kernel(kind: str, cfg: configs.TileConfig):
-    """The compiled GEMM variant, its dynamic shared-memory limit raised to what the tile needs."""
-    configs.check(kind, cfg)
-    name = configs.template_name(kind, cfg)
-    if cfg.wgmma:
-        function = _load_sm90a(configs.source_file(kind, cfg), name)
+def load_function(filename: str, name: str, *, arch: str | None = None, dynamic_smem: int = 0):
+    """The compiled kernel ``name`` (a C++ name expression) of ``kernels/<filename>``; ``arch`` an
+    arch-specific NVRTC target (None: the current GPU's, through CuPy). A block that needs more than
+    48 KB of dynamic shared memory must opt in (CUDA C++ Programming Guide, shared memory)."""
+    if arch is not None:
+        function = _load_arch_specific(filename, name, arch)
     else:
-        function = _compile(configs.source_file(kind, cfg), (name,), name).get_function(name)
-    smem = configs.shared_bytes(kind, cfg)
-    if smem > 48 * 1024:  # above 48 KB a block must opt in (CUDA C++ Guide, shared memory)
-        function.max_dynamic_shared_size_bytes = smem
+        function = _compile(filename, (name,), name).get_function(name)
+    if dynamic_smem > 48 * 1024:
+        function.max_dynamic_shared_size_bytes = dynamic_smem
     return function
 
 

@@ -3,7 +3,7 @@
 Uses the NVRTC library of the pip wheel ``nvidia-cuda-nvrtc`` through CuPy's thin binding
 (``cupy_backends.cuda.libs.nvrtc``), which needs no driver. ``-Xptxas=-v`` makes ptxas report,
 per kernel, registers, stack frame and spill traffic; these reports feed ``quick-lab compile``
-and the tile study.
+(``quick_lab.core.variants.compile_all``) and the tile study.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from quick_lab.core import configs
 from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
@@ -110,32 +109,6 @@ def compile_cubin(filename: str, name_expressions: tuple[str, ...], arch: str) -
     return lowered, log, cubin
 
 
-def compile_variants(kind: str, cfgs, arch: str) -> list[CompileReport]:
-    """Compile a batch of one kernel's variants, one NVRTC program per source file and target arch."""
-    reports = []
-    batches: dict[tuple[str, str], list] = {}
-    for cfg in cfgs:
-        batches.setdefault((configs.source_file(kind, cfg), configs.target_arch(cfg, arch)), []).append(cfg)
-    for (filename, target), batch in batches.items():
-        reports += _compile_batch(kind, filename, batch, target)
-    return reports
-
-
-def _compile_batch(kind: str, filename: str, cfgs, arch: str) -> list[CompileReport]:
-    names = tuple(configs.template_name(kind, c) for c in cfgs)
-    lowered, log = compile_source(filename, names, arch)
-    usage = parse_ptxas_log(log)
-    reports = []
-    for cfg, name in zip(cfgs, names):
-        if lowered[name] not in usage:
-            raise NvrtcError(f"ptxas printed no resource report for {name} ({lowered[name]}) on {arch}; "
-                             f"log tail:\n{log[-1500:]}")
-        u = usage[lowered[name]]
-        reports.append(CompileReport(name, kind, cfg.name, arch, u["registers"], u["stack"], u["spill_st"],
-                                     u["spill_ld"], u["smem"], configs.shared_bytes(kind, cfg)))
-    return reports
-
-
 def compile_support(arch: str) -> list[CompileReport]:
     reports = []
     for filename in sorted(set(SUPPORT_KERNELS.values())):
@@ -145,14 +118,3 @@ def compile_support(arch: str) -> list[CompileReport]:
                                          u["spill_ld"], u["smem"], 0))
     return reports
 
-
-def compile_all(archs=DEFAULT_ARCHS) -> list[CompileReport]:
-    """Every registered variant of both GEMM kernels plus the support kernels, for each arch."""
-    reports = []
-    for arch in archs:
-        if arch not in KNOWN_ARCHS:
-            raise ValueError(f"arch must be one of {KNOWN_ARCHS} (mma.sync m16n8k16 and cp.async need sm_80+), got {arch!r}")
-        for kind in configs.KINDS:
-            reports += compile_variants(kind, configs.variants(kind, hopper=arch == "sm_90"), arch)
-        reports += compile_support(arch)
-    return reports

@@ -1,4 +1,6 @@
-"""Tile configurations of the two GEMM kernels: names, template arguments, validity and resources.
+"""Tile configurations: the :class:`TileConfig` value (its name and parse rule) and the instantiated
+variants of each kernel family. What a config means to a kernel (template arguments, validity rules,
+shared memory, launch geometry) is the family's business: :mod:`quick_lab.core.registry`.
 
 Tile levels follow CUTLASS: a block tile ``tile_m x tile_n x tile_k`` is split over
 ``warps_m x warps_n`` warps, each owning a warp tile of m16n8k16 instruction tiles.
@@ -7,15 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("awq", "quick")
+KINDS = ("awq", "quick")  # weight formats: AutoAWQ GEMM format, interleaved QUICK layout
 # split_k of a wgmma variant: s >= 1 is split-K by s (P = tiles x s blocks of its stream-K schedule);
 # STREAM_K launches one block per resident slot and splits the k-tiles of all tiles evenly among them.
 STREAM_K = 0
-
-# Register budget: a warp tile of warp_m x warp_n fp32 accumulators costs warp_m*warp_n/32 registers
-# per lane; above 64x64 (128 registers) the 255-register limit forces spills.
-MAX_WARP_TILE_AREA = 64 * 64
-SMEM_PER_BLOCK_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on sm_80 / sm_90
 
 
 @dataclass(frozen=True, order=True)
@@ -51,6 +48,12 @@ class TileConfig:
         return self.tile_n // self.warps_n
 
     @property
+    def marker(self) -> str:
+        """The name suffix that selects a kernel family (quick_lab.core.registry): "wg" for the wgmma
+        mainloop, "" for the mma.sync kernels."""
+        return "wg" if self.wgmma else ""
+
+    @property
     def name(self) -> str:
         return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}"
                 f"_w{self.warps_m}x{self.warps_n}_s{self.stages}" + ("_cp" if self.async_weights else "")
@@ -75,144 +78,17 @@ class TileConfig:
                 f"got {name!r}") from exc
 
 
-def template_name(kind: str, cfg: TileConfig) -> str:
-    """The C++ name expression NVRTC instantiates for this kernel variant."""
-    args = [cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.warps_m, cfg.warps_n]
-    if kind == "quick" and cfg.wgmma:
-        extra = [cfg.stages, int(cfg.async_weights), int(cfg.folded_zeros)]
-        return f"quick_wgmma<{','.join(str(a) for a in args + extra)}>"
-    if kind == "quick":
-        args += [cfg.stages, int(cfg.async_weights)]
-    elif kind != "awq":
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return f"{kind}_gemm<{','.join(str(a) for a in args)}>"
-
-
-def source_file(kind: str, cfg: TileConfig) -> str:
-    """The kernels/ file that defines this variant."""
-    if kind == "quick" and cfg.wgmma:
-        return "quick_wgmma.cu"
-    return {"awq": "awq_gemm.cu", "quick": "quick_gemm.cu"}[kind]
-
-
-def target_arch(cfg: TileConfig, arch: str) -> str:
-    """The NVRTC arch a variant compiles for: wgmma exists only in the arch-specific sm_90a target."""
-    return "sm_90a" if cfg.wgmma else arch
-
-
-def shared_bytes(kind: str, cfg: TileConfig) -> int:
-    """Dynamic shared memory of one block, mirroring the kernels' carve-up (common.cuh)."""
-    activation_stage = cfg.tile_m * (cfg.tile_k + 8) * 2
-    if cfg.wgmma:  # per stage 128-byte activation rows (+ staged weights), 1024-aligned; + alignment slack
-        n64 = cfg.tile_n // 64
-        stage = cfg.tile_m * cfg.tile_k * 2
-        if cfg.async_weights:
-            stage += cfg.tile_k * cfg.tile_n // 2 + n64 * 128 + n64 * 32
-        return cfg.stages * (-(-stage // 1024) * 1024) + 1024
-    if kind == "awq":  # one activation tile + the dequantized weight tile written back
-        return activation_stage + cfg.tile_k * (cfg.tile_n + 8) * 2
-    if not cfg.async_weights:  # the paper's QUICK: weights never touch shared memory
-        return cfg.stages * activation_stage
-    # staged QUICK: packed int4 weights, scales (8 fp16 per lane group) and zeros per stage
-    n64 = cfg.tile_n // 64
-    return cfg.stages * (activation_stage + cfg.tile_k * cfg.tile_n // 2 + n64 * 128 + n64 * 32)
-
-
-def violations(kind: str, cfg: TileConfig) -> list[str]:
-    """Every rule the kernel template's static_asserts and register budget impose; empty when valid."""
-    out = []
-    if kind not in KINDS:
-        return [f"kind must be one of {KINDS}"]
-    if cfg.folded_zeros and not cfg.wgmma:
-        return ["folded zero points exist only in the wgmma mainloop (_fz needs _wg)"]
-    if cfg.wgmma:
-        return _wgmma_violations(kind, cfg)
-    if cfg.tile_k % 32:
-        out.append("tile_k must be a multiple of 32")
-    if cfg.warp_m * cfg.warps_m != cfg.tile_m or cfg.warp_m % 16:
-        out.append("tile_m / warps_m must be a multiple of 16")
-    if cfg.warp_m * cfg.warp_n > MAX_WARP_TILE_AREA:
-        out.append(f"warp tile {cfg.warp_m}x{cfg.warp_n} exceeds {MAX_WARP_TILE_AREA} accumulators")
-    if cfg.threads > 1024:
-        out.append("at most 32 warps per block")
-    if kind == "awq":
-        if cfg.warp_n * cfg.warps_n != cfg.tile_n or cfg.warp_n % 16:
-            out.append("tile_n / warps_n must be a multiple of 16")
-        words_per_row = cfg.tile_n // 8
-        if cfg.threads % words_per_row or cfg.tile_k % (cfg.threads // words_per_row):
-            out.append("threads must cover whole rows of the write-back tile")
-        if cfg.stages != 1:
-            out.append("the AutoAWQ-style kernel is single-stage (stages=1)")
-        if cfg.async_weights:
-            out.append("the AutoAWQ-style kernel writes dequantized weights back (no async_weights)")
-    else:
-        if cfg.warp_n * cfg.warps_n != cfg.tile_n or cfg.warp_n % 64:
-            out.append("tile_n / warps_n must be a multiple of 64 (whole interleaved n64 blocks)")
-        if cfg.stages < 2:
-            out.append("QUICK pipelines activations: stages >= 2")
-    if shared_bytes(kind, cfg) > SMEM_PER_BLOCK_LIMIT:
-        out.append(f"needs {shared_bytes(kind, cfg)} bytes of shared memory")
-    return out
-
-
-def _wgmma_violations(kind: str, cfg: TileConfig) -> list[str]:
-    """The rules of kernels/quick_wgmma.cu's static_asserts and register budget."""
-    out = []
-    if kind != "quick":
-        return ["only the QUICK kernel has a wgmma mainloop"]
-    if cfg.tile_k not in (64, 128):
-        out.append("wgmma tiles have tile_k = 64 or 128 (one or two 128-byte swizzled activation rows)")
-    if cfg.warps_m != 1 or cfg.warps_n not in (4, 8):
-        out.append("wgmma tiles use warps 1x4 or 1x8 (one or two warpgroups along N)")
-    else:
-        words = cfg.tile_n // (cfg.warps_n // 4) // 64
-        if words not in (1, 2, 4) or words * 64 * (cfg.warps_n // 4) != cfg.tile_n:
-            out.append("each warpgroup spans 64, 128 or 256 columns")
-        elif words * cfg.tile_m // 2 > 128:
-            out.append(f"{words * cfg.tile_m // 2} accumulators per thread (at most 128)")
-        elif cfg.folded_zeros and words * cfg.tile_m + cfg.tile_m // 2 > 160:
-            out.append("folded zero points double the accumulators: at most 160 per thread")
-    if cfg.folded_zeros and cfg.tile_k != 128:
-        out.append("folded zero points need tile_k = 128 (one k-tile per group of 128)")
-    if cfg.tile_m not in (16, 32, 64, 128, 256):
-        out.append("tile_m must be 16, 32, 64, 128 or 256 (wgmma's N, up to 128 per instruction)")
-    if cfg.stages < 3:
-        out.append("a stage is refilled two k-tiles after use: stages >= 3")
-    if shared_bytes(kind, cfg) > SMEM_PER_BLOCK_LIMIT:
-        out.append(f"needs {shared_bytes(kind, cfg)} bytes of shared memory")
-    return out
-
-
-def fits(cfg: TileConfig, N: int, group_size: int) -> bool:
-    """Whether a variant can run a problem with N columns and this group size."""
-    if N % cfg.tile_n or group_size % cfg.tile_k:
-        return False
-    return not cfg.folded_zeros or group_size == cfg.tile_k
-
-
-def check(kind: str, cfg: TileConfig) -> None:
-    bad = violations(kind, cfg)
-    if bad:
-        raise ValueError(f"invalid {kind} config {cfg.name}: " + "; ".join(bad))
-
-
-def _awq_variants() -> tuple[TileConfig, ...]:
-    out = []
-    for tm in (16, 32, 64, 128):
-        for tn in (64, 128):
-            for wm in (1, 2):
-                cfg = TileConfig(tm, tn, 32, wm, tn // 64, 1)
-                if not violations("awq", cfg):
-                    out.append(cfg)
-    return tuple(out)
-
-
 # The AutoAWQ kernel's own shape: 16 x 128 x 32 block tile, 2 warps of 16 x 64, split-K 8; like
 # AutoAWQ, 16 x 64 x 32 with one warp when N is not a multiple of 128.
 AWQ_DEFAULT = TileConfig(16, 128, 32, 1, 2, 1)
 AWQ_DEFAULT_N64 = TileConfig(16, 64, 32, 1, 1, 1)
 AWQ_DEFAULT_SPLIT_K = 8
-AWQ_VARIANTS = _awq_variants()
+# Every block tile of 16..128 x 64/128 x 32 on 1 or 2 warps along M that the kernel's rules admit.
+AWQ_VARIANTS = tuple(TileConfig(*v) for v in (
+    (16, 64, 32, 1, 1, 1), (16, 128, 32, 1, 2, 1), (32, 64, 32, 1, 1, 1), (32, 64, 32, 2, 1, 1),
+    (32, 128, 32, 1, 2, 1), (32, 128, 32, 2, 2, 1), (64, 64, 32, 1, 1, 1), (64, 64, 32, 2, 1, 1),
+    (64, 128, 32, 1, 2, 1), (64, 128, 32, 2, 2, 1), (128, 64, 32, 2, 1, 1), (128, 128, 32, 2, 2, 1),
+))
 
 # QUICK variants: the freed shared memory buys deeper activation pipelines and larger tiles.
 # First the paper's weight path (registers), then the staged one (_cp).
@@ -286,11 +162,3 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
 # the comparison isolates the write-back; the dispatcher picks larger tiles for speed.
 QUICK_DEFAULT = TileConfig(16, 128, 32, 1, 2, 2)
 
-
-def variants(kind: str, *, hopper: bool = False) -> tuple[TileConfig, ...]:
-    """The registered variants; ``hopper`` adds the sm_90a-only wgmma ones to QUICK's."""
-    if kind == "awq":
-        return AWQ_VARIANTS
-    if kind == "quick":
-        return QUICK_VARIANTS + (QUICK_WGMMA_VARIANTS if hopper else ())
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

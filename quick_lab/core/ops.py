@@ -1,19 +1,22 @@
 """Public W4A16 GEMM ops on CuPy arrays: ``y[M, N] = x[M, K] @ W[K, N]`` in fp16.
 
-``awq_gemm`` runs the AutoAWQ-style baseline on AutoAWQ-format weights, ``quick_gemm`` the QUICK
-kernel on interleaved weights (:func:`quick_lab.core.interleave.interleave`, once, offline). Both accept
-any M >= 1: rows past M are zero-filled on load and masked on store. ``plan_*`` returns a prepared
-launch (validation and argument packing done once) for timing loops.
+``awq_gemm`` runs the AutoAWQ-style baseline on AutoAWQ-format weights, ``quick_gemm`` QUICK on
+interleaved weights (:func:`quick_lab.core.interleave.interleave`, once, offline). Both accept any
+M >= 1: rows past M are zero-filled on load and masked on store. ``plan_*`` returns a prepared launch
+(validation and argument packing done once) for timing loops; the op is ``plan.run()``.
+
+This module only plans and launches: which kernel runs is :mod:`quick_lab.core.dispatch`'s choice,
+what a launch of it needs is its family record in :mod:`quick_lab.core.registry`. Every call is
+validated once, before anything is chosen or allocated.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from quick_lab.build import device, loader
-from quick_lab.core import configs, validation
+from quick_lab.core import configs, dispatch, registry, validation, variants
 from quick_lab.core.format import AWQWeight
 from quick_lab.core.interleave import QuickWeight
 
@@ -24,38 +27,6 @@ def to_device(weight):
 
     return replace(weight, qweight=cupy.asarray(weight.qweight), qzeros=cupy.asarray(weight.qzeros),
                    scales=cupy.asarray(weight.scales))
-
-
-def _num_sms() -> int:
-    return device.num_sms(device.current_device())
-
-
-def default_config(kind: str, M: int, N: int, group_size: int) -> configs.TileConfig:
-    """AutoAWQ's shape for the baseline (by N, as AutoAWQ picks); for QUICK a listed variant whose tile_n divides N and tile_k
-    the group size, with tile_m as close as possible to the smallest of 16..128 covering M (ties: tile_n
-    128, then the deeper tile_k and pipeline)."""
-    if kind == "awq":
-        return configs.AWQ_DEFAULT if N % configs.AWQ_DEFAULT.tile_n == 0 else configs.AWQ_DEFAULT_N64
-    tile_m = next((t for t in (16, 32, 64, 128) if M <= t), 128)
-    fitting = [c for c in configs.QUICK_VARIANTS if N % c.tile_n == 0 and group_size % c.tile_k == 0]
-    if not fitting:
-        return configs.QUICK_DEFAULT  # N not a multiple of 64: validation names the rule
-    return min(fitting, key=lambda c: (abs(c.tile_m - tile_m), c.tile_n != 128, -c.tile_k, -c.stages))
-
-
-def default_split_k(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int) -> int:
-    """AutoAWQ's split-K 8 for the baseline; stream-K for the wgmma mainloop; for QUICK enough splits
-    for ~2 blocks per SM."""
-    if cfg.wgmma:
-        return configs.STREAM_K
-    k_tiles = K // cfg.tile_k
-    if kind == "awq" and cfg in (configs.AWQ_DEFAULT, configs.AWQ_DEFAULT_N64):
-        return min(configs.AWQ_DEFAULT_SPLIT_K, k_tiles)
-    blocks = (N // cfg.tile_n) * -(-M // cfg.tile_m)
-    split = 1
-    while blocks * split < 2 * _num_sms() and split * 2 <= min(16, k_tiles // 4):
-        split *= 2
-    return split
 
 
 _tile_counters: dict = {}
@@ -88,14 +59,16 @@ class GemmPlan:
     M: int
     K: int
     N: int
+    family: registry.KernelFamily
     _kernel: object
     _grid: tuple
     _args: tuple
     _out: object
 
     def run(self):
-        self._kernel(self._grid, (self.config.threads,), self._args,
-                     shared_mem=configs.shared_bytes(self.kind, self.config))
+        if self.M > 0:
+            self._kernel(self._grid, (self.config.threads,), self._args,
+                         shared_mem=self.family.shared_bytes(self.config))
         return self._out
 
     @property
@@ -103,47 +76,53 @@ class GemmPlan:
         return self._out
 
     @property
+    def label(self) -> tuple[str, str, int]:
+        """(kernel, config name, split-K) as the sweeps record it."""
+        return self.kind, self.config.name, self.split_k
+
+    @property
     def resources(self) -> dict:
         """What the compiled variant occupies per thread / block (registers, shared memory)."""
         return {"registers": self._kernel.num_regs,
-                "smem_bytes": self._kernel.shared_size_bytes + configs.shared_bytes(self.kind, self.config),
+                "smem_bytes": self._kernel.shared_size_bytes + self.family.shared_bytes(self.config),
                 "threads": self.config.threads}
 
 
-def _plan(kind: str, x, weight, config, split_k, out) -> GemmPlan:
+def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: int, out, *,
+                 variant_checked: bool = False) -> GemmPlan:
+    """The launch of (kind, config, split) on validated arrays; the problem rules are checked here."""
     import cupy
 
+    validation.check_problem(kind, cfg, max(M, 1), K, N, G, split, variant_checked=variant_checked)
+    fam = registry.family(kind, cfg)
+    out = _output(out, M, N)
+    kernel = variants.gemm_kernel(kind, cfg)
+    slots = 0
+    if fam.stream_k and split == configs.STREAM_K:
+        slots = registry.resident_blocks(fam, cfg, kernel.num_regs, kernel.shared_size_bytes) * _num_sms()
+    launch = fam.launch(cfg, M, K, N, split, slots)
+    workspace = cupy.empty(launch.workspace, dtype=cupy.float32) if launch.workspace else None
+    counters = tile_counters(launch.counters) if launch.counters else None
+    args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
+            np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch.split_arg))
+    return GemmPlan(kind, cfg, split, M, K, N, fam, kernel, launch.grid, args, out)
+
+
+def _plan(kind: str, x, weight, config, split_k, out):
     K, N, G = validation.check_weight(weight, kind)
     M = validation.check_activations(x, K)
-    cfg = config if config is not None else default_config(kind, M, N, G)
-    if isinstance(cfg, str):
-        cfg = configs.TileConfig.parse(cfg)
-    validation.check_config(cfg)
-    configs.check(kind, cfg)
-    split = split_k if split_k is not None else default_split_k(kind, cfg, max(M, 1), K, N)
-    validation.check_problem(kind, cfg, max(M, 1), K, N, G, split)
-    out = _output(out, M, N)
-    kernel = loader.gemm_kernel(kind, cfg)
-    tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
-    if cfg.wgmma:  # stream-K schedule over P blocks (kernels/quick_wgmma.cu)
-        units = tiles * (K // cfg.tile_k)
-        blocks = min(units, resident_blocks(kernel, cfg) * _num_sms() if split == configs.STREAM_K else tiles * split)
-        grid = (max(blocks, 1), 1, 1)
-        shared = blocks not in (1, tiles)  # else every tile is one block's whole k range
-        workspace = cupy.empty((blocks, 2, cfg.tile_m * cfg.tile_n), dtype=cupy.float32) if shared else None
-        counters = tile_counters(tiles) if shared else None
-        launch_split = blocks
-    else:
-        grid = (-(-M // cfg.tile_m), N // cfg.tile_n, split)
-        if split > 1 and M > 0:
-            workspace = cupy.empty((split, M, N), dtype=cupy.float32)
-            counters = tile_counters(grid[0] * grid[1])
-        else:
-            workspace = counters = None
-        launch_split = split
-    args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
-            np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch_split))
-    return GemmPlan(kind, cfg, split, M, K, N, kernel, grid, args, out)
+    if config is None and split_k is None:
+        choice = dispatch.choose(kind, M, K, N, G, device.current_device())
+        if choice.kernel == dispatch.FALLBACK:
+            return _fallback_plan(x, weight, M, K, N, out)
+        return _kernel_plan(kind, choice.config, choice.split_k, x, weight, M, K, N, G, out)
+    cfg = validation.check_variant(kind, dispatch.pinned_config(kind, config, M, N, G))
+    split = dispatch.default_split_k(kind, cfg, max(M, 1), K, N) if split_k is None else split_k
+    return _kernel_plan(kind, cfg, split, x, weight, M, K, N, G, out, variant_checked=True)
+
+
+def _num_sms() -> int:
+    return device.num_sms(device.current_device())
 
 
 def _output(out, M: int, N: int):
@@ -158,71 +137,31 @@ def _output(out, M: int, N: int):
     return out
 
 
-def resident_blocks(kernel, cfg: configs.TileConfig) -> int:
-    """Blocks of a compiled variant one SM holds at once (registers, shared memory, warps), from the
-    sm_90 limits: 64 K registers allocated per warp in units of 256, 228 KB shared memory with 1 KB
-    reserved per block, 64 warps, 32 blocks (CUDA C++ Programming Guide, compute capabilities)."""
-    warps = cfg.threads // 32
-    regs_per_warp = -(-kernel.num_regs * 32 // 256) * 256
-    by_regs = (65536 // regs_per_warp) // warps
-    by_smem = (228 * 1024) // (configs.shared_bytes("quick", cfg) + kernel.shared_size_bytes + 1024)
-    return max(1, min(by_regs, by_smem, 64 // warps, 32))
-
-
 def plan_awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None) -> GemmPlan:
+    """The baseline's launch: ``config`` (a TileConfig or its name) and ``split_k`` pin a variant;
+    unpinned, AutoAWQ's own configuration."""
     if not isinstance(weight, AWQWeight):
         raise TypeError(f"weight must be an AWQWeight (AutoAWQ GEMM format), got {type(weight).__name__}")
     return _plan("awq", x, weight, config, split_k, out)
 
 
-def plan_quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None) -> GemmPlan:
+def plan_quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
+    """QUICK's launch: ``config`` and/or ``split_k`` pin a variant (the other from the heuristic);
+    with neither, the dispatcher's choice (a GemmPlan, or a FallbackPlan at large batch)."""
     if not isinstance(weight, QuickWeight):
         raise TypeError(f"weight must be a QuickWeight (interleave an AWQWeight first), got {type(weight).__name__}")
     return _plan("quick", x, weight, config, split_k, out)
 
 
-def _execute(plan: GemmPlan):
-    return plan.run() if plan.M > 0 else plan.out
-
-
 def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
     """Baseline (AutoAWQ-style) W4A16 GEMM. ``config``: a TileConfig or its name; default AutoAWQ's."""
-    return _execute(plan_awq_gemm(x, weight, config=config, split_k=split_k, out=out))
-
-
-@functools.lru_cache(maxsize=None)
-def quick_choice(M: int, K: int, N: int, group_size: int, device_id: int = 0):
-    """``("quick", TileConfig, split_k)`` or ``("fallback", None, 1)``: the fastest measured QUICK path
-    for this problem on this GPU (``quick_lab.core.dispatch``), else the heuristic default config."""
-    from quick_lab.core import dispatch
-
-    choice = dispatch.choose(dispatch.load_table(device.gpu_slug(device.gpu_name(device_id))), max(M, 1), K, N,
-                             group_size)
-    if choice is None:
-        cfg = default_config("quick", max(M, 1), N, group_size)
-        return "quick", cfg, default_split_k("quick", cfg, max(M, 1), K, N)
-    return choice
-
-
-def plan_dispatch(x, weight: QuickWeight, *, out=None):
-    """The public op's path: a QUICK kernel config and split-K, or dequantize + cuBLAS at large batch,
-    as :func:`quick_choice` picks."""
-    import cupy
-
-    K, N, G = validation.check_weight(weight, "quick")
-    M = validation.check_activations(x, K)
-    kernel, cfg, split = quick_choice(M, K, N, G, cupy.cuda.Device().id)
-    if kernel == "fallback":
-        return plan_fallback(x, weight, out=out)
-    return plan_quick_gemm(x, weight, config=cfg, split_k=split, out=out)
+    return plan_awq_gemm(x, weight, config=config, split_k=split_k, out=out).run()
 
 
 def quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
-    """QUICK W4A16 GEMM on interleaved weights. With no ``config`` (a TileConfig or its name) the
-    per-GPU dispatch table picks the kernel config and split-K, or dequantize + cuBLAS."""
-    if config is None and split_k is None:
-        return _execute(plan_dispatch(x, weight, out=out))
-    return _execute(plan_quick_gemm(x, weight, config=config, split_k=split_k, out=out))
+    """QUICK W4A16 GEMM on interleaved weights. With no ``config`` (a TileConfig or its name) and no
+    ``split_k`` the per-GPU dispatch table picks the kernel config and split-K, or dequantize + cuBLAS."""
+    return plan_quick_gemm(x, weight, config=config, split_k=split_k, out=out).run()
 
 
 @dataclass
@@ -243,10 +182,16 @@ class FallbackPlan:
     _out: object
 
     def run(self):
+        if self.M == 0:
+            return self._out
         _launch_dequantize_quick_t(self._weight, self._w_t)
         import cupy
 
         return cupy.matmul(self._x, self._w_t.T, out=self._out)
+
+    @property
+    def label(self) -> tuple[str, str, int]:
+        return self.kind, self.config, self.split_k
 
     @property
     def out(self):
@@ -254,12 +199,16 @@ class FallbackPlan:
 
 
 def plan_fallback(x, weight: QuickWeight, *, out=None) -> FallbackPlan:
-    import cupy
-
     if not isinstance(weight, QuickWeight):
         raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
     K, N, _ = validation.check_weight(weight, "quick")
     M = validation.check_activations(x, K)
+    return _fallback_plan(x, weight, M, K, N, out)
+
+
+def _fallback_plan(x, weight: QuickWeight, M: int, K: int, N: int, out) -> FallbackPlan:
+    import cupy
+
     return FallbackPlan(M, K, N, x, weight, cupy.empty((N, K), dtype=cupy.float16), _output(out, M, N))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quick_lab.core import configs
+from quick_lab.core import configs, registry
 from quick_lab.core.format import VALID_GROUP_SIZES, AWQWeight
 from quick_lab.core.interleave import QuickWeight
 
@@ -101,7 +101,7 @@ def check_activations(x, K: int) -> int:
 
 
 def check_config(cfg) -> configs.TileConfig:
-    """A TileConfig whose fields are positive ints (``configs.check`` divides by them)."""
+    """A TileConfig whose fields are positive ints (``registry.check`` divides by them)."""
     if not isinstance(cfg, configs.TileConfig):
         raise TypeError(f"config must be a TileConfig or its name, got {type(cfg).__name__}")
     for field in ("tile_m", "tile_n", "tile_k", "warps_m", "warps_n", "stages"):
@@ -111,15 +111,25 @@ def check_config(cfg) -> configs.TileConfig:
     return cfg
 
 
-def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G: int, split: int) -> None:
+def check_variant(kind: str, cfg) -> configs.TileConfig:
+    """A well-formed config that a registered kernel family of ``kind`` can instantiate."""
     check_config(cfg)
-    configs.check(kind, cfg)
+    registry.check(kind, cfg)
+    return cfg
+
+
+def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G: int, split: int, *,
+                  variant_checked: bool = False) -> None:
+    """Every rule a launch of ``cfg`` on this problem must meet (``variant_checked``: the caller ran
+    :func:`check_variant` already)."""
+    if not variant_checked:
+        check_variant(kind, cfg)
     if N % cfg.tile_n:
         raise ValueError(f"N = {N} must be a multiple of tile_n = {cfg.tile_n} for config {cfg.name}")
     if G % cfg.tile_k:
         raise ValueError(f"tile_k = {cfg.tile_k} must divide group_size = {G} (one group per k-tile) "
                          f"for config {cfg.name}")
-    if getattr(cfg, "folded_zeros", False) and G != cfg.tile_k:
+    if cfg.folded_zeros and G != cfg.tile_k:
         raise ValueError(f"config {cfg.name} folds zero points per k-tile: group_size must equal "
                          f"tile_k = {cfg.tile_k}, got {G}")
     if N // cfg.tile_n > MAX_GRID_Y:
@@ -129,7 +139,8 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
     k_tiles = K // cfg.tile_k
     if isinstance(split, bool) or not isinstance(split, (int, np.integer)):
         raise TypeError(f"split_k must be an int, got {type(split).__name__}")
-    if getattr(cfg, "wgmma", False):
+    stream_k = registry.family(kind, cfg).stream_k
+    if stream_k:
         units = -(-M // cfg.tile_m) * (N // cfg.tile_n) * k_tiles  # the stream-K schedule counts in int32
         if units > INT32_MAX:
             raise ValueError(f"M = {M}, K = {K}, N = {N} makes {units} tile x k-tile units for config "
@@ -137,5 +148,5 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
         if split == configs.STREAM_K:
             return
     if not 1 <= split <= k_tiles:
-        stream = f" (or {configs.STREAM_K} for stream-K)" if getattr(cfg, "wgmma", False) else ""
+        stream = f" (or {configs.STREAM_K} for stream-K)" if stream_k else ""
         raise ValueError(f"split_k must be between 1 and K / tile_k = {k_tiles}{stream}, got {split}")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from quick_lab.core import configs
+from quick_lab.core import registry
 from quick_lab.core.configs import TileConfig
 
 NUM_BANKS = 32
@@ -247,22 +247,20 @@ def _access(op, operand, warp, label, addr, active=None, width=16) -> Access | N
 
 def activation_bytes(cfg: TileConfig) -> int:
     """Bytes of one activation buffer: TILE_M rows of (TILE_K + 8) halves (ActivationTile::kHalves)."""
-    return cfg.tile_m * (cfg.tile_k + 8) * 2
+    return registry.padded_activation_bytes(cfg)
 
 
 def _staged_parts(cfg: TileConfig) -> tuple[int, int, int, int]:
-    """QUICK stage layout in uint4 (quick_gemm.cu): activations, packed weights, scales, zeros."""
-    a = activation_bytes(cfg) // 16
-    if not cfg.async_weights:
-        return a, 0, 0, 0
-    blocks = cfg.tile_n // 64
-    return a, (cfg.tile_k // 16) * blocks * 32, blocks * 8, blocks * 2
+    """One mma.sync stage in uint4, from the family's carve-up (registry): activations, packed weights,
+    scales, zeros (the last three only on QUICK's '_cp' path)."""
+    layout = registry.QUICK_MMA.layout(cfg)
+    return layout.activations // 16, layout.weights // 16, layout.scales // 16, layout.zeros // 16
 
 
 def stage_bytes(cfg: TileConfig) -> int:
-    """Bytes between consecutive pipeline stages: QUICK's kStageUint4 * 16 (activations, plus the
-    staged weights, scales and zeros on the '_cp' path); the baseline's single activation tile."""
-    return 16 * sum(_staged_parts(cfg))
+    """Bytes between consecutive pipeline stages (the carve-up's stride): activations, plus the staged
+    weights, scales and zeros on the '_cp' path; the baseline's single activation tile."""
+    return registry.QUICK_MMA.layout(cfg).stride
 
 
 def activation_load(cfg: TileConfig, stage: int = 0) -> list[Access]:
@@ -393,7 +391,7 @@ def epilogue_accesses(cfg: TileConfig, split_k: int) -> list[Access]:
 
 
 def _check(kind: str, cfg: TileConfig, stage: int) -> None:
-    configs.check(kind, cfg)
+    registry.check(kind, cfg)
     if not 0 <= stage < cfg.stages:
         raise ValueError(f"stage must be in [0, {cfg.stages}) for {cfg.name}, got {stage}")
 
@@ -505,7 +503,7 @@ def predict_counts(kind: str, cfg: TileConfig, M: int, K: int, N: int, split_k: 
     """
     if isinstance(cfg, str):
         cfg = TileConfig.parse(cfg)
-    configs.check(kind, cfg)
+    registry.check(kind, cfg)
     if M < 1:
         raise ValueError(f"M must be >= 1, got {M}")
     if N % cfg.tile_n or K % cfg.tile_k:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from quick_lab.core import configs, ops
+from quick_lab.core import configs, ops, registry
 from quick_lab.core.format import random_awq
 from quick_lab.core.interleave import interleave
 from quick_lab.lab.timing import Timer, range_name
@@ -65,8 +65,10 @@ def _row(kernel, config, split, p: Problem, M, t_ms, bandwidth):
                 dram_floor_us=floor_us, pct_of_floor=100 * floor_us / (t * 1e3))
 
 
-def measure_problem(p: Problem, M: int, plans: dict, timer: Timer, bandwidth: float, reps: int) -> list[dict]:
-    """Times cuBLAS fp16 and each prepared plan {(kernel, config, split): GemmPlan} at batch M."""
+def measure_problem(p: Problem, M: int, plans: list, timer: Timer, bandwidth: float, reps: int) -> list[dict]:
+    """Times cuBLAS fp16 and each plan (``(label, make)``: ``make(x)`` returns a GemmPlan or
+    FallbackPlan) at batch M. A row is labelled ``label`` (the sweep's name for the path, e.g.
+    "quick-paper") with the config and split-K of the plan it ran."""
     import cupy
 
     x = cupy.asarray(np.random.default_rng(M).standard_normal((M, p.K)).astype(np.float16))
@@ -74,10 +76,11 @@ def measure_problem(p: Problem, M: int, plans: dict, timer: Timer, bandwidth: fl
     rows = [_row("fp16", "cublas", 1, p, M,
                  timer.times_ms(lambda: cupy.matmul(x, p.fp16, out=y), reps=reps,
                                 nvtx=range_name("fp16", "cublas", p.K, p.N, M)), bandwidth)]
-    for (kernel, cfg, split), make in plans.items():
+    for label, make in plans:
         plan = make(x)
-        row = _row(kernel, cfg, split, p, M,
-                   timer.times_ms(plan.run, reps=reps, nvtx=range_name(kernel, cfg, p.K, p.N, M)), bandwidth)
+        _, config, split = plan.label
+        row = _row(label, config, split, p, M,
+                   timer.times_ms(plan.run, reps=reps, nvtx=range_name(label, config, p.K, p.N, M)), bandwidth)
         rows.append({**row, **getattr(plan, "resources", {})})
     fp16_us = rows[0]["time_us"]
     for r in rows:
@@ -85,43 +88,37 @@ def measure_problem(p: Problem, M: int, plans: dict, timer: Timer, bandwidth: fl
     return rows
 
 
-def default_plans(p: Problem, M: int) -> dict:
+def default_plans(p: Problem, M: int) -> list:
     """The baseline in AutoAWQ's configuration, the paper's QUICK configuration, and QUICK as the
     public op runs it (the per-GPU dispatcher)."""
     awq_cfg, quick_cfg = configs.AWQ_DEFAULT, configs.QUICK_DEFAULT
-    awq_split = ops.default_split_k("awq", awq_cfg, M, p.K, p.N)
     paper_split = min(configs.AWQ_DEFAULT_SPLIT_K, p.K // quick_cfg.tile_k)
-    import cupy
-
-    kernel, cfg, split = ops.quick_choice(M, p.K, p.N, p.G, cupy.cuda.Device().id)
-    plans = {
-        ("awq", awq_cfg.name, awq_split): lambda x: ops.plan_awq_gemm(x, p.awq, config=awq_cfg, split_k=awq_split),
-        ("quick-paper", quick_cfg.name, paper_split):
-            lambda x: ops.plan_quick_gemm(x, p.quick, config=quick_cfg, split_k=paper_split),
-        ("quick", cfg.name if cfg else "dequant+cublas", split):
-            lambda x: ops.plan_dispatch(x, p.quick),
-    }
-    return plans
+    return [
+        ("awq", lambda x: ops.plan_awq_gemm(x, p.awq, config=awq_cfg)),
+        ("quick-paper", lambda x: ops.plan_quick_gemm(x, p.quick, config=quick_cfg, split_k=paper_split)),
+        ("quick", lambda x: ops.plan_quick_gemm(x, p.quick)),
+    ]
 
 
-def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=configs.KINDS) -> dict:
+def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS) -> list:
     """Every registered variant of the chosen kernels that fits the problem (on an sm_90 GPU the
     wgmma ones too, also with stream-K), at each split-K, and the dequantize + cuBLAS fallback."""
     import cupy
 
     hopper = cupy.cuda.Device().compute_capability == "90"
-    plans = {}
+    plans = []
     for kind, weight, make in (("awq", p.awq, ops.plan_awq_gemm), ("quick", p.quick, ops.plan_quick_gemm)):
         if kind not in kinds:
             continue
-        for cfg in configs.variants(kind, hopper=hopper):
-            if not configs.fits(cfg, p.N, p.G):
-                continue
-            for split in ((configs.STREAM_K,) if cfg.wgmma else ()) + tuple(splits):
-                if split <= p.K // cfg.tile_k:
-                    plans[(kind, cfg.name, split)] = (lambda x, make=make, weight=weight, cfg=cfg, split=split:
-                                                      make(x, weight, config=cfg, split_k=split))
-    plans[("fallback", "dequant+cublas", 1)] = lambda x: ops.plan_fallback(x, p.quick)
+        for fam in registry.families(kind, hopper=hopper):
+            for cfg in fam.variants:
+                if not registry.fits(cfg, p.N, p.G):
+                    continue
+                for split in ((configs.STREAM_K,) if fam.stream_k else ()) + tuple(splits):
+                    if split <= p.K // cfg.tile_k:
+                        plans.append((kind, lambda x, make=make, weight=weight, cfg=cfg, split=split:
+                                      make(x, weight, config=cfg, split_k=split)))
+    plans.append(("fallback", lambda x: ops.plan_fallback(x, p.quick)))
     return plans
 
 
