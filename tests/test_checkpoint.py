@@ -8,10 +8,11 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-from quick_lab.model.checkpoint import (CheckpointError, awq_tensors, fuse, load_awq_checkpoint,  # noqa: E402
-                                  save_awq_checkpoint)
-from quick_lab.model.e2e import ModelConfig, reference_forward  # noqa: E402
 from quick_lab.core.format import dequantize, quantize_awq  # noqa: E402
+from quick_lab.model.checkpoint import (CheckpointError, awq_tensors, fuse, load_awq_checkpoint,  # noqa: E402
+                                        save_awq_checkpoint)
+from quick_lab.model.config import ModelConfig  # noqa: E402
+from quick_lab.model.reference import reference_forward  # noqa: E402
 
 TINY = ModelConfig(hidden=128, intermediate=256, n_heads=4, n_kv_heads=2, n_layers=2, vocab=64, name="tiny")
 PROJ = {"q": ("self_attn", 128, 128), "k": ("self_attn", 128, 64), "v": ("self_attn", 128, 64),

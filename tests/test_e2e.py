@@ -2,17 +2,23 @@
 its three backends, the KV cache and the CUDA-graph timing path on the GPU (marked gpu)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import numpy as np
 import pytest
 
-from quick_lab.model import e2e
 from quick_lab.core.format import dequantize
+from quick_lab.model.config import (BACKENDS, LLAMA2_13B, LLAMA2_70B, MISTRAL_7B, PRESETS, ModelConfig,
+                                    memory_estimate, preset)
+from quick_lab.model.cublas import matmul
+from quick_lab.model.decoder import Model
+from quick_lab.model.generate import decode, greedy
+from quick_lab.model.reference import reference_forward
+from quick_lab.model.sweep import E2E_BATCHES, capture, decode_throughput, e2e_sweep, summary_table
+from quick_lab.model.weights import random_quantized_linear, random_weights
 
 # Kernel limits: N a multiple of 64, K of the group size (128).
-TINY = e2e.ModelConfig(hidden=256, intermediate=512, n_heads=4, n_kv_heads=2, n_layers=2, vocab=320,
+TINY = ModelConfig(hidden=256, intermediate=512, n_heads=4, n_kv_heads=2, n_layers=2, vocab=320,
                        rope_theta=1e4, name="tiny")
 
 
@@ -25,7 +31,7 @@ def rel(a, b) -> float:
 
 
 def test_presets_match_the_published_configs():
-    m, l13, l70 = e2e.MISTRAL_7B, e2e.LLAMA2_13B, e2e.LLAMA2_70B
+    m, l13, l70 = MISTRAL_7B, LLAMA2_13B, LLAMA2_70B
     assert (m.hidden, m.intermediate, m.n_heads, m.n_kv_heads, m.n_layers, m.vocab, m.rope_theta) == \
         (4096, 14336, 32, 8, 32, 32000, 1e6)
     assert (l13.hidden, l13.intermediate, l13.n_heads, l13.n_kv_heads, l13.n_layers, l13.rope_theta) == \
@@ -33,66 +39,66 @@ def test_presets_match_the_published_configs():
     assert (l70.hidden, l70.intermediate, l70.n_heads, l70.n_kv_heads, l70.n_layers, l70.rope_theta) == \
         (8192, 28672, 64, 8, 80, 1e4)
     assert {c.head_dim for c in (m, l13, l70)} == {128}
-    assert e2e.preset("llama2-70b") is l70
+    assert preset("llama2-70b") is l70
     with pytest.raises(ValueError, match="unknown model"):
-        e2e.preset("gpt-2")
+        preset("gpt-2")
     assert dataclasses.replace(l70, n_layers=4).n_layers == 4
 
 
 def test_linear_shapes_fit_the_kernels():
-    assert e2e.MISTRAL_7B.linear_shapes() == {"qkv": (4096, 6144), "o": (4096, 4096),
+    assert MISTRAL_7B.linear_shapes() == {"qkv": (4096, 6144), "o": (4096, 4096),
                                               "gate_up": (4096, 28672), "down": (14336, 4096)}
-    assert e2e.LLAMA2_70B.linear_shapes()["qkv"] == (8192, 10240)
-    for cfg in (*e2e.PRESETS.values(), TINY):
+    assert LLAMA2_70B.linear_shapes()["qkv"] == (8192, 10240)
+    for cfg in (*PRESETS.values(), TINY):
         for K, N in cfg.linear_shapes().values():
             assert K % 128 == 0 and N % 64 == 0, (cfg.name, K, N)
 
 
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="n_kv_heads"):
-        e2e.ModelConfig(hidden=256, intermediate=512, n_heads=4, n_kv_heads=3, n_layers=1)
+        ModelConfig(hidden=256, intermediate=512, n_heads=4, n_kv_heads=3, n_layers=1)
 
 
 def test_memory_estimates():
     # ~0.86 G params per 70B layer: int4 ~0.44 GB per copy, fp16 1.7 GB.
-    assert e2e.LLAMA2_70B.params_per_layer() == 8192 * 10240 + 8192 * 8192 + 8192 * 57344 + 28672 * 8192
-    four = dataclasses.replace(e2e.LLAMA2_70B, n_layers=4)
-    est = e2e.memory_estimate(four, batch=256, max_seq=256)
+    assert LLAMA2_70B.params_per_layer() == 8192 * 10240 + 8192 * 8192 + 8192 * 57344 + 28672 * 8192
+    four = dataclasses.replace(LLAMA2_70B, n_layers=4)
+    est = memory_estimate(four, batch=256, max_seq=256)
     assert 10.0e9 < est["weights"] < 11.0e9
     assert est["kv_cache"] == 2 * 256 * 8 * 256 * 128 * 2 * 4
     assert est["total"] < 20e9
     # the whole 70B model in fp16 does not fit an 80 GB GPU: the reason for n_layers
-    assert e2e.memory_estimate(e2e.LLAMA2_70B, backends=("fp16",))["weights"] > 80e9
-    int4 = e2e.memory_estimate(e2e.MISTRAL_7B, backends=("awq",))["weights"]
+    assert memory_estimate(LLAMA2_70B, backends=("fp16",))["weights"] > 80e9
+    int4 = memory_estimate(MISTRAL_7B, backends=("awq",))["weights"]
     assert 3.5e9 < int4 < 4.0e9
 
 
 def test_random_quantized_linear_is_small_and_valid():
-    awq = e2e.random_quantized_linear(1024, 512, seed=3)
+    awq = random_quantized_linear(1024, 512, seed=3)
     w = dequantize(awq)
     assert 0.015 < np.sqrt((w * w).mean()) < 0.025
-    again = e2e.random_quantized_linear(1024, 512, seed=3)
+    again = random_quantized_linear(1024, 512, seed=3)
     np.testing.assert_array_equal(awq.scales, again.scales)
     np.testing.assert_array_equal(awq.qweight, again.qweight)
 
 
 def test_random_weights_layers_distinct_or_shared():
-    w = e2e.random_weights(TINY, seed=1)
+    w = random_weights(TINY, seed=1)
     assert w.layers[0].qkv is not w.layers[1].qkv
     assert not np.array_equal(w.layers[0].qkv.qweight, w.layers[1].qkv.qweight)
-    shared = e2e.random_weights(TINY, seed=1, distinct_layers=False)
+    shared = random_weights(TINY, seed=1, distinct_layers=False)
     assert shared.layers[0] is shared.layers[1]
     assert w.embed.shape == (320, 256) and w.lm_head.shape == (256, 320)
 
 
 def test_reference_forward_is_causal():
-    w = e2e.random_weights(TINY, seed=2)
+    w = random_weights(TINY, seed=2)
     tokens = np.random.default_rng(0).integers(0, TINY.vocab, (2, 9))
-    logits = e2e.reference_forward(w, tokens)
+    logits = reference_forward(w, tokens)
     assert logits.shape == (2, 9, 320) and np.isfinite(logits).all()
     changed = tokens.copy()
     changed[:, -1] = (changed[:, -1] + 1) % TINY.vocab
-    other = e2e.reference_forward(w, changed)
+    other = reference_forward(w, changed)
     np.testing.assert_allclose(other[:, :-1], logits[:, :-1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(other[:, -1], logits[:, -1])
 
@@ -101,41 +107,68 @@ def test_activations_stay_in_fp16_range_through_32_layers():
     # The residual stream grows ~linearly with depth and ~sqrt(K) with width: at full Mistral-7B size
     # the max |residual| measured 358 (32 layers), at Llama-2-70B size 2276 (80 layers); fp16 tops at
     # 65504. Here a narrower model (fast on a CPU) at full depth.
-    cfg = dataclasses.replace(e2e.MISTRAL_7B, hidden=1024, intermediate=3584, n_heads=8, n_kv_heads=2,
+    cfg = dataclasses.replace(MISTRAL_7B, hidden=1024, intermediate=3584, n_heads=8, n_kv_heads=2,
                               vocab=512)
-    w = e2e.random_weights(cfg, distinct_layers=False)
+    w = random_weights(cfg, distinct_layers=False)
     stats: dict = {}
-    logits = e2e.reference_forward(w, np.random.default_rng(0).integers(0, cfg.vocab, (1, 8)), stats=stats)
+    logits = reference_forward(w, np.random.default_rng(0).integers(0, cfg.vocab, (1, 8)), stats=stats)
     assert np.isfinite(logits).all()
     assert 1.0 < stats["max_abs_residual"] < 2000
 
 
-def _parser():
-    parser = argparse.ArgumentParser()
-    e2e.add_parser(parser.add_subparsers(dest="command"))
-    return parser
-
-
 def test_cli_defaults_and_validation():
-    args = _parser().parse_args(["e2e"])
-    assert args.models == ("mistral-7b", "llama2-13b", "llama2-70b")
-    assert args.batches == (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    assert args.backends == ("fp16", "awq", "quick")
+    from quick_lab.cli import build_parser
+
+    args = build_parser().parse_args(["e2e"])
+    assert args.models == tuple(PRESETS) == ("mistral-7b", "llama2-13b", "llama2-70b")
+    assert args.batches == E2E_BATCHES == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert args.backends == BACKENDS == ("fp16", "awq", "quick")
     assert (args.layers, args.prefill, args.decode) == (4, 128, 128)
-    args = _parser().parse_args(["e2e", "--models", "mistral-7b", "--batches", "1,16", "--backends", "awq,quick"])
+    args = build_parser().parse_args(["e2e", "--models", "mistral-7b", "--batches", "1,16", "--backends", "awq,quick"])
     assert args.models == ("mistral-7b",) and args.batches == (1, 16) and args.backends == ("awq", "quick")
-    for bad in (["--models", "gpt2"], ["--backends", "int8"], ["--batches", "x"]):
+    for bad in (["--models", "nope"], ["--models", "gpt2"], ["--backends", "int8"], ["--batches", "x"]):
         with pytest.raises(SystemExit):
-            _parser().parse_args(["e2e", *bad])
+            build_parser().parse_args(["e2e", *bad])
 
 
 def test_cli_without_gpu_exits_2(monkeypatch, capsys):
-    import quick_lab.build.device
+    import quick_lab.cli
 
-    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (False, "no device (test)"))
-    args = _parser().parse_args(["e2e", "--models", "mistral-7b"])
-    assert args.func(args) == 2
-    assert "no device (test)" in capsys.readouterr().err
+    monkeypatch.setattr(quick_lab.cli, "cuda_device_status", lambda: (False, "no device (test)"))
+    assert quick_lab.cli.main(["e2e", "--models", "mistral-7b"]) == 2
+    err = capsys.readouterr().err
+    assert "e2e measures on a GPU" in err and "no device (test)" in err
+
+
+def test_e2e_sweep_signature_is_what_cli_passes():
+    import inspect
+
+    params = inspect.signature(e2e_sweep).parameters
+    assert list(params)[:3] == ["models", "batches", "backends"]
+    assert params["models"].default == tuple(PRESETS) and params["batches"].default == E2E_BATCHES
+    for name in ("n_layers", "prefill", "decode_steps", "graph", "lm_head", "reps", "progress"):
+        assert name in params, name
+
+
+def test_model_package_imports_no_cupy_and_points_down():
+    # The CPU-side modules must import without cupy, and nothing in quick_lab.model may import from
+    # the layers above it (report, cli).
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys; import quick_lab.model, quick_lab.model.sweep, quick_lab.model.checkpoint; "
+            "assert 'cupy' not in sys.modules, 'cupy imported at import time'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    root = pathlib.Path(__file__).resolve().parents[1] / "quick_lab" / "model"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for mod in mods:
+                assert not mod.startswith(("quick_lab.report", "quick_lab.cli")), (path.name, mod)
+                assert getattr(node, "level", 0) == 0, (path.name, "relative import")
 
 
 # ---------------------------------------------------------------- GPU
@@ -149,27 +182,27 @@ def test_ctypes_cublas_matmul_matches_cupy():
     x = cupy.asarray(rng.standard_normal((33, 256)).astype(np.float16))
     w = cupy.asarray(rng.standard_normal((256, 320)).astype(np.float16))
     ref = cupy.matmul(x.astype(cupy.float32), w.astype(cupy.float32))
-    assert rel(cupy.asnumpy(e2e.matmul(x, w)), cupy.asnumpy(ref)) < 2e-3
+    assert rel(cupy.asnumpy(matmul(x, w)), cupy.asnumpy(ref)) < 2e-3
     # attention-shaped: a KV-cache slice [B, H, :L, D] read in place, transposed, fp32 out
     cache = cupy.asarray(rng.standard_normal((3, 2, 40, 64)).astype(np.float16))
     q = cupy.asarray(rng.standard_normal((3, 2, 5, 64)).astype(np.float16))
     k = cache[:, :, :17]
-    s = e2e.matmul(q, k, transpose_b=True, out_dtype=cupy.float32)
+    s = matmul(q, k, transpose_b=True, out_dtype=cupy.float32)
     ref = cupy.matmul(q.astype(cupy.float32), k.astype(cupy.float32).swapaxes(2, 3))
     assert s.dtype == cupy.float32 and rel(cupy.asnumpy(s), cupy.asnumpy(ref)) < 2e-3
     p = cupy.asarray(rng.random((3, 2, 5, 17)).astype(np.float16))
-    o = e2e.matmul(p, k)
+    o = matmul(p, k)
     ref = cupy.matmul(p.astype(cupy.float32), k.astype(cupy.float32))
     assert o.shape == (3, 2, 5, 64) and rel(cupy.asnumpy(o), cupy.asnumpy(ref)) < 2e-3
-    one_row = e2e.matmul(q[:, :, :1], k, transpose_b=True)  # decode with one query per kv head
+    one_row = matmul(q[:, :, :1], k, transpose_b=True)  # decode with one query per kv head
     ref = cupy.matmul(q[:, :, :1].astype(cupy.float32), k.astype(cupy.float32).swapaxes(2, 3))
     assert rel(cupy.asnumpy(one_row), cupy.asnumpy(ref)) < 2e-3
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    weights = e2e.random_weights(TINY, seed=5)
-    return weights, e2e.Model(weights)
+    weights = random_weights(TINY, seed=5)
+    return weights, Model(weights)
 
 
 def _tokens(B, T, seed=0):
@@ -182,8 +215,8 @@ def test_prefill_matches_numpy_reference(tiny_model):
 
     weights, model = tiny_model
     tokens = _tokens(3, 20)
-    ref = e2e.reference_forward(weights, tokens)
-    for backend in e2e.BACKENDS:
+    ref = reference_forward(weights, tokens)
+    for backend in BACKENDS:
         cache = model.new_cache(3, 32)
         logits = cupy.asnumpy(model.forward(cupy.asarray(tokens), cache, 0, backend, last_only=False))
         assert np.isfinite(logits).all()
@@ -197,7 +230,7 @@ def test_backends_agree(tiny_model):
     _, model = tiny_model
     tokens = cupy.asarray(_tokens(4, 16, seed=1))
     out = {b: cupy.asnumpy(model.forward(tokens, model.new_cache(4, 16), 0, b, last_only=False))
-           for b in e2e.BACKENDS}
+           for b in BACKENDS}
     assert rel(out["quick"], out["awq"]) < 1e-2
     assert rel(out["awq"], out["fp16"]) < 2e-2
 
@@ -210,7 +243,7 @@ def test_decode_with_cache_matches_full_sequence(tiny_model):
 
     weights, model = tiny_model
     tokens = _tokens(2, 20, seed=2)
-    ref = e2e.reference_forward(weights, tokens)
+    ref = reference_forward(weights, tokens)
     for backend in ("fp16", "quick"):
         cache = model.new_cache(2, 24)
         first = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, :12]), cache, 0, backend))
@@ -226,18 +259,18 @@ def test_greedy_decode_no_nan_and_graph_replay_matches_eager(tiny_model):
 
     _, model = tiny_model
     prompt = cupy.asarray(_tokens(8, 16, seed=3))
-    for backend in e2e.BACKENDS:
+    for backend in BACKENDS:
         cache = model.new_cache(8, 32)
-        first = e2e.greedy(model.forward(prompt, cache, 0, backend))
-        eager = e2e.decode(model, cache, first, 16, 8, backend)
+        first = greedy(model.forward(prompt, cache, 0, backend))
+        eager = decode(model, cache, first, 16, 8, backend)
         logits = model.forward(eager, cache, 24, backend)
         assert bool(cupy.isfinite(logits).all()), backend
         assert bool(cupy.isfinite(cache.k[-1][:, :, :25]).all())
 
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
-            e2e.decode(model, cache, first, 16, 1, backend)  # warm up outside the capture
-            graph, replayed = e2e.capture(lambda: e2e.decode(model, cache, first, 16, 8, backend), stream)
+            decode(model, cache, first, 16, 1, backend)  # warm up outside the capture
+            graph, replayed = capture(lambda: decode(model, cache, first, 16, 8, backend), stream)
             graph.launch(stream)
         stream.synchronize()
         np.testing.assert_array_equal(cupy.asnumpy(replayed), cupy.asnumpy(eager))
@@ -247,8 +280,8 @@ def test_greedy_decode_no_nan_and_graph_replay_matches_eager(tiny_model):
 @pytest.mark.parametrize("graph", [True, False])
 def test_decode_throughput_tiny(graph):
     cfg = dataclasses.replace(TINY, n_layers=8)
-    for backend in e2e.BACKENDS:
-        r = e2e.decode_throughput(cfg, 2, backend, prefill=16, decode_steps=8, n_layers=1, graph=graph)
+    for backend in BACKENDS:
+        r = decode_throughput(cfg, 2, backend, prefill=16, decode_steps=8, n_layers=1, graph=graph)
         assert r["layers"] == 1 and r["full_layers"] == 8 and r["backend"] == backend
         for key in ("prefill_ms", "decode_ms", "lm_head_ms", "tokens_per_s", "full_depth_tokens_per_s_estimate"):
             assert r[key] > 0, key
@@ -257,10 +290,10 @@ def test_decode_throughput_tiny(graph):
 
 @pytest.mark.gpu
 def test_sweep_rows():
-    df = e2e.e2e_sweep([dataclasses.replace(TINY, n_layers=2)], batches=(1, 3), n_layers=1, prefill=8,
+    df = e2e_sweep([dataclasses.replace(TINY, n_layers=2)], batches=(1, 3), n_layers=1, prefill=8,
                        decode_steps=4, reps=1)
     assert len(df) == 6 and (df["tokens_per_s"] > 0).all()
-    table = e2e.summary_table(df)
+    table = summary_table(df)
     assert "quick/awq" in table.columns
 
 
@@ -269,12 +302,12 @@ def test_full_depth_mistral_stays_finite():
     # Real Mistral-7B shapes, all 32 layers, int4 only (~8 GB with both layouts): no fp16 overflow.
     import cupy
 
-    model = e2e.Model(e2e.random_weights(e2e.MISTRAL_7B, distinct_layers=False), backends=("awq", "quick"))
+    model = Model(random_weights(MISTRAL_7B, distinct_layers=False), backends=("awq", "quick"))
     prompt = cupy.asarray(np.random.default_rng(0).integers(0, 32000, (2, 32), dtype=np.int32))
     out = {}
     for backend in ("awq", "quick"):
         cache = model.new_cache(2, 40)
-        first = e2e.greedy(model.forward(prompt, cache, 0, backend))
-        tokens = e2e.decode(model, cache, first, 32, 4, backend)
+        first = greedy(model.forward(prompt, cache, 0, backend))
+        tokens = decode(model, cache, first, 32, 4, backend)
         out[backend] = cupy.asnumpy(model.forward(tokens, cache, 36, backend))
         assert np.isfinite(out[backend]).all(), backend
