@@ -1,0 +1,38 @@
+"""Where quick_lab's files are, in a checkout and in an installed wheel.
+
+A checkout keeps the CUDA sources in the top-level ``kernels/`` and the measurements in ``results/``.
+The wheel carries the same sources as ``quick_lab/kernels/`` and each GPU's committed dispatch table
+as ``quick_lab/tables/<gpu>/dispatch.json`` (pyproject.toml maps them in), so an installed copy
+compiles every kernel and dispatches like the checkout it was built from.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent
+_TOP = PACKAGE.parent
+
+# A checkout: the package sits beside kernels/ and pyproject.toml (an editable install points here).
+CHECKOUT: Path | None = _TOP if (_TOP / "kernels").is_dir() and (_TOP / "pyproject.toml").is_file() else None
+
+KERNEL_DIR = PACKAGE / "kernels" if (PACKAGE / "kernels").is_dir() else _TOP / "kernels"
+PACKAGED_TABLES = PACKAGE / "tables"
+RESULTS_ROOT_ENV = "QUICK_LAB_RESULTS_ROOT"
+
+
+def results_root() -> Path:
+    """Where sweeps write ``<gpu>/<name>.csv``: ``$QUICK_LAB_RESULTS_ROOT``, else the checkout's
+    ``results/``, else ``./results`` (an installed copy measures into the working directory)."""
+    if os.environ.get(RESULTS_ROOT_ENV):
+        return Path(os.environ[RESULTS_ROOT_ENV])
+    return CHECKOUT / "results" if CHECKOUT is not None else Path.cwd() / "results"
+
+
+def dispatch_table_path(gpu_slug: str) -> Path | None:
+    """The dispatch table of a GPU: a measured one under :func:`results_root` first, then the one the
+    wheel ships; None when neither exists."""
+    for path in (results_root() / gpu_slug / "dispatch.json", PACKAGED_TABLES / gpu_slug / "dispatch.json"):
+        if path.is_file():
+            return path
+    return None
