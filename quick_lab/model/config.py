@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BACKENDS", "GROUP_SIZE", "LLAMA2_13B", "LLAMA2_70B", "MISTRAL_7B", "PRESETS", "ModelConfig", "memory_estimate",
-           "preset"]
+__all__ = ["BACKENDS", "GROUP_SIZE", "LLAMA2_13B", "LLAMA2_70B", "MISTRAL_7B", "PRESETS", "ModelConfig",
+           "memory_estimate", "preset"]
 
 BACKENDS = ("fp16", "awq", "quick")
 GROUP_SIZE = 128
