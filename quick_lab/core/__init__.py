@@ -1,0 +1,13 @@
+"""The W4A16 GEMM itself, format to launch: format -> interleave -> configs / registry -> dispatch ->
+validation -> ops.
+
+- ``format``: the AutoAWQ GEMM int4 format (NumPy): pack, quantize, dequantize, the float64 reference.
+- ``interleave``: the QUICK layout, its exact inverse and the per-lane fragment model.
+- ``configs``: the TileConfig value and the instantiated variants of each kernel family.
+- ``registry``: one record per kernel family (source, template signature, name rule, shared-memory
+  carve-up, validity rules, launch geometry).
+- ``variants``: registered variants built: loaded at run time, compiled offline, their PTX mix.
+- ``dispatch``: which path runs a problem (table lookup, heuristic, split-K).
+- ``validation``: every input rule, checked once per call with a message naming the argument.
+- ``ops``: the public ops (plan, launch).
+"""
