@@ -116,6 +116,36 @@ def test_activations_stay_in_fp16_range_through_32_layers():
     assert 1.0 < stats["max_abs_residual"] < 2000
 
 
+def test_linear_launch_asks_dispatch_without_fallback(monkeypatch):
+    # The model handles large M itself (FP16_FALLBACK_M), so each linear asks quick_lab.core.dispatch
+    # for a kernel with allow_fallback=False. CPU check of the call against dispatch.choose's signature.
+    import inspect
+
+    import cupy
+
+    from quick_lab.core import configs, dispatch
+    from quick_lab.model import decoder
+
+    real, calls = dispatch.choose, []
+
+    def choose(*args, **kwargs):
+        inspect.signature(real).bind(*args, **kwargs)
+        calls.append((args, kwargs))
+        return dispatch.Choice("quick", configs.QUICK_DEFAULT, 2)
+
+    monkeypatch.setattr(dispatch, "choose", choose)
+    monkeypatch.setattr(cupy.cuda, "Device", lambda *a: type("D", (), {"id": 0})())
+    decoder._launch.cache_clear()
+    try:
+        assert decoder._launch("quick", 16, 4096, 4096, 128) == {"config": configs.QUICK_DEFAULT, "split_k": 2}
+    finally:
+        decoder._launch.cache_clear()
+    (args, kwargs), = calls
+    bound = inspect.signature(real).bind(*args, **kwargs).arguments
+    assert (bound["kind"], bound["M"], bound["K"], bound["N"], bound["group_size"]) == ("quick", 16, 4096, 4096, 128)
+    assert bound["allow_fallback"] is False
+
+
 def test_cli_defaults_and_validation():
     from quick_lab.cli import build_parser
 

@@ -60,17 +60,13 @@ def rms_norm(x, weight, eps: float):
 def _launch(kind: str, M: int, K: int, N: int, G: int) -> dict:
     """Tile config and split-K per shape, resolved once: AutoAWQ's configuration for the baseline, the
     per-GPU dispatch table's kernel choice for QUICK (this model handles large M itself, so a
-    dequantize + cuBLAS choice falls back to the heuristic kernel config)."""
+    dequantize + cuBLAS choice falls back to the heuristic kernel config: ``allow_fallback=False``)."""
     import cupy
 
-    from quick_lab.core import ops
+    from quick_lab.core import dispatch
 
-    if kind == "quick":
-        kernel, cfg, split = ops.quick_choice(M, K, N, G, cupy.cuda.Device().id)
-        if kernel == "quick":
-            return {"config": cfg, "split_k": split}
-    cfg = ops.default_config(kind, M, N, G)
-    return {"config": cfg, "split_k": ops.default_split_k(kind, cfg, M, K, N)}
+    choice = dispatch.choose(kind, M, K, N, G, cupy.cuda.Device().id, allow_fallback=False)
+    return {"config": choice.config, "split_k": choice.split_k}
 
 
 class Linear:
