@@ -2,8 +2,11 @@
 
 A checkout keeps the CUDA sources in the top-level ``kernels/`` and the measurements in ``results/``.
 The wheel carries the same sources as ``quick_lab/kernels/`` and each GPU's committed dispatch table
-as ``quick_lab/tables/<gpu>/dispatch.json`` (pyproject.toml maps them in), so an installed copy
-compiles every kernel and dispatches like the checkout it was built from.
+as ``quick_lab/tables/<gpu>/dispatch.json`` (pyproject.toml's ``package-dir`` maps ``kernels/`` and
+``results/`` in as those two, shipping only ``*.cu``/``*.cuh`` and ``*/dispatch.json``), so an
+installed copy compiles every kernel and dispatches like the checkout it was built from. An editable
+install (``pip install -e .``) imports the checkout itself: there is no ``quick_lab/kernels/`` there,
+so the top-level ``kernels/`` is used and the tables are read from ``results/``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ _TOP = PACKAGE.parent
 # A checkout: the package sits beside kernels/ and pyproject.toml (an editable install points here).
 CHECKOUT: Path | None = _TOP if (_TOP / "kernels").is_dir() and (_TOP / "pyproject.toml").is_file() else None
 
-KERNEL_DIR = PACKAGE / "kernels" if (PACKAGE / "kernels").is_dir() else _TOP / "kernels"
+PACKAGED_KERNELS = PACKAGE / "kernels"
+KERNEL_DIR = PACKAGED_KERNELS if PACKAGED_KERNELS.is_dir() else _TOP / "kernels"
 PACKAGED_TABLES = PACKAGE / "tables"
 RESULTS_ROOT_ENV = "QUICK_LAB_RESULTS_ROOT"
 
