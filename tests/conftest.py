@@ -1,10 +1,26 @@
-"""Shared pytest setup: tests marked ``gpu`` are skipped, with the reason, when no CUDA device is usable."""
+"""Shared pytest setup: tests marked ``gpu`` are skipped, with the reason, when no CUDA device is usable;
+the header names the quick_lab under test (the checkout, or an installed wheel: tests/test_packaging.py).
+
+Tests that need the repository's own files (results/, notebooks/, kernels/) find it from this directory
+(``Path(__file__).resolve().parents[1]``), never from the package, which may be an installed copy.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import quick_lab
 from quick_lab.build.device import cuda_device_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    pkg = Path(quick_lab.__file__).resolve().parent
+    where = "the checkout" if pkg == REPO / "quick_lab" else "an installed copy"
+    return f"quick_lab {quick_lab.__version__} from {pkg} ({where})"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
