@@ -1,20 +1,29 @@
 """quick_lab.lab.sanitizer: summary parsing and report attribution on real compute-sanitizer output, the
-generated target program, the command's plumbing (CPU, with a fake compute-sanitizer), and on a GPU
-the check itself: memcheck must catch a planted out-of-bounds write and pass our kernels."""
+target module (quick_lab.lab.sanitizer_target) and its case list, ``quick-lab check`` through the CLI
+(CPU, with a fake compute-sanitizer), and on a GPU the check itself: memcheck must catch a planted
+out-of-bounds write and pass our kernels."""
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import os
-import re
 import shutil
 import stat
+import subprocess
+import sys
 import textwrap
+import types
 
+import numpy as np
 import pytest
 
-from quick_lab.core import configs, validation
-from quick_lab.lab import sanitizer
+import quick_lab
+from quick_lab import cli
+from quick_lab.build.device import cuda_device_status
+from quick_lab.core import configs, registry, validation
+from quick_lab.core.configs import STREAM_K
+from quick_lab.core.format import random_awq, reference_gemm
+from quick_lab.lab import sanitizer, sanitizer_target
 
 # ---------------------------------------------------------------- real output (compute-sanitizer 2025.3.1, H100)
 
@@ -145,28 +154,35 @@ def test_normalize_kernel():
 
 
 def test_every_variant_has_a_label():
+    """Reports are attributed to variants of every family, Hopper's wgmma included."""
     labels = sanitizer.variant_labels()
-    for kind in configs.KINDS:
-        for cfg in configs.variants(kind):
-            assert labels[configs.template_name(kind, cfg).replace(" ", "")] == f"{kind}:{cfg.name}"
+    assert len(registry.FAMILIES) == 3
+    for fam in registry.FAMILIES:
+        assert fam.variants
+        for cfg in fam.variants:
+            assert labels[fam.template_name(cfg).replace(" ", "")] == f"{fam.kind}:{cfg.name}"
+            assert labels[registry.template_name(fam.kind, cfg)] == f"{fam.kind}:{cfg.name}"
+    wg = registry.QUICK_WGMMA.variants[0]
+    log = f"========= Invalid __shared__ read of size 16 bytes\n=========     at void " \
+          f"{registry.QUICK_WGMMA.template_name(wg)}(const unsigned short *)+0x10\n========= ERROR SUMMARY: 1 error\n"
+    assert sanitizer.attribute_reports(log) == {f"quick:{wg.name}": 1}
 
 
-# ---------------------------------------------------------------- the target program
+def test_our_kernels_come_from_the_registry():
+    assert sanitizer.OUR_KERNELS == tuple(f.name for f in registry.FAMILIES) + ("dequantize",)
+    assert "quick_wgmma" in sanitizer.OUR_KERNELS
 
 
-def _cases_of(source: str) -> list[dict]:
-    match = re.search(r"CASES = json\.loads\((.*)\)\n", source)
-    assert match, "the target embeds its case list"
-    return json.loads(eval(match.group(1)))  # a str literal written with repr()
+# ---------------------------------------------------------------- the case list and the target module
 
 
-def test_target_script_compiles_and_covers_every_variant():
-    source = sanitizer.target_script()
-    compile(source, "quick_lab_sanitizer_target.py", "exec")
-    cases = _cases_of(source)
+def test_case_list_round_trips_and_covers_every_variant(tmp_path):
+    path = sanitizer.write_cases(None, tmp_path / "cases.json")
+    cases = sanitizer_target.read_cases(path)
+    assert cases == sanitizer.case_records(sanitizer.all_cases())
     assert [c["label"] for c in cases] == [c.label for c in sanitizer.all_cases()]
     for kind in configs.KINDS:
-        for cfg in configs.variants(kind):
+        for cfg in registry.variants(kind):
             mine = [c for c in cases if c["op"] == "gemm" and c["kind"] == kind and c["config"] == cfg.name]
             assert {c["split_k"] for c in mine} == set(sanitizer.SPLITS), (kind, cfg.name)
             assert {c["G"] for c in mine} == {G for G in (32, 64, 128) if G % cfg.tile_k == 0}, (kind, cfg.name)
@@ -179,6 +195,121 @@ def test_target_script_compiles_and_covers_every_variant():
     assert {c["N"] == configs.TileConfig.parse(c["config"]).tile_n for c in gemm} == {True, False}
 
 
+def test_wgmma_cases_cover_every_hopper_variant_with_stream_k():
+    cases = sanitizer.wgmma_cases()
+    hopper = [c for f in registry.FAMILIES if f not in registry.families(hopper=False) for c in f.variants]
+    assert hopper and {c.config for c in cases} == {c.name for c in hopper}
+    assert {c.op for c in cases} == {"gemm"} and {c.kind for c in cases} == {"quick"}
+    for cfg in hopper:
+        assert {c.split_k for c in cases if c.config == cfg.name} == {STREAM_K, *sanitizer.SPLITS}
+    # stream-K only where the family has it
+    assert all(c.split_k != STREAM_K for c in sanitizer.all_cases())
+    assert sanitizer.splits_for(registry.QUICK_MMA, (STREAM_K, 1)) == (1,)
+    assert sanitizer.splits_for(registry.QUICK_WGMMA, (1, 3)) == (STREAM_K, 1, 3)
+
+
+def test_read_cases_rejects_what_is_not_a_case_list(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cases": []}))
+    with pytest.raises(ValueError, match="JSON list"):
+        sanitizer_target.read_cases(bad)
+    record = sanitizer.case_records(sanitizer.support_cases()[:1])[0]
+    bad.write_text(json.dumps([{k: v for k, v in record.items() if k != "label"}]))
+    with pytest.raises(ValueError, match="lacks"):
+        sanitizer_target.read_cases(bad)
+    bad.write_text(json.dumps([{**record, "op": "transpose"}]))
+    with pytest.raises(ValueError, match="unknown op"):
+        sanitizer_target.read_cases(bad)
+
+
+def test_target_command_runs_this_module():
+    assert sanitizer.target_command("c.json", "py") == ["py", "-m", "quick_lab.lab.sanitizer_target", "c.json"]
+    assert sanitizer.target_command("c.json")[0] == sys.executable
+    assert importlib.import_module(sanitizer_target.MODULE) is sanitizer_target
+
+
+def test_target_environment_imports_this_quick_lab(tmp_path):
+    """From any working directory and whatever PYTHONPATH the caller had, the child imports the
+    quick_lab the parent runs (its parent directory leads PYTHONPATH)."""
+    decoy, work = tmp_path / "decoy", tmp_path / "work"
+    (decoy / "quick_lab").mkdir(parents=True)  # a decoy package on the caller's PYTHONPATH
+    (decoy / "quick_lab" / "__init__.py").write_text("raise ImportError('decoy')\n")
+    work.mkdir()
+    env = sanitizer_target.environment({"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(decoy)})
+    assert env["PYTHONPATH"].split(os.pathsep)[-1] == str(decoy) and env["PYTHONUNBUFFERED"] == "1"
+    out = subprocess.run([sys.executable, "-c", "import quick_lab; print(quick_lab.__file__)"], cwd=work,
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == quick_lab.__file__
+
+
+def _run_target(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", sanitizer_target.MODULE, *map(str, args)], cwd=tmp_path,
+                          env=sanitizer_target.environment(), capture_output=True, text=True, timeout=300)
+
+
+def test_target_usage_errors(tmp_path):
+    proc = _run_target(tmp_path)
+    assert proc.returncode == sanitizer_target.USAGE_EXIT and "usage: python -m quick_lab.lab.sanitizer_target" \
+        in proc.stderr
+    (tmp_path / "c.json").write_text("not json")
+    proc = _run_target(tmp_path, tmp_path / "c.json")
+    assert proc.returncode == sanitizer_target.USAGE_EXIT and "cannot read the case list" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(cuda_device_status()[0], reason="tests the target without a GPU")
+def test_target_without_gpu_fails_like_the_generated_script(tmp_path):
+    """As the generated target script did: the first case's CUDA call fails (traceback, exit code 1),
+    which the check reports as "the target failed" (never as a numeric mismatch)."""
+    code, output = sanitizer.run_target_plain(sanitizer.support_cases()[:1], timeout=300)
+    assert code == 1 and code != sanitizer.TARGET_MISMATCH_EXIT, output
+    assert output.startswith("QL-CASE 0 default:awq:") and "Traceback" in output and "QL-DONE" not in output
+
+
+def _fake_cupy(calls):
+    device = types.SimpleNamespace(synchronize=lambda: calls.append("sync"))
+    cuda = types.SimpleNamespace(set_allocator=lambda a: calls.append(("set_allocator", a)), Device=lambda: device)
+    return types.SimpleNamespace(cuda=cuda, asnumpy=np.asarray)
+
+
+def test_target_main_disables_the_pool_and_exits_3_on_a_mismatch(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(calls))
+    cases = sanitizer.support_cases()[:3]
+    path = sanitizer.write_cases(cases, tmp_path / "cases.json")
+    verdicts = {cases[1].label: f"{cases[1].label}: relative error 1.00e+00"}
+    monkeypatch.setattr(sanitizer_target, "run", lambda case: (calls.append(case["label"]), verdicts.get(case["label"]))[1])
+    assert sanitizer_target.main([str(path)]) == sanitizer_target.TARGET_MISMATCH_EXIT == sanitizer.TARGET_MISMATCH_EXIT
+    assert calls[0] == ("set_allocator", None)  # before the first case touches the GPU
+    assert calls[1:] == [x for c in cases for x in (c.label, "sync")]
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"QL-CASE 0 {cases[0].label}", f"QL-CASE 1 {cases[1].label}",
+                   f"QL-MISMATCH {verdicts[cases[1].label]}", f"QL-CASE 2 {cases[2].label}",
+                   "QL-DONE 3 cases, 1 mismatches"]
+    verdicts.clear()
+    assert sanitizer_target.main([str(path)]) == 0
+
+
+def test_importing_the_target_leaves_the_allocator_alone():
+    code = ("import cupy; cupy.cuda.set_allocator = lambda a: (_ for _ in ()).throw(AssertionError('set')); "
+            "import quick_lab.lab.sanitizer_target, quick_lab.lab.sanitizer")
+    subprocess.run([sys.executable, "-c", code], env=sanitizer_target.environment(), check=True, timeout=120)
+
+
+def test_target_checks_against_the_float64_reference(monkeypatch):
+    """The target's verdict on a GEMM result: finite and within REL_TOL of the float64 reference."""
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy([]))
+    host = random_awq(128, 64, 32, seed=1)
+    x = np.random.default_rng(0).standard_normal((7, 128)).astype(np.float16)
+    ref = reference_gemm(x, host)
+    assert sanitizer_target.check_gemm(ref.astype(np.float16), x, host, "c") is None
+    poisoned = ref.astype(np.float16)
+    poisoned[3, 5] = np.nan  # an element the op left as the NaN the output was filled with
+    assert sanitizer_target.check_gemm(poisoned, x, host, "c") == "c: NaN/Inf in the output"
+    assert sanitizer_target.check_gemm((ref * 1.01).astype(np.float16), x, host, "c").startswith("c: relative error")
+    assert sanitizer.REL_TOL == sanitizer_target.REL_TOL == 2e-3
+
+
 def test_launch_budget():
     cases = sanitizer.all_cases()
     assert sanitizer.launch_count(cases) < 400  # compute-sanitizer costs ~100x per launch
@@ -187,7 +318,7 @@ def test_launch_budget():
 
 
 def test_every_gemm_case_passes_validation():
-    for c in sanitizer.all_cases():
+    for c in sanitizer.all_cases() + sanitizer.wgmma_cases():
         if c.op != "gemm":
             continue
         cfg = configs.TileConfig.parse(c.config)
@@ -209,71 +340,91 @@ def test_uneven_split_with_an_empty_slice_is_covered():
 
 
 def test_sanitizer_command_flags():
-    cmd = sanitizer.sanitizer_command("racecheck", "t.py", python="py")
+    cmd = sanitizer.sanitizer_command("racecheck", "c.json", python="py")
     assert cmd[1:3] == ["--tool", "racecheck"] and "--racecheck-report" in cmd
     assert cmd[cmd.index("--error-exitcode") + 1] == "1"
     assert "--kernel-name" not in cmd and "--padding" not in cmd  # every kernel instrumented by default
-    assert cmd[-2:] == ["py", "t.py"]
-    mem = sanitizer.sanitizer_command("memcheck", "t.py", kernel_names=sanitizer.OUR_KERNELS)
+    assert cmd[-4:] == ["py", "-m", "quick_lab.lab.sanitizer_target", "c.json"]
+    mem = sanitizer.sanitizer_command("memcheck", "c.json", kernel_names=sanitizer.OUR_KERNELS)
     assert "--padding" in mem and "--racecheck-report" not in mem
+    assert mem[mem.index("--padding") + 1] == str(sanitizer.MEMCHECK_PADDING)
     assert [mem[i + 1] for i, a in enumerate(mem) if a == "--kernel-name"] == [f"kns={k}" for k in sanitizer.OUR_KERNELS]
+    assert mem[-4:] == [sys.executable, "-m", "quick_lab.lab.sanitizer_target", "c.json"]
+    assert sanitizer.sanitizer_command("synccheck", target=["py", "probe.py"])[-2:] == ["py", "probe.py"]
     with pytest.raises(ValueError, match="tool must be one of"):
-        sanitizer.sanitizer_command("leakcheck", "t.py")
+        sanitizer.sanitizer_command("leakcheck", "c.json")
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="quick-lab")
-    sanitizer.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def test_add_parser_registers_check():
-    args = _parser().parse_args(["check"])
-    assert args.tools == sanitizer.TOOLS and args.out is None and args.func is sanitizer.cmd_check
-    args = _parser().parse_args(["check", "--tools", "memcheck,synccheck", "--out", "x", "--smoke"])
+def test_cli_registers_check():
+    parser = cli.build_parser()
+    args = parser.parse_args(["check"])
+    assert args.tools == sanitizer.TOOLS and args.out is None and args.func is cli.cmd_check
+    assert args.timeout == sanitizer.DEFAULT_TIMEOUT_S and not args.smoke and not args.wgmma
+    args = parser.parse_args(["check", "--tools", "memcheck,synccheck", "--out", "x", "--smoke"])
     assert args.tools == ("memcheck", "synccheck") and args.out == "x" and args.smoke
     with pytest.raises(SystemExit):
-        _parser().parse_args(["check", "--tools", "memcheck,leakcheck"])
+        parser.parse_args(["check", "--tools", "memcheck,leakcheck"])
+
+
+def _no_check(*args, **kwargs):
+    raise AssertionError("nothing may run")
 
 
 def test_check_exits_2_without_compute_sanitizer(monkeypatch, capsys):
     monkeypatch.setattr(sanitizer, "sanitizer_path", lambda: None)
-    assert sanitizer.cmd_check(_parser().parse_args(["check"])) == 2
+    monkeypatch.setattr(sanitizer, "check", _no_check)
+    assert cli.main(["check"]) == 2
     assert "compute-sanitizer is not on PATH" in capsys.readouterr().err
     with pytest.raises(sanitizer.SanitizerError, match="not on PATH"):
-        sanitizer.run_sanitizer("memcheck", "print(1)")
+        sanitizer.run_sanitizer("memcheck", script="print(1)")
 
 
 def test_check_exits_2_without_gpu(monkeypatch, capsys):
-    import quick_lab.build.device
-
     monkeypatch.setattr(sanitizer, "sanitizer_path", lambda: "/usr/bin/true")
-    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (False, "no usable CUDA device: test"))
-    assert sanitizer.cmd_check(_parser().parse_args(["check"])) == 2
+    monkeypatch.setattr(cli, "cuda_device_status", lambda: (False, "no usable CUDA device: test"))
+    monkeypatch.setattr(sanitizer, "check", _no_check)
+    assert cli.main(["check"]) == 2
     assert "none is usable: no usable CUDA device: test" in capsys.readouterr().err
 
 
 def _fake_sanitizer(tmp_path, monkeypatch, output: str, code: int):
-    """A stand-in compute-sanitizer on PATH that prints ``output`` and exits with ``code``."""
+    """A stand-in compute-sanitizer on PATH that prints ``output`` and exits with ``code``; it keeps
+    its arguments in bin/args.txt and a copy of its last argument (the case list) in bin/last."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     exe = bindir / "compute-sanitizer"
     (bindir / "out.txt").write_text(output)
-    exe.write_text(f"#!/bin/sh\ncat '{bindir / 'out.txt'}'\nexit {code}\n")
+    exe.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > '{bindir / 'args.txt'}'\n"
+                   f"for a; do last=$a; done; cp \"$last\" '{bindir / 'last'}'\n"
+                   f"cat '{bindir / 'out.txt'}'\nexit {code}\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
     assert shutil.which("compute-sanitizer") == str(exe)
+    return bindir
 
 
 def test_run_sanitizer_reports_findings(tmp_path, monkeypatch):
     _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_OOB, 1)
-    findings, tail = sanitizer.run_sanitizer("memcheck", "print('target')")
+    findings, tail = sanitizer.run_sanitizer("memcheck", script="print('target')")
     assert findings == 3 and "ERROR SUMMARY: 3 errors" in tail
+
+
+def test_run_sanitizer_runs_the_target_module_on_the_case_list(tmp_path, monkeypatch):
+    bindir = _fake_sanitizer(tmp_path, monkeypatch, RACECHECK_CLEAN, 0)
+    cases = sanitizer.support_cases()
+    assert sanitizer.run_sanitizer("racecheck", cases)[0] == 0
+    argv = (bindir / "args.txt").read_text().splitlines()
+    assert argv[:2] == ["--tool", "racecheck"]
+    assert argv[-4:-1] == [sys.executable, "-m", "quick_lab.lab.sanitizer_target"]
+    assert argv[-1].endswith("cases.json") and not os.path.exists(argv[-1])  # temp dir removed afterwards
+    assert sanitizer_target.read_cases(bindir / "last") == sanitizer.case_records(cases)
+    with pytest.raises(TypeError, match="script="):
+        sanitizer.run_sanitizer("racecheck", "print('target')")
 
 
 def test_run_sanitizer_clean(tmp_path, monkeypatch):
     _fake_sanitizer(tmp_path, monkeypatch, RACECHECK_CLEAN, 0)
-    assert sanitizer.run_sanitizer("racecheck", "print('target')")[0] == 0
+    assert sanitizer.run_sanitizer("racecheck", script="print('target')")[0] == 0
 
 
 @pytest.mark.parametrize("output, code, words", [
@@ -284,38 +435,72 @@ def test_run_sanitizer_clean(tmp_path, monkeypatch):
 def test_run_sanitizer_without_a_verdict_raises(tmp_path, monkeypatch, output, code, words):
     _fake_sanitizer(tmp_path, monkeypatch, output, code)
     with pytest.raises(sanitizer.SanitizerError, match=words):
-        sanitizer.run_sanitizer("memcheck", "print('target')")
+        sanitizer.run_sanitizer("memcheck", script="print('target')")
+
+
+def _plain_ok(seen):
+    def plain(cases, timeout):
+        seen.append(list(cases))
+        return 0, "QL-DONE"
+    return plain
 
 
 def test_check_command_end_to_end_with_fake_sanitizer(tmp_path, monkeypatch, capsys):
-    import quick_lab.build.device
-
-    _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_OOB, 1)
-    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (True, ""))
-    monkeypatch.setattr(sanitizer, "run_target_plain", lambda script, timeout: (0, "QL-DONE"))
+    bindir = _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_OOB, 1)
+    monkeypatch.setattr(cli, "cuda_device_status", lambda: (True, ""))
+    seen = []
+    monkeypatch.setattr(sanitizer, "run_target_plain", _plain_ok(seen))
     out = tmp_path / "res"
-    code = sanitizer.cmd_check(_parser().parse_args(["check", "--tools", "memcheck", "--out", str(out), "--smoke"]))
+    code = cli.main(["check", "--tools", "memcheck", "--out", str(out), "--smoke"])
     assert code == 1
     table = capsys.readouterr().out
     assert "awq:16x128x32_w1x2_s1" in table and "TOTAL (tool summary)" in table
+    smoke = sanitizer.all_cases(*sanitizer.smoke_variants())
+    assert seen == [smoke]
+    assert sanitizer_target.read_cases(bindir / "last") == sanitizer.case_records(smoke)
+    argv = (bindir / "args.txt").read_text().splitlines()
+    assert argv[argv.index("--padding") + 1] == "256" and argv[-3:-1] == ["-m", "quick_lab.lab.sanitizer_target"]
     rows = (out / "sanitizer.csv").read_text().splitlines()
     assert rows[0] == "tool,kernel,findings,status,seconds"
     assert any(r.startswith("memcheck,TOTAL,3,summary") for r in rows)
     assert "memcheck,awq:16x128x32_w1x2_s1,1,attributed," in rows
     assert "memcheck,dequantize_awq,0,attributed," in rows and "memcheck,(host),1,attributed," in rows
     meta = json.loads((out / "sanitizer.meta.json").read_text())
-    assert meta["tools"] == ["memcheck"] and meta["smoke"] is True
+    assert meta["tools"] == ["memcheck"] and meta["smoke"] is True and meta["cases"] == len(smoke)
+    assert meta["memcheck_padding_bytes"] == 256 and meta["kernel_filter"] == "none (every kernel instrumented)"
     assert (out / "sanitizer.memcheck.log").read_text() == MEMCHECK_OOB
 
 
 def test_check_command_clean_run_exits_0(tmp_path, monkeypatch):
-    import quick_lab.build.device
-
     _fake_sanitizer(tmp_path, monkeypatch, RACECHECK_CLEAN, 0)
-    monkeypatch.setattr(quick_lab.build.device, "cuda_device_status", lambda: (True, ""))
-    monkeypatch.setattr(sanitizer, "run_target_plain", lambda script, timeout: (0, "QL-DONE"))
-    args = _parser().parse_args(["check", "--tools", "racecheck,synccheck", "--out", str(tmp_path / "r"), "--smoke"])
-    assert sanitizer.cmd_check(args) == 0
+    monkeypatch.setattr(cli, "cuda_device_status", lambda: (True, ""))
+    monkeypatch.setattr(sanitizer, "run_target_plain", _plain_ok([]))
+    assert cli.main(["check", "--tools", "racecheck,synccheck", "--out", str(tmp_path / "r"), "--smoke"]) == 0
+    rows = (tmp_path / "r" / "sanitizer.csv").read_text().splitlines()
+    assert "racecheck,TOTAL,0,summary" in "\n".join(rows) and "synccheck,TOTAL,0,summary" in "\n".join(rows)
+
+
+def test_check_wgmma_writes_its_own_files(tmp_path, monkeypatch, capsys):
+    bindir = _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_CLEAN, 0)
+    monkeypatch.setattr(cli, "cuda_device_status", lambda: (True, ""))
+    seen = []
+    monkeypatch.setattr(sanitizer, "run_target_plain", _plain_ok(seen))
+    out = tmp_path / "w"
+    assert cli.main(["check", "--wgmma", "--tools", "memcheck", "--out", str(out)]) == 0
+    assert seen == [sanitizer.wgmma_cases()]
+    assert sanitizer_target.read_cases(bindir / "last") == sanitizer.case_records(sanitizer.wgmma_cases())
+    assert (out / "sanitizer_wgmma.csv").is_file() and (out / "sanitizer_wgmma.memcheck.log").is_file()
+    assert not (out / "sanitizer.csv").exists()
+    wg = registry.QUICK_WGMMA.variants[0]
+    assert f"memcheck,quick:{wg.name},0,attributed," in (out / "sanitizer_wgmma.csv").read_text().splitlines()
+
+
+def test_check_stops_when_the_plain_run_fails(tmp_path, monkeypatch, capsys):
+    _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_CLEAN, 0)
+    monkeypatch.setattr(sanitizer, "run_target_plain", lambda cases, timeout: (3, "QL-MISMATCH x\nQL-DONE"))
+    monkeypatch.setattr(sanitizer, "run_sanitizer_full", _no_check)
+    assert sanitizer.check(tmp_path / "p", tools=("memcheck",), smoke=True) == 1
+    assert "the target failed without a sanitizer" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- on a GPU: the check can fail, and passes
@@ -355,7 +540,7 @@ def _probe_script(kernel: str) -> str:
 @pytest.mark.gpu
 @needs_sanitizer
 def test_memcheck_catches_an_out_of_bounds_write():
-    run = sanitizer.run_sanitizer_full("memcheck", _probe_script("quick_gemm_oob_probe"), timeout=300)
+    run = sanitizer.run_sanitizer_full("memcheck", script=_probe_script("quick_gemm_oob_probe"), timeout=300)
     assert run.findings > 0, run.tail()
     assert run.reports.get("quick_gemm_oob_probe", 0) > 0, run.tail()
 
@@ -363,7 +548,7 @@ def test_memcheck_catches_an_out_of_bounds_write():
 @pytest.mark.gpu
 @needs_sanitizer
 def test_kernel_filter_instruments_the_named_kernels():
-    run = sanitizer.run_sanitizer_full("memcheck", _probe_script("quick_gemm_oob_probe"), timeout=300,
+    run = sanitizer.run_sanitizer_full("memcheck", script=_probe_script("quick_gemm_oob_probe"), timeout=300,
                                        kernel_names=sanitizer.OUR_KERNELS)
     assert run.findings > 0, run.tail()
 
@@ -371,7 +556,8 @@ def test_kernel_filter_instruments_the_named_kernels():
 @pytest.mark.gpu
 @needs_sanitizer
 def test_memcheck_passes_the_correct_twin():
-    findings, tail = sanitizer.run_sanitizer("memcheck", _probe_script("quick_gemm_inbounds_probe"), timeout=300)
+    findings, tail = sanitizer.run_sanitizer("memcheck", script=_probe_script("quick_gemm_inbounds_probe"),
+                                             timeout=300)
     assert findings == 0, tail
 
 
@@ -379,7 +565,6 @@ def test_memcheck_passes_the_correct_twin():
 @needs_sanitizer
 @pytest.mark.parametrize("tool", sanitizer.TOOLS)
 def test_reduced_variant_set_is_clean(tool):
-    script = sanitizer.target_script(sanitizer.all_cases(*sanitizer.smoke_variants()))
-    run = sanitizer.run_sanitizer_full(tool, script, timeout=600)
+    run = sanitizer.run_sanitizer_full(tool, sanitizer.all_cases(*sanitizer.smoke_variants()), timeout=600)
     assert run.findings == 0, f"{dict(run.reports)}\n{run.tail()}"
     assert "QL-DONE" in run.log and " 0 mismatches" in run.log

@@ -1,8 +1,11 @@
 """``quick-lab check``: every kernel variant under NVIDIA compute-sanitizer (memcheck, racecheck,
 initcheck, synccheck).
 
-A generated Python target program (:func:`target_script`) runs each op once on small, awkward shapes:
-every AWQ and QUICK tile variant with split-K 1 and 3, odd M (1, 7, 33: partial row tiles), the
+The target program, :mod:`quick_lab.lab.sanitizer_target`, runs as
+``python -m quick_lab.lab.sanitizer_target CASES.json`` (same interpreter, a PYTHONPATH that imports
+this very ``quick_lab``) on the case list :func:`write_cases` writes. It runs each op once on small,
+awkward shapes: every AWQ and QUICK tile variant with split-K 1 and 3 (and stream-K where the
+variant's family has it: ``check --wgmma`` takes the Hopper-only wgmma variants instead), odd M (1, 7, 33: partial row tiles), the
 smallest N the variant takes (tile_n or 2 * tile_n), K = 2 * G (more when split-K needs more k-tiles,
 so an uneven split with an empty slice occurs too) and every group size whose multiple tile_k is;
 plus the default (dispatched) ops, the dequantize + cuBLAS fallback, both standalone dequantizers
@@ -18,8 +21,8 @@ Two things keep the findings about *our* kernels and make them sharp:
   ``cudaMalloc`` of its exact size, and memcheck runs with ``--padding``, so an overrun of even a few
   bytes past an array is an out-of-bounds access instead of a silent write into a neighbouring pool
   block.
-* Every kernel the target launches is instrumented: ours (``awq_gemm``, ``quick_gemm``, the two
-  ``dequantize`` kernels) and the few others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy
+* Every kernel the target launches is instrumented: ours (every registry family's template,
+  ``awq_gemm``, ``quick_gemm``, ``quick_wgmma``, and the two ``dequantize`` kernels) and the few others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy
   issues only copies and memsets here). With the pool disabled, initcheck no longer reports CuPy
   pool memory, so no kernel filter is needed, and a filter does harm (seen with compute-sanitizer
   2025.3.1 on an H100): initcheck does not track the writes of a filtered-out kernel, so reading
@@ -31,14 +34,20 @@ Two things keep the findings about *our* kernels and make them sharp:
 Findings are the tool's own totals: the ``ERROR SUMMARY: N errors`` line, and for racecheck the
 ``RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)`` line, of which errors + warnings
 count (a racecheck "warning" is still a shared-memory hazard). Each report block is also attributed to
-the kernel variant named in its ``at <kernel>+0x..`` line, for the per-variant table.
+the kernel variant named in its ``at <kernel>+0x..`` line, for the per-variant table (every variant
+of every family in :mod:`quick_lab.core.registry`).
+
+The command each tool runs (:func:`sanitizer_command`), memcheck for example::
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 --show-backtrace device --print-limit 200 \
+        --padding 256 <sys.executable> -m quick_lab.lab.sanitizer_target <tmp>/cases.json
+
+in a fresh temporary directory (also the working directory, so nothing there shadows the package).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -49,19 +58,20 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quick_lab.core import configs
-from quick_lab.lab.metadata import REPO
+from quick_lab.core import configs, registry
+from quick_lab.core.configs import STREAM_K
+from quick_lab.lab import sanitizer_target
+from quick_lab.lab.sanitizer_target import REL_TOL, TARGET_MISMATCH_EXIT
 
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
-# Substrings of the mangled names of our kernels, for an optional ``--kernel-name kns=...`` scope.
-OUR_KERNELS = ("awq_gemm", "quick_gemm", "dequantize")
+# Substrings of the mangled names of our kernels, for an optional ``--kernel-name kns=...`` scope:
+# every family's template name and the dequantize kernels.
+OUR_KERNELS = tuple(dict.fromkeys(f.name for f in registry.families())) + ("dequantize",)
 GROUP_SIZES = (32, 64, 128)
 ODD_M = (1, 7, 33)
 SPLITS = (1, 3)
 MEMCHECK_PADDING = 256  # bytes of guard after every allocation
 DEFAULT_TIMEOUT_S = 600
-REL_TOL = 2e-3
-TARGET_MISMATCH_EXIT = 3
 
 
 class SanitizerError(RuntimeError):
@@ -104,12 +114,20 @@ def _k_for(cfg: configs.TileConfig, G: int, split: int) -> int:
     return max(2 * G, need)
 
 
+def splits_for(fam: registry.KernelFamily, splits=SPLITS) -> tuple[int, ...]:
+    """The splits a variant of ``fam`` is checked with: ``splits``, led by stream-K
+    (``split_k = STREAM_K``) when the family has a stream-K schedule, never otherwise."""
+    plain = tuple(s for s in splits if s != STREAM_K)
+    return ((STREAM_K,) + plain) if fam.stream_k else plain
+
+
 def gemm_cases(kind: str, variants=None, splits=SPLITS) -> list[Case]:
-    """Every variant x every split x every group size its tile_k divides; M and N rotate."""
+    """Every variant (default: the registry's variants of ``kind`` that run on every GPU) x every
+    split (:func:`splits_for` its family) x every group size its tile_k divides; M and N rotate."""
     out = []
-    for v, cfg in enumerate(configs.variants(kind) if variants is None else variants):
-        groups = [G for G in GROUP_SIZES if configs.fits(cfg, cfg.tile_n, G)]
-        for s, split in enumerate(splits):
+    for v, cfg in enumerate(registry.variants(kind) if variants is None else variants):
+        groups = [G for G in GROUP_SIZES if registry.fits(cfg, cfg.tile_n, G)]
+        for s, split in enumerate(splits_for(registry.family(kind, cfg), splits)):
             for g, G in enumerate(groups):
                 M = ODD_M[(v + s + g) % len(ODD_M)]
                 N = cfg.tile_n * (1 + (v + s + g) % 2)
@@ -136,12 +154,24 @@ def all_cases(awq_variants=None, quick_variants=None, splits=SPLITS, support: bo
     return cases + (support_cases() if support else [])
 
 
+def hopper_variants(kind: str) -> tuple[configs.TileConfig, ...]:
+    """The registry's variants of ``kind`` that run only on Hopper (the sm_90a wgmma family)."""
+    portable = set(registry.variants(kind))
+    return tuple(c for c in registry.variants(kind, hopper=True) if c not in portable)
+
+
+def wgmma_cases() -> list[Case]:
+    """``check --wgmma``: every Hopper-only variant with stream-K and split-K 1 and 3, no support ops."""
+    return all_cases(hopper_variants("awq"), hopper_variants("quick"), support=False)
+
+
 def smoke_variants() -> tuple[tuple[configs.TileConfig, ...], tuple[configs.TileConfig, ...]]:
     """A reduced set: the defaults, the smallest and largest tile of each kind, and the first staged
     (``async_weights``) QUICK variant if there is one."""
-    awq = (configs.AWQ_DEFAULT, configs.AWQ_VARIANTS[0], configs.AWQ_VARIANTS[-1])
-    quick = [configs.QUICK_DEFAULT, configs.QUICK_VARIANTS[0], configs.QUICK_VARIANTS[-1]]
-    staged = [c for c in configs.QUICK_VARIANTS if getattr(c, "async_weights", False)]
+    awq_all, quick_all = registry.variants("awq"), registry.variants("quick")
+    awq = (configs.AWQ_DEFAULT, awq_all[0], awq_all[-1])
+    quick = [configs.QUICK_DEFAULT, quick_all[0], quick_all[-1]]
+    staged = [c for c in quick_all if getattr(c, "async_weights", False)]
     quick += staged[:1]
     return tuple(dict.fromkeys(awq)), tuple(dict.fromkeys(quick))
 
@@ -150,108 +180,24 @@ def launch_count(cases) -> int:
     return sum(c.launches for c in cases)
 
 
-# ---------------------------------------------------------------- the target program
-
-_TARGET = r'''"""Target program for compute-sanitizer, generated by quick_lab.lab.sanitizer (do not edit)."""
-import json
-import sys
-
-sys.path.insert(0, {repo!r})
-
-import numpy as np
-import cupy
-
-# Exact-size cudaMalloc per array (no pool): memcheck then sees each array's true bounds.
-cupy.cuda.set_allocator(None)
-
-from quick_lab.core import ops
-from quick_lab.core.format import dequantize_fp16, random_awq, reference_gemm
-from quick_lab.core.interleave import interleave
-
-CASES = json.loads({cases!r})
-REL_TOL = {rel_tol!r}
-_weights = {{}}
+# ---------------------------------------------------------------- the target's case list
 
 
-def weights(K, N, G):
-    key = (K, N, G)
-    if key not in _weights:
-        host = random_awq(K, N, G, seed=K + 3 * N + 7 * G)
-        _weights[key] = (host, ops.to_device(host), ops.to_device(interleave(host)))
-    return _weights[key]
+def case_records(cases) -> list[dict]:
+    """The JSON form of ``cases`` that :func:`quick_lab.lab.sanitizer_target.read_cases` reads."""
+    return [{**asdict(c), "label": c.label} for c in cases]
 
 
-def poisoned_out(M, N):
-    """fp16 output pre-filled with NaN (bytes 0xFF) by cudaMemset: an element the op does not write
-    stays NaN and fails the check below. (It also marks the buffer initialized for initcheck, which
-    does not track cuBLAS's TMA stores on Hopper and would otherwise flag the fallback's output.)"""
-    out = cupy.empty((M, N), dtype=cupy.float16)
-    if out.size:
-        out.data.memset(0xFF, out.nbytes)
-    return out
+def write_cases(cases, path) -> Path:
+    """Writes the case list (default: :func:`all_cases`) for the target to ``path``; returns it."""
+    path = Path(path)
+    path.write_text(json.dumps(case_records(all_cases() if cases is None else cases)))
+    return path
 
 
-def check_gemm(y, x_host, host, label):
-    y = cupy.asnumpy(y)
-    ref = reference_gemm(x_host, host)
-    if not np.isfinite(y).all():
-        return f"{{label}}: NaN/Inf in the output"
-    err = float(np.linalg.norm(y.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
-    return None if err < REL_TOL else f"{{label}}: relative error {{err:.2e}}"
-
-
-def run(case):
-    op, kind, M, K, N, G = (case[k] for k in ("op", "kind", "M", "K", "N", "G"))
-    host, dev_awq, dev_quick = weights(K, N, G)
-    weight = dev_awq if kind == "awq" else dev_quick
-    gemm = ops.awq_gemm if kind == "awq" else ops.quick_gemm
-    x_host = np.random.default_rng(M * 31 + K).standard_normal((M, K)).astype(np.float16)
-    x = cupy.asarray(x_host)
-    label = case["label"]
-    if op == "gemm":
-        y = gemm(x, weight, config=case["config"], split_k=case["split_k"], out=poisoned_out(M, N))
-        return check_gemm(y, x_host, host, label)
-    if op == "default":
-        return check_gemm(gemm(x, weight, out=poisoned_out(M, N)), x_host, host, label)
-    if op == "fallback":
-        return check_gemm(ops.plan_fallback(x, weight, out=poisoned_out(M, N)).run(), x_host, host, label)
-    if op == "dequantize":
-        got = cupy.asnumpy(ops.dequantize(dev_awq))
-        return None if np.array_equal(got.view(np.uint16), dequantize_fp16(host).view(np.uint16)) else \
-            f"{{label}}: not bit-exact"
-    if op == "dequantize_quick_t":
-        got = cupy.asnumpy(ops.dequantize_quick_t(dev_quick))
-        return None if np.array_equal(got.T.view(np.uint16), dequantize_fp16(host).view(np.uint16)) else \
-            f"{{label}}: not bit-exact"
-    if op == "empty":
-        y = gemm(cupy.empty((0, K), dtype=cupy.float16), weight)
-        return None if y.shape == (0, N) else f"{{label}}: shape {{y.shape}}"
-    raise ValueError(f"unknown op {{op!r}}")
-
-
-def main():
-    bad = []
-    for i, case in enumerate(CASES):
-        print(f"QL-CASE {{i}} {{case['label']}}", flush=True)
-        problem = run(case)
-        cupy.cuda.Device().synchronize()  # errors of this case are reported before the next marker
-        if problem:
-            print(f"QL-MISMATCH {{problem}}", flush=True)
-            bad.append(problem)
-    print(f"QL-DONE {{len(CASES)}} cases, {{len(bad)}} mismatches", flush=True)
-    return {mismatch_exit} if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
-
-
-def target_script(cases=None) -> str:
-    """Source of the target program for ``cases`` (default: :func:`all_cases`)."""
-    cases = all_cases() if cases is None else list(cases)
-    payload = json.dumps([{**asdict(c), "label": c.label} for c in cases])
-    return _TARGET.format(repo=str(REPO), cases=payload, rel_tol=REL_TOL, mismatch_exit=TARGET_MISMATCH_EXIT)
+def target_command(cases_path, python: str | None = None) -> list[str]:
+    """``python -m quick_lab.lab.sanitizer_target CASES.json`` (python: this interpreter)."""
+    return sanitizer_target.command(cases_path, python)
 
 
 # ---------------------------------------------------------------- parsing the sanitizer's output
@@ -294,11 +240,11 @@ def normalize_kernel(name: str, template_args: str | None) -> str:
 
 
 def variant_labels() -> dict[str, str]:
-    """NVRTC name expression of every GEMM variant -> ``kind:config``."""
+    """NVRTC name expression of every variant of every registry family -> ``kind:config``."""
     out = {}
-    for kind in configs.KINDS:
-        for cfg in configs.variants(kind, hopper=True):
-            out[configs.template_name(kind, cfg).replace(" ", "")] = f"{kind}:{cfg.name}"
+    for fam in registry.families():
+        for cfg in fam.variants:
+            out[fam.template_name(cfg).replace(" ", "")] = f"{fam.kind}:{cfg.name}"
     return out
 
 
@@ -352,9 +298,15 @@ def sanitizer_version() -> str:
     return lines[-1].strip() if lines else out.strip().splitlines()[-1] if out.strip() else "unknown"
 
 
-def sanitizer_command(tool: str, script_path, kernel_names=None, python: str | None = None) -> list[str]:
+def sanitizer_command(tool: str, cases_path=None, kernel_names=None, python: str | None = None, *,
+                      target=None) -> list[str]:
+    """The compute-sanitizer command line of one tool: its flags, then the program, which is
+    ``python -m quick_lab.lab.sanitizer_target CASES.json`` (:func:`target_command`) or, when given,
+    ``target`` (an argv, e.g. ``[python, probe.py]``)."""
     if tool not in TOOLS:
         raise ValueError(f"tool must be one of {TOOLS}, got {tool!r}")
+    if target is None and cases_path is None:
+        raise ValueError("sanitizer_command needs the case list's path or a target argv")
     cmd = [sanitizer_path() or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1",
            "--show-backtrace", "device", "--print-limit", "200"]
     if tool == "racecheck":
@@ -363,7 +315,7 @@ def sanitizer_command(tool: str, script_path, kernel_names=None, python: str | N
         cmd += ["--padding", str(MEMCHECK_PADDING)]
     for name in kernel_names or ():
         cmd += ["--kernel-name", f"kns={name}"]
-    return cmd + [python or sys.executable, str(script_path)]
+    return cmd + (list(map(str, target)) if target is not None else target_command(cases_path, python))
 
 
 @dataclass
@@ -379,15 +331,30 @@ class SanitizerRun:
         return "\n".join(self.log.splitlines()[-lines:])
 
 
-def _script_file(script: str | None, workdir: Path) -> Path:
-    path = workdir / "quick_lab_sanitizer_target.py"
-    path.write_text(target_script() if script is None else script)
-    return path
+def _target(workdir: Path, cases, script: str | None, python: str | None) -> list[str]:
+    """Writes the program's input into ``workdir``; returns the program's argv. ``script``: Python
+    source run as a file instead of the target module (a probe); else the case list ``cases``
+    (default :func:`all_cases`) for :mod:`quick_lab.lab.sanitizer_target`."""
+    if isinstance(cases, (str, bytes)):
+        raise TypeError("cases is a list of Case; pass Python source as script=...")
+    if script is not None:
+        path = workdir / "quick_lab_sanitizer_probe.py"
+        path.write_text(script)
+        return [python or sys.executable, str(path)]
+    return target_command(write_cases(cases, workdir / "cases.json"), python)
 
 
-def run_sanitizer_full(tool: str, script: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+def _run(cmd: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in ``cwd`` (a fresh temp dir: nothing there shadows quick_lab) with the target's
+    environment (this quick_lab first on PYTHONPATH, unbuffered), stderr into stdout."""
+    return subprocess.run(cmd, cwd=cwd, env=sanitizer_target.environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout)
+
+
+def run_sanitizer_full(tool: str, cases=None, *, script: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                        kernel_names=None, python: str | None = None) -> SanitizerRun:
-    """Runs ``compute-sanitizer --tool <tool>`` on ``script`` (Python source; default the full target).
+    """Runs ``compute-sanitizer --tool <tool>`` on the target module over ``cases`` (default
+    :func:`all_cases`), or on ``script`` (Python source) when given.
 
     Raises :class:`SanitizerError` when there is no verdict: compute-sanitizer missing, a timeout, no
     summary line, or a target that failed (crash or exit 3 mismatch) while the tool found nothing.
@@ -396,14 +363,10 @@ def run_sanitizer_full(tool: str, script: str | None = None, *, timeout: float =
         raise SanitizerError("compute-sanitizer is not on PATH (it ships with the CUDA toolkit, "
                              "e.g. /usr/local/cuda/bin)")
     with tempfile.TemporaryDirectory(prefix="quick_lab_sanitizer_") as tmp:
-        path = _script_file(script, Path(tmp))
-        cmd = sanitizer_command(tool, path, kernel_names, python)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        cmd = sanitizer_command(tool, kernel_names=kernel_names, target=_target(Path(tmp), cases, script, python))
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, errors="replace", timeout=timeout)
+            proc = _run(cmd, tmp, timeout)
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout or ""
             out = out.decode(errors="replace") if isinstance(out, bytes) else out
@@ -422,33 +385,23 @@ def run_sanitizer_full(tool: str, script: str | None = None, *, timeout: float =
     return SanitizerRun(tool, findings, proc.returncode, seconds, log, attribute_reports(log))
 
 
-def run_sanitizer(tool: str, script: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+def run_sanitizer(tool: str, cases=None, *, script: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                   kernel_names=None) -> tuple[int, str]:
     """``(findings, log tail)`` of one compute-sanitizer tool on the target (see :func:`run_sanitizer_full`)."""
-    run = run_sanitizer_full(tool, script, timeout=timeout, kernel_names=kernel_names)
+    run = run_sanitizer_full(tool, cases, script=script, timeout=timeout, kernel_names=kernel_names)
     return run.findings, run.tail()
 
 
-def run_target_plain(script: str, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[int, str]:
+def run_target_plain(cases=None, timeout: float = DEFAULT_TIMEOUT_S, *, script: str | None = None,
+                     python: str | None = None) -> tuple[int, str]:
     """The target without a sanitizer: compiles every variant (CuPy's disk cache then serves the
     sanitized runs) and checks the numerics. ``(exit code, output)``."""
     with tempfile.TemporaryDirectory(prefix="quick_lab_sanitizer_") as tmp:
-        path = _script_file(script, Path(tmp))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run([sys.executable, str(path)], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout)
+        proc = _run(_target(Path(tmp), cases, script, python), tmp, timeout)
     return proc.returncode, proc.stdout
 
 
-# ---------------------------------------------------------------- the command
-
-
-def _tool_list(text: str) -> tuple[str, ...]:
-    tools = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in tools if t not in TOOLS]
-    if not tools or bad:
-        raise argparse.ArgumentTypeError(f"tools are a comma-separated subset of {','.join(TOOLS)}, got {text!r}")
-    return tools
+# ---------------------------------------------------------------- the check
 
 
 def _rows_of(cases) -> list[str]:
@@ -478,33 +431,33 @@ def format_table(rows: list[str], tools, runs: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_check(args) -> int:
-    from quick_lab.build.device import cuda_device_status
-    from quick_lab.lab.metadata import results_dir, write_metadata
+def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool = False, wgmma: bool = False,
+          command: str = "check") -> int:
+    """``quick-lab check`` once the CLI has found compute-sanitizer and a GPU: a plain run of the
+    target (compiles, checks the numerics), then each tool; prints the variants x tools table and
+    writes ``<stem>.csv``, ``<stem>.<tool>.log`` and ``<stem>.meta.json`` into ``out_dir`` (stem
+    ``sanitizer``, or ``sanitizer_wgmma`` with ``wgmma``). Returns the exit code: 0 clean, 1 when the
+    plain run failed or a tool found something or gave no verdict.
 
-    if not sanitizer_path():
-        print("quick-lab: compute-sanitizer is not on PATH; install the CUDA toolkit and add its bin/ "
-              "(e.g. export PATH=/usr/local/cuda/bin:$PATH)", file=sys.stderr)
-        return 2
-    ok, reason = cuda_device_status()
-    if not ok:
-        print(f"quick-lab: check runs the kernels on a GPU and none is usable: {reason}", file=sys.stderr)
-        return 2
+    ``wgmma``: only the Hopper-only variants (sm_90 GPU), stream-K and split-K (:func:`wgmma_cases`);
+    ``smoke``: the reduced set of :func:`smoke_variants`.
+    """
+    from quick_lab.lab.metadata import write_metadata
 
-    if args.wgmma:  # the Hopper mainloop only: every wgmma variant, stream-K and split-K
-        cases, stem = all_cases((), configs.QUICK_WGMMA_VARIANTS, (configs.STREAM_K, 1, 3), support=False), "sanitizer_wgmma"
+    tools = tuple(tools)
+    if wgmma:
+        cases, stem = wgmma_cases(), "sanitizer_wgmma"
     else:
-        awq, quick = smoke_variants() if args.smoke else (None, None)
+        awq, quick = smoke_variants() if smoke else (None, None)
         cases, stem = all_cases(awq, quick), "sanitizer"
-    script = target_script(cases)
-    out_dir = results_dir(args.out)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{len(cases)} cases, ~{launch_count(cases)} launches per tool; tools: {', '.join(args.tools)}",
+    print(f"{len(cases)} cases, ~{launch_count(cases)} launches per tool; tools: {', '.join(tools)}",
           file=sys.stderr)
 
     # Plain run first: compiles every variant into CuPy's cache and checks the numerics.
     start = time.perf_counter()
-    code, output = run_target_plain(script, timeout=args.timeout)
+    code, output = run_target_plain(cases, timeout=timeout)
     print(f"plain run: exit {code} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if code != 0:
         print("\n".join(output.splitlines()[-40:]), file=sys.stderr)
@@ -512,10 +465,10 @@ def cmd_check(args) -> int:
         return 1
 
     runs: dict = {}
-    for tool in args.tools:
+    for tool in tools:
         print(f"{tool} ...", file=sys.stderr, flush=True)
         try:
-            run = run_sanitizer_full(tool, script, timeout=args.timeout)
+            run = run_sanitizer_full(tool, cases, timeout=timeout)
         except SanitizerError as exc:
             runs[tool] = exc
             (out_dir / f"{stem}.{tool}.log").write_text(f"{exc}\n")
@@ -526,10 +479,10 @@ def cmd_check(args) -> int:
         print(f"{tool}: {run.findings} findings in {run.seconds:.1f} s", file=sys.stderr)
 
     kernels = _rows_of(cases)
-    print(format_table(kernels, args.tools, runs))
+    print(format_table(kernels, tools, runs))
     extra = sorted({k for r in runs.values() if isinstance(r, SanitizerRun) for k in r.reports} - set(kernels))
     rows = []
-    for tool in args.tools:
+    for tool in tools:
         run = runs[tool]
         if not isinstance(run, SanitizerRun):
             rows.append(dict(tool=tool, kernel="TOTAL", findings="", status="failed", seconds=""))
@@ -543,27 +496,13 @@ def cmd_check(args) -> int:
                                 lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    write_metadata(out_dir / f"{stem}.meta.json", command=" ".join(sys.argv[1:]) or "check",
-                   compute_sanitizer=sanitizer_version(), tools=list(args.tools), cases=len(cases),
+    write_metadata(out_dir / f"{stem}.meta.json", command=command,
+                   compute_sanitizer=sanitizer_version(), tools=list(tools), cases=len(cases),
                    launches_per_tool=launch_count(cases), kernel_filter="none (every kernel instrumented)",
-                   memcheck_padding_bytes=MEMCHECK_PADDING, smoke=bool(args.smoke))
+                   memcheck_padding_bytes=MEMCHECK_PADDING, smoke=bool(smoke))
     print(f"wrote {out_dir / (stem + '.csv')}")
     failed = [t for t, r in runs.items() if not isinstance(r, SanitizerRun) or r.findings]
     if failed:
         print(f"quick-lab: findings or failed runs in: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``check`` on the CLI's subparsers (``quick_lab.cli.build_parser``)."""
-    p = subparsers.add_parser("check", help="every kernel variant under compute-sanitizer "
-                                            "(memcheck, racecheck, initcheck, synccheck)")
-    p.add_argument("--tools", type=_tool_list, default=TOOLS, help=f"comma-separated, default {','.join(TOOLS)}")
-    p.add_argument("--out", help="results directory (default results/<gpu>/)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per tool run")
-    p.add_argument("--smoke", action="store_true", help="a reduced variant set (defaults, smallest, largest)")
-    p.add_argument("--wgmma", action="store_true",
-                   help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
-    p.set_defaults(func=cmd_check)
-    return p
