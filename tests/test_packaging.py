@@ -112,7 +112,7 @@ def test_pyproject_lists_every_subpackage():
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "quick_lab").rglob("*.py")
                if "__pycache__" not in p.parts}
     missing = on_disk - listed
-    assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {sorted(missing)}: the wheel would drop them"
+    assert not missing, f"[tool.setuptools] packages in pyproject.toml lacks {sorted(missing)}: the wheel drops them"
     assert listed - on_disk == set(DATA_PACKAGES), f"unexpected packages {sorted(listed - on_disk - set(DATA_PACKAGES))}"
     assert setuptools_cfg["package-dir"] == DATA_PACKAGES
     assert setuptools_cfg["package-data"] == {"quick_lab.kernels": ["*.cu", "*.cuh"],
