@@ -112,8 +112,9 @@ def test_pyproject_lists_every_subpackage():
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "quick_lab").rglob("*.py")
                if "__pycache__" not in p.parts}
     missing = on_disk - listed
-    assert not missing, f"[tool.setuptools] packages in pyproject.toml lacks {sorted(missing)}: the wheel drops them"
-    assert listed - on_disk == set(DATA_PACKAGES), f"unexpected packages {sorted(listed - on_disk - set(DATA_PACKAGES))}"
+    assert not missing, f"pyproject.toml's [tool.setuptools] packages lacks {sorted(missing)} (the wheel drops them)"
+    extra = listed - on_disk - set(DATA_PACKAGES)
+    assert listed - on_disk == set(DATA_PACKAGES), f"pyproject.toml lists packages with no modules: {sorted(extra)}"
     assert setuptools_cfg["package-dir"] == DATA_PACKAGES
     assert setuptools_cfg["package-data"] == {"quick_lab.kernels": ["*.cu", "*.cuh"],
                                               "quick_lab.tables": ["*/dispatch.json"]}
