@@ -118,3 +118,33 @@ def test_pyproject_lists_every_subpackage():
     assert setuptools_cfg["package-dir"] == DATA_PACKAGES
     assert setuptools_cfg["package-data"] == {"quick_lab.kernels": ["*.cu", "*.cuh"],
                                               "quick_lab.tables": ["*/dispatch.json"]}
+
+
+# pip name -> conda-forge name where they differ
+CONDA_NAMES = {"cupy-cuda13x": "cupy", "nvidia-cuda-nvrtc": "cuda-nvrtc"}
+
+
+def test_environment_yml_has_every_pyproject_dependency():
+    # environment.yml installs the project with `pip install -e .` (no extras): conda must bring the
+    # runtime, cuda13, test and dev dependencies itself, at the same lower bounds.
+    import re
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = dict.fromkeys(project["dependencies"] + extras["cuda13"] + extras["test"] + extras["dev"])
+    conda = {}
+    for line in (REPO / "environment.yml").read_text().splitlines():
+        m = re.match(r"^  - ([A-Za-z0-9_.-]+)\s*([<>=!].*)?$", line)
+        if m:
+            conda[m.group(1).lower()] = (m.group(2) or "").strip()
+    problems = []
+    for req in wanted:
+        m = re.match(r"^([A-Za-z0-9_.-]+)\s*(.*)$", req)
+        name, spec = CONDA_NAMES.get(m.group(1).lower(), m.group(1).lower()), m.group(2).strip()
+        if name not in conda:
+            problems.append(f"{req}: no {name} in environment.yml")
+        elif spec.startswith(">=") and spec.split(",")[0] not in conda[name]:
+            problems.append(f"{req}: environment.yml has {name}{conda[name]}")
+    assert not problems, problems
+    assert re.search(r"^  - pip:\n      - -e \.$", (REPO / "environment.yml").read_text(), re.M)
