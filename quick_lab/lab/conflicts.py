@@ -1,15 +1,21 @@
 """Shared-memory bank conflicts measured with Nsight Compute and compared with the analytic model.
 
-``run_ncu`` profiles one launch per (kernel, config, K, N, M) case with::
+``run_ncu`` profiles one launch per (kernel, config, K, N, M) case with (:func:`ncu_command`)::
 
-    ncu --nvtx --nvtx-include "regex:(awq|quick):.*/" --kernel-name "regex:(awq|quick)_gemm"
-        --clock-control none --print-units base --csv --metrics <ALL_METRICS> python3 <script>
+    ncu --nvtx --nvtx-include "regex:(awq|quick):.*/" --kernel-name "regex:(awq_gemm|quick_gemm|quick_wgmma)"
+        --clock-control none --print-units base --csv --metrics <ALL_METRICS>
+        <sys.executable> -m quick_lab.lab.conflicts_target <tmp>/cases.json
 
-* ``--nvtx-include``: the target script wraps exactly one launch per case in an NVTX range named
+The target is a module, :mod:`quick_lab.lab.conflicts_target`, reading the case list :func:`write_cases`
+wrote into a fresh temporary directory; ncu runs in that directory (so nothing there shadows the
+package) with a PYTHONPATH led by the directory holding this ``quick_lab`` (checkout or wheel alike).
+
+* ``--nvtx-include``: the target wraps exactly one launch per case in an NVTX range named
   ``quick_lab.lab.timing.range_name(kind, config, K, N, M)`` (``':'`` separators: ncu reads ``'/'`` as
   range nesting); the trailing ``'/'`` of the expression is required (MISSION.md, tooling facts).
   The warm-up launch (which also compiles the kernel) runs outside any range and is not profiled.
-* ``--kernel-name``: only the GEMM kernels themselves. The weight set-up kernels (dequantize) and
+* ``--kernel-name``: only the GEMM kernels themselves (every family of :mod:`quick_lab.core.registry`,
+  :data:`KERNEL_FILTER`). The weight set-up kernels (dequantize) and
   any split-K reduce kernel (older builds launched ``splitk_reduce`` after the GEMM inside the same
   range; the current kernels reduce in their own epilogue) are excluded.
 * Conflict measurements always use ``split_k = 1`` (:data:`SPLIT_K`): the NVTX range name does not
@@ -24,21 +30,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from quick_lab.lab import bank_model
-from quick_lab.core import configs
-from quick_lab.core.configs import TileConfig
 from quick_lab.build.device import cuda_device_status
-from quick_lab.lab.metadata import REPO
+from quick_lab.core import configs, dispatch, registry
+from quick_lab.core.configs import TileConfig
+from quick_lab.lab import bank_model, conflicts_target
 from quick_lab.lab.timing import range_name
 
 NCU_METRICS = list(bank_model.NCU_METRICS)
@@ -52,7 +58,8 @@ LDGSTS_METRICS = {
 }
 ALL_METRICS = NCU_METRICS + list(LDGSTS_METRICS)
 NVTX_INCLUDE = "regex:(awq|quick):.*/"
-KERNEL_FILTER = "regex:(awq|quick)_gemm"
+# The GEMM kernels' template names (ncu matches the function's base name): every registry family.
+KERNEL_FILTER = "regex:(" + "|".join(f.name for f in registry.families()) + ")"
 SPLIT_K = 1
 GROUP_SIZE = 128
 DEFAULT_SHAPES = ((4096, 4096),)
@@ -68,12 +75,12 @@ class NcuUnavailable(RuntimeError):
     """ncu is not installed or no GPU is usable: nothing can be measured here."""
 
 
-# ---------------------------------------------------------------- cases and the target script
+# ---------------------------------------------------------------- cases and the target's case list
 
 
 def default_kind_cfgs() -> list:
     """Both kernels' paper-comparison configs plus QUICK's per-M default (``'default'``: resolved by
-    :func:`quick_lab.core.ops.default_config` for each M and N)."""
+    :func:`quick_lab.core.dispatch.default_config` for each M and N)."""
     return [("awq", configs.AWQ_DEFAULT), ("quick", configs.QUICK_DEFAULT), ("quick", "default")]
 
 
@@ -81,9 +88,7 @@ def _resolve(kind: str, cfg, M: int, N: int, group_size: int) -> TileConfig:
     if isinstance(cfg, TileConfig):
         return cfg
     if cfg == "default":
-        from quick_lab.core.ops import default_config
-
-        return default_config(kind, M, N, group_size)
+        return dispatch.default_config(kind, M, N, group_size)
     return TileConfig.parse(cfg)
 
 
@@ -91,15 +96,16 @@ def profile_cases(kind_cfgs, shapes, batches, group_size: int = GROUP_SIZE) -> l
     """``(kind, config name, K, N, M)`` per profiled launch, in launch order, duplicates dropped.
 
     ``kind_cfgs``: ``(kind, cfg)`` pairs, cfg a TileConfig, a config name or ``'default'``. Configs
-    that do not fit a problem (tile_n must divide N, tile_k both K and the group size) are skipped.
+    that do not fit a problem (:func:`quick_lab.core.registry.fits`: tile_n divides N, tile_k the
+    group size; and tile_k divides K) are skipped.
     """
     cases = []
     for K, N in shapes:
         for M in batches:
             for kind, cfg in kind_cfgs:
                 c = _resolve(kind, cfg, M, N, group_size)
-                configs.check(kind, c)
-                if N % c.tile_n or K % c.tile_k or group_size % c.tile_k:
+                registry.check(kind, c)
+                if not registry.fits(c, N, group_size) or K % c.tile_k:
                     continue
                 case = (kind, c.name, int(K), int(N), int(M))
                 if case not in cases:
@@ -107,76 +113,36 @@ def profile_cases(kind_cfgs, shapes, batches, group_size: int = GROUP_SIZE) -> l
     return cases
 
 
-_SCRIPT = '''"""Nsight Compute target generated by quick_lab.lab.conflicts: one NVTX-ranged launch per case."""
-import sys
-
-sys.path.insert(0, {repo!r})
-
-import cupy
-import numpy as np
-
-from quick_lab.core import ops
-from quick_lab.lab.bench import Problem
-from quick_lab.core.configs import TileConfig
-from quick_lab.lab.timing import nvtx_range, range_name
-
-CASES = {cases!r}  # (kind, config, K, N, M)
-SPLIT_K = {split_k!r}
-GROUP_SIZE = {group_size!r}
-
-
-def main():
-    problem = None
-    for kind, name, K, N, M in CASES:
-        if problem is None or (problem.K, problem.N) != (K, N):
-            problem = None
-            problem = Problem.random(K, N, GROUP_SIZE)
-        x = cupy.asarray(np.random.default_rng(M).standard_normal((M, K)).astype(np.float16))
-        make, weight = ((ops.plan_awq_gemm, problem.awq) if kind == "awq"
-                        else (ops.plan_quick_gemm, problem.quick))
-        plan = make(x, weight, config=TileConfig.parse(name), split_k=SPLIT_K)
-        plan.run()  # warm-up (the kernel is compiled by now): outside any range, not profiled
-        cupy.cuda.Device().synchronize()
-        with nvtx_range(range_name(kind, name, K, N, M)):
-            plan.run()
-            cupy.cuda.Device().synchronize()
-    print(f"quick_lab.lab.conflicts target: {{len(CASES)}} ranged launches", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
-'''
-
-
-def script_source(cases, split_k: int = SPLIT_K, group_size: int = GROUP_SIZE) -> str:
-    """Python source of the ncu target for ``cases`` (see :func:`profile_cases`)."""
-    cases = [tuple(c) for c in cases]
-    for kind, name, *_ in cases:
-        if "/" in name or kind not in configs.KINDS:
-            raise ValueError(f"bad case {kind!r} {name!r}")
-    return _SCRIPT.format(repo=str(REPO), cases=cases, split_k=int(split_k), group_size=int(group_size))
-
-
-def profile_script(kind_cfgs, shapes, batches, path=None, group_size: int = GROUP_SIZE) -> Path:
-    """Writes the ncu target script for every case (to a temp file unless ``path``); returns its path."""
-    source = script_source(profile_cases(kind_cfgs, shapes, batches, group_size), SPLIT_K, group_size)
-    if path is None:
-        fd, name = tempfile.mkstemp(prefix="quick_lab_ncu_", suffix=".py")
-        with open(fd, "w") as f:
-            f.write(source)
-        return Path(name)
+def write_cases(cases, path, split_k: int = SPLIT_K, group_size: int = GROUP_SIZE) -> Path:
+    """Writes the target's case list (``cases`` from :func:`profile_cases`) to ``path`` as the JSON
+    :func:`quick_lab.lab.conflicts_target.read_cases` reads; returns the path. ValueError for a case
+    the target would reject (unknown kind, ``'/'`` in a config name, an invalid config)."""
+    cases = [list(conflicts_target.check_case(c)) for c in cases]
     path = Path(path)
-    path.write_text(source)
+    path.write_text(json.dumps({"cases": cases, "split_k": int(split_k), "group_size": int(group_size)}))
     return path
+
+
+def cases_file(kind_cfgs, shapes, batches, path=None, group_size: int = GROUP_SIZE) -> Path:
+    """Writes the case list for every case of :func:`profile_cases` (to a temp ``.json`` file unless
+    ``path``); returns its path."""
+    cases = profile_cases(kind_cfgs, shapes, batches, group_size)
+    if path is None:
+        fd, name = tempfile.mkstemp(prefix="quick_lab_ncu_", suffix=".json")
+        os.close(fd)
+        path = name
+    return write_cases(cases, path, SPLIT_K, group_size)
 
 
 # ---------------------------------------------------------------- running ncu
 
 
-def ncu_command(script, ncu: str = "ncu", python: str | None = None, metrics=None) -> list[str]:
+def ncu_command(cases_path, ncu: str = "ncu", python: str | None = None, metrics=None) -> list[str]:
+    """The ncu command line: its flags, then ``python -m quick_lab.lab.conflicts_target CASES.json``
+    (python: this interpreter unless given; the CLI records it with ``"python3"`` in the metadata)."""
     return [ncu, "--nvtx", "--nvtx-include", NVTX_INCLUDE, "--kernel-name", KERNEL_FILTER,
             "--clock-control", "none", "--print-units", "base", "--csv",
-            "--metrics", ",".join(metrics or ALL_METRICS), python or sys.executable, str(script)]
+            "--metrics", ",".join(metrics or ALL_METRICS)] + conflicts_target.command(cases_path, python)
 
 
 def check_environment(ncu: str = "ncu") -> str:
@@ -204,23 +170,28 @@ def ncu_version(ncu: str = "ncu") -> str:
 
 
 def run_ncu(kind_cfgs=None, shapes=DEFAULT_SHAPES, batches=DEFAULT_BATCHES, *, ncu: str = "ncu",
-            timeout: float = DEFAULT_TIMEOUT_S, python: str | None = None, keep_script: bool = False) -> str:
+            timeout: float = DEFAULT_TIMEOUT_S, python: str | None = None, keep_cases: bool = False) -> str:
     """Profiles every case under Nsight Compute; returns ncu's CSV output (stdout).
+
+    The case list goes to ``cases.json`` in a fresh temporary directory, which is also ncu's working
+    directory; it is removed afterwards unless ``keep_cases``.
 
     Raises :class:`NcuUnavailable` (a RuntimeError) without ncu or a GPU, RuntimeError when ncu
     fails, times out or lacks permission for the performance counters.
     """
     exe = check_environment(ncu)
     kind_cfgs = default_kind_cfgs() if kind_cfgs is None else kind_cfgs
-    script = profile_script(kind_cfgs, shapes, batches)
-    cmd = ncu_command(script, exe, python)
+    workdir = Path(tempfile.mkdtemp(prefix="quick_lab_ncu_"))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        cases_path = cases_file(kind_cfgs, shapes, batches, workdir / "cases.json")
+        cmd = ncu_command(cases_path, exe, python)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir,
+                              env=conflicts_target.environment())
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"ncu did not finish within {timeout:.0f} s: {' '.join(cmd)}") from exc
     finally:
-        if not keep_script:
-            script.unlink(missing_ok=True)
+        if not keep_cases:
+            shutil.rmtree(workdir, ignore_errors=True)
     output = proc.stdout + proc.stderr
     if "ERR_NVGPUCTRPERM" in output:
         raise RuntimeError("ncu has no permission to read the GPU performance counters (ERR_NVGPUCTRPERM): "
@@ -361,7 +332,7 @@ def measure(kind_cfgs=None, shapes=DEFAULT_SHAPES, batches=DEFAULT_BATCHES, **nc
     return compare_with_model(measured), text
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- the printed summary
 
 
 SUMMARY = (("st wf", bank_model.ST_WAVEFRONTS), ("ld wf", bank_model.LD_WAVEFRONTS),
@@ -370,56 +341,21 @@ SUMMARY = (("st wf", bank_model.ST_WAVEFRONTS), ("ld wf", bank_model.LD_WAVEFRON
            ("ldsm inst", bank_model.LDSM_INSTRUCTIONS))
 
 
-def cmd_conflicts(args) -> int:
-    from quick_lab.cli import _results_dir
-    from quick_lab.lab.metadata import write_metadata
-
-    try:
-        check_environment(args.ncu)
-    except NcuUnavailable as exc:
-        print(f"quick-lab conflicts: {exc}", file=sys.stderr)
-        return 2
-    try:
-        df, raw = measure(None, args.shapes, args.batches, ncu=args.ncu, timeout=args.timeout)
-    except RuntimeError as exc:
-        print(f"quick-lab conflicts: {exc}", file=sys.stderr)
-        return 1
-    out_dir = _results_dir(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "conflicts.ncu.csv").write_text(raw)
-    df.to_csv(out_dir / "conflicts.csv", index=False)
-    write_metadata(out_dir / "conflicts.meta.json", command=" ".join(sys.argv[1:]),
-                   ncu_command=" ".join(ncu_command("<script>", args.ncu, "python3")),
-                   ncu_version=ncu_version(args.ncu), split_k=SPLIT_K, group_size=GROUP_SIZE,
-                   metrics=ALL_METRICS,
-                   model="quick_lab.lab.bank_model.predict_counts (see its docstring for the assumptions)")
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """"measured / model per launch": ``kind``, ``config``, ``M``, then one ``"<measured> / <model>"``
+    string per :data:`SUMMARY` metric (thousands separators; ``n/a`` where not measured), from a
+    :func:`compare_with_model` frame."""
     table = df[["kind", "config", "M"]].copy()
     for label, m in SUMMARY:
         table[label] = [f"{_fmt(a)} / {_fmt(b)}" for a, b in zip(df[m], df[f"model:{m}"])]
-    print("measured / model per launch")
-    print(table.to_string(index=False))
-    print(f"wrote {out_dir / 'conflicts.csv'}")
-    return 0
+    return table
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None or pd.isna(v) else f"{int(v):,}"
 
 
-def add_parser(subparsers):
-    """Registers ``quick-lab conflicts`` on the CLI's subparsers; returns the parser."""
-    from quick_lab.argtypes import int_list as _int_list, shape_list as _shape_list
-
-    p = subparsers.add_parser("conflicts", help="shared-memory bank conflicts under Nsight Compute vs the model")
-    p.add_argument("--shapes", type=_shape_list, default=DEFAULT_SHAPES, help="K x N list, e.g. 4096x4096")
-    p.add_argument("--batches", type=_int_list, default=DEFAULT_BATCHES, help="M list, e.g. 16,256")
-    p.add_argument("--out", help="results directory (default results/<gpu>/)")
-    p.add_argument("--ncu", default="ncu", help="Nsight Compute CLI executable")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before ncu is stopped")
-    p.set_defaults(func=cmd_conflicts)
-    return p
-
-
-__all__ = ["ALL_METRICS", "LDGSTS_METRICS", "NCU_METRICS", "NcuUnavailable", "add_parser", "check_environment", "cmd_conflicts",
-           "compare_with_model", "default_kind_cfgs", "measure", "ncu_command", "parse_ncu_csv", "profile_cases",
-           "profile_script", "run_ncu", "script_source"]
+__all__ = ["ALL_METRICS", "DEFAULT_BATCHES", "DEFAULT_SHAPES", "DEFAULT_TIMEOUT_S", "GROUP_SIZE", "KERNEL_FILTER",
+           "LDGSTS_METRICS", "NCU_METRICS", "NVTX_INCLUDE", "NcuUnavailable", "SPLIT_K", "SUMMARY", "cases_file",
+           "check_environment", "compare_with_model", "default_kind_cfgs", "measure", "ncu_command", "ncu_version",
+           "parse_ncu_csv", "profile_cases", "run_ncu", "summary_table", "write_cases"]
