@@ -278,7 +278,12 @@ def test_target_main_disables_the_pool_and_exits_3_on_a_mismatch(tmp_path, monke
     cases = sanitizer.support_cases()[:3]
     path = sanitizer.write_cases(cases, tmp_path / "cases.json")
     verdicts = {cases[1].label: f"{cases[1].label}: relative error 1.00e+00"}
-    monkeypatch.setattr(sanitizer_target, "run", lambda case: (calls.append(case["label"]), verdicts.get(case["label"]))[1])
+
+    def run(case):
+        calls.append(case["label"])
+        return verdicts.get(case["label"])
+
+    monkeypatch.setattr(sanitizer_target, "run", run)
     assert sanitizer_target.main([str(path)]) == sanitizer_target.TARGET_MISMATCH_EXIT == sanitizer.TARGET_MISMATCH_EXIT
     assert calls[0] == ("set_allocator", None)  # before the first case touches the GPU
     assert calls[1:] == [x for c in cases for x in (c.label, "sync")]
@@ -388,13 +393,15 @@ def test_check_exits_2_without_gpu(monkeypatch, capsys):
 
 
 def _fake_sanitizer(tmp_path, monkeypatch, output: str, code: int):
-    """A stand-in compute-sanitizer on PATH that prints ``output`` and exits with ``code``; it keeps
-    its arguments in bin/args.txt and a copy of its last argument (the case list) in bin/last."""
+    """A stand-in compute-sanitizer on PATH that prints ``output`` and exits with ``code`` (a version
+    line for ``--version``); it keeps its arguments in bin/args.txt and a copy of its last argument
+    (the case list) in bin/last."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     exe = bindir / "compute-sanitizer"
     (bindir / "out.txt").write_text(output)
-    exe.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > '{bindir / 'args.txt'}'\n"
+    exe.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'Version 2099.1.0 (fake)'; exit 0; fi\n"
+                   f"printf '%s\\n' \"$@\" > '{bindir / 'args.txt'}'\n"
                    f"for a; do last=$a; done; cp \"$last\" '{bindir / 'last'}'\n"
                    f"cat '{bindir / 'out.txt'}'\nexit {code}\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -451,15 +458,18 @@ def test_check_command_end_to_end_with_fake_sanitizer(tmp_path, monkeypatch, cap
     seen = []
     monkeypatch.setattr(sanitizer, "run_target_plain", _plain_ok(seen))
     out = tmp_path / "res"
-    code = cli.main(["check", "--tools", "memcheck", "--out", str(out), "--smoke"])
+    argv = ["check", "--tools", "memcheck", "--out", str(out), "--smoke"]
+    monkeypatch.setattr(sys, "argv", ["quick-lab", *argv])
+    code = cli.main(argv)
     assert code == 1
     table = capsys.readouterr().out
     assert "awq:16x128x32_w1x2_s1" in table and "TOTAL (tool summary)" in table
     smoke = sanitizer.all_cases(*sanitizer.smoke_variants())
     assert seen == [smoke]
     assert sanitizer_target.read_cases(bindir / "last") == sanitizer.case_records(smoke)
-    argv = (bindir / "args.txt").read_text().splitlines()
-    assert argv[argv.index("--padding") + 1] == "256" and argv[-3:-1] == ["-m", "quick_lab.lab.sanitizer_target"]
+    tool_argv = (bindir / "args.txt").read_text().splitlines()
+    assert tool_argv[tool_argv.index("--padding") + 1] == "256"
+    assert tool_argv[-3:-1] == ["-m", "quick_lab.lab.sanitizer_target"]
     rows = (out / "sanitizer.csv").read_text().splitlines()
     assert rows[0] == "tool,kernel,findings,status,seconds"
     assert any(r.startswith("memcheck,TOTAL,3,summary") for r in rows)
@@ -468,6 +478,7 @@ def test_check_command_end_to_end_with_fake_sanitizer(tmp_path, monkeypatch, cap
     meta = json.loads((out / "sanitizer.meta.json").read_text())
     assert meta["tools"] == ["memcheck"] and meta["smoke"] is True and meta["cases"] == len(smoke)
     assert meta["memcheck_padding_bytes"] == 256 and meta["kernel_filter"] == "none (every kernel instrumented)"
+    assert meta["compute_sanitizer"] == "Version 2099.1.0 (fake)" and meta["command"] == " ".join(argv)
     assert (out / "sanitizer.memcheck.log").read_text() == MEMCHECK_OOB
 
 

@@ -2,18 +2,18 @@
 initcheck, synccheck).
 
 The target program, :mod:`quick_lab.lab.sanitizer_target`, runs as
-``python -m quick_lab.lab.sanitizer_target CASES.json`` (same interpreter, a PYTHONPATH that imports
-this very ``quick_lab``) on the case list :func:`write_cases` writes. It runs each op once on small,
-awkward shapes: every AWQ and QUICK tile variant with split-K 1 and 3 (and stream-K where the
-variant's family has it: ``check --wgmma`` takes the Hopper-only wgmma variants instead), odd M (1, 7, 33: partial row tiles), the
-smallest N the variant takes (tile_n or 2 * tile_n), K = 2 * G (more when split-K needs more k-tiles,
-so an uneven split with an empty slice occurs too) and every group size whose multiple tile_k is;
-plus the default (dispatched) ops, the dequantize + cuBLAS fallback, both standalone dequantizers
-and an empty-M call. About 200 launches: compute-sanitizer slows each launch by ~100x, so the case
-list is a covering design, not a cross product (each variant sees both splits and all its group
-sizes; M and N rotate through their values across cases). The target also checks every result
-against a float64 NumPy reference (outputs pre-filled with NaN, so an unwritten element fails) and
-exits 3 on a mismatch, so a clean sanitizer run is also a correct one.
+``python -m quick_lab.lab.sanitizer_target CASES.json`` (same interpreter, a PYTHONPATH that imports this very
+``quick_lab``) on the case list :func:`write_cases` writes. It runs each op once on small, awkward
+shapes: every AWQ and QUICK tile variant with split-K 1 and 3 (and stream-K where the variant's
+family has it; ``check --wgmma`` takes the Hopper-only wgmma variants instead), odd M (1, 7, 33:
+partial row tiles), the smallest N the variant takes (tile_n or 2 * tile_n), K = 2 * G (more when
+split-K needs more k-tiles, so an uneven split with an empty slice occurs too) and every group size
+whose multiple tile_k is; plus the default (dispatched) ops, the dequantize + cuBLAS fallback, both
+standalone dequantizers and an empty-M call. About 200 launches: compute-sanitizer slows each launch
+by ~100x, so the case list is a covering design, not a cross product (each variant sees both splits
+and all its group sizes; M and N rotate through their values across cases). The target also checks
+every result against a float64 NumPy reference (outputs pre-filled with NaN, so an unwritten element
+fails) and exits 3 on a mismatch, so a clean sanitizer run is also a correct one.
 
 Two things keep the findings about *our* kernels and make them sharp:
 
@@ -22,14 +22,15 @@ Two things keep the findings about *our* kernels and make them sharp:
   bytes past an array is an out-of-bounds access instead of a silent write into a neighbouring pool
   block.
 * Every kernel the target launches is instrumented: ours (every registry family's template,
-  ``awq_gemm``, ``quick_gemm``, ``quick_wgmma``, and the two ``dequantize`` kernels) and the few others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy
-  issues only copies and memsets here). With the pool disabled, initcheck no longer reports CuPy
-  pool memory, so no kernel filter is needed, and a filter does harm (seen with compute-sanitizer
-  2025.3.1 on an H100): initcheck does not track the writes of a filtered-out kernel, so reading
-  cuBLAS's output was reported as ~400 uninitialized accesses, and racecheck died with "Internal
-  Sanitizer Error: failed to handle a hardware exception" in the uninstrumented cuBLAS launch.
-  ``kernel_names=OUR_KERNELS`` (``--kernel-name kns=<substring of the mangled name>``, additive)
-  is still available to scope memcheck / synccheck to our kernels when a foreign kernel is noisy.
+  ``awq_gemm``, ``quick_gemm``, ``quick_wgmma``, and the two ``dequantize`` kernels) and the few
+  others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy issues only copies and memsets here).
+  With the pool disabled, initcheck no longer reports CuPy pool memory, so no kernel filter is
+  needed, and a filter does harm (seen with compute-sanitizer 2025.3.1 on an H100): initcheck does
+  not track the writes of a filtered-out kernel, so reading cuBLAS's output was reported as ~400
+  uninitialized accesses, and racecheck died with "Internal Sanitizer Error: failed to handle a
+  hardware exception" in the uninstrumented cuBLAS launch. ``kernel_names=OUR_KERNELS``
+  (``--kernel-name kns=<substring of the mangled name>``, additive) is still available to scope
+  memcheck / synccheck to our kernels when a foreign kernel is noisy.
 
 Findings are the tool's own totals: the ``ERROR SUMMARY: N errors`` line, and for racecheck the
 ``RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)`` line, of which errors + warnings
@@ -39,10 +40,11 @@ of every family in :mod:`quick_lab.core.registry`).
 
 The command each tool runs (:func:`sanitizer_command`), memcheck for example::
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 --show-backtrace device --print-limit 200 \
+    compute-sanitizer --tool memcheck --error-exitcode 1 --show-backtrace device --print-limit 200
         --padding 256 <sys.executable> -m quick_lab.lab.sanitizer_target <tmp>/cases.json
 
-in a fresh temporary directory (also the working directory, so nothing there shadows the package).
+with ``<tmp>`` a fresh temporary directory, also the working directory (so nothing there shadows
+the package). racecheck adds ``--racecheck-report all`` instead of ``--padding``.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ from pathlib import Path
 from quick_lab.core import configs, registry
 from quick_lab.core.configs import STREAM_K
 from quick_lab.lab import sanitizer_target
-from quick_lab.lab.sanitizer_target import REL_TOL, TARGET_MISMATCH_EXIT
+from quick_lab.lab.sanitizer_target import REL_TOL, TARGET_MISMATCH_EXIT  # noqa: F401 (re-exported)
 
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # Substrings of the mangled names of our kernels, for an optional ``--kernel-name kns=...`` scope:
