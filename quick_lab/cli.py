@@ -196,7 +196,7 @@ def cmd_conflicts(args) -> int:
     (out_dir / "conflicts.ncu.csv").write_text(raw)
     df.to_csv(out_dir / "conflicts.csv", index=False)
     write_metadata(out_dir / "conflicts.meta.json", command=" ".join(sys.argv[1:]),
-                   ncu_command=" ".join(conflicts.ncu_command("<script>", args.ncu, "python3")),
+                   ncu_command=" ".join(conflicts.ncu_command("<cases.json>", args.ncu, "python3")),
                    ncu_version=conflicts.ncu_version(args.ncu), split_k=conflicts.SPLIT_K,
                    group_size=conflicts.GROUP_SIZE, metrics=conflicts.ALL_METRICS,
                    model="quick_lab.lab.bank_model.predict_counts (see its docstring for the assumptions)")

@@ -12,7 +12,8 @@ package) with a PYTHONPATH led by the directory holding this ``quick_lab`` (chec
 
 * ``--nvtx-include``: the target wraps exactly one launch per case in an NVTX range named
   ``quick_lab.lab.timing.range_name(kind, config, K, N, M)`` (``':'`` separators: ncu reads ``'/'`` as
-  range nesting); the trailing ``'/'`` of the expression is required (MISSION.md, tooling facts).
+  range nesting); the trailing ``'/'`` of the expression is required (``regex:quick:.*`` without it
+  matched nothing on an H100 with ncu 2025.3).
   The warm-up launch (which also compiles the kernel) runs outside any range and is not profiled.
 * ``--kernel-name``: only the GEMM kernels themselves (every family of :mod:`quick_lab.core.registry`,
   :data:`KERNEL_FILTER`). The weight set-up kernels (dequantize) and
