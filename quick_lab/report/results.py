@@ -1,0 +1,201 @@
+"""Finding and loading measured results, and the tidy tables the figures and ``REPORT.md`` are drawn from.
+
+A results directory is ``<results root>/<gpu-slug>/`` (the root is
+:func:`quick_lab.build.paths.results_root`, the slug :func:`quick_lab.build.device.gpu_slug`) holding
+``<stem>.csv`` and ``<stem>.meta.json`` per sweep, ``figures/`` and ``REPORT.md``. Everything here
+returns data (paths, DataFrames); nothing draws or writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from quick_lab.build import paths
+from quick_lab.build.device import cuda_device_status, gpu_slug
+from quick_lab.core import configs
+from quick_lab.lab import bank_model
+
+RESULTS_ENV = "QUICK_LAB_RESULTS"  # overrides default_results_dir() (notebooks, tests)
+FIGURES = "figures"
+REPORT = "REPORT.md"
+CSV_STEMS = ("throughput", "tiles", "conflicts", "e2e", "sanitizer")
+
+
+# ---------------------------------------------------------------- finding and loading results
+
+
+def gpu_results_dir(results_root=None) -> Path:
+    """``<results root>/<slug of the current GPU>`` (``no-gpu`` without one); the root defaults to
+    :func:`quick_lab.build.paths.results_root`."""
+    from quick_lab.lab.metadata import gpu_info
+
+    root = Path(results_root) if results_root is not None else paths.results_root()
+    return root / gpu_slug(gpu_info().get("gpu"))
+
+
+def default_results_dir(results_root=None, strict: bool = True) -> Path | None:
+    """The results directory to draw from.
+
+    ``$QUICK_LAB_RESULTS`` when set; on a GPU ``results/<gpu-slug>``; without one the single
+    ``results/*`` directory holding a ``throughput.csv``. ``strict=True`` raises (FileNotFoundError
+    when there is none, ValueError when several qualify); ``strict=False`` returns None when there is
+    none and the first (by name, with a printed note) when several qualify.
+    """
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
+    root = Path(results_root) if results_root is not None else paths.results_root()
+    if cuda_device_status()[0]:
+        return gpu_results_dir(root)
+    found = sorted(p.parent for p in root.glob("*/throughput.csv")) if root.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        if strict:
+            raise FileNotFoundError(f"no GPU and no {root}/*/throughput.csv to draw from: measure on a GPU "
+                                    f"(quick-lab bench) or pass --results DIR")
+        return None
+    names = ", ".join(p.name for p in found)
+    if strict:
+        raise ValueError(f"no GPU and several results directories under {root} ({names}): pick one with --results")
+    print(f"several results directories ({names}); using {found[0].name} (set ${RESULTS_ENV} to choose)")
+    return found[0]
+
+
+def load_csv(results_dir, stem: str, quiet: bool = False) -> pd.DataFrame | None:
+    """``results_dir/<stem>.csv`` as a DataFrame, or None (with a printed note) when it is missing."""
+    if results_dir is None:
+        if not quiet:
+            print(f"note: no results directory: {stem}.csv not available")
+        return None
+    path = Path(results_dir) / f"{stem}.csv"
+    if not path.is_file():
+        if not quiet:
+            print(f"note: {path} is missing: skipping what needs it")
+        return None
+    df = pd.read_csv(path)
+    if df.empty:
+        if not quiet:
+            print(f"note: {path} has no rows: skipping what needs it")
+        return None
+    return df
+
+
+def load_meta(results_dir, stem: str) -> dict:
+    """``results_dir/<stem>.meta.json`` as a dict; empty when missing or unreadable."""
+    path = Path(results_dir) / f"{stem}.meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- derived tables
+
+
+def best_times(df: pd.DataFrame) -> pd.DataFrame:
+    """Fastest row per (kernel, K, N, M) (a sweep may hold several configs / splits per kernel)."""
+    rows = df.dropna(subset=["time_us"]).reset_index(drop=True)
+    return rows.loc[rows.groupby(["kernel", "K", "N", "M"]).time_us.idxmin()].reset_index(drop=True)
+
+
+def speedups(df: pd.DataFrame, baseline: str = "awq", kernels=("quick", "quick-paper")) -> pd.DataFrame:
+    """Long table K, N, M, kernel, speedup = time(baseline) / time(kernel), best row of each kernel."""
+    best = best_times(df)
+    t = best.pivot_table(index=["K", "N", "M"], columns="kernel", values="time_us")
+    out = []
+    if baseline in t:
+        for k in kernels:
+            if k in t:
+                s = (t[baseline] / t[k]).dropna().rename("speedup").reset_index()
+                s.insert(3, "kernel", k)
+                out.append(s)
+    if not out:
+        return pd.DataFrame(columns=["K", "N", "M", "kernel", "speedup"])
+    return pd.concat(out, ignore_index=True)
+
+
+def compute_path_traffic(awq_cfg=None, quick_cfg=None) -> pd.DataFrame:
+    """:func:`bank_model.tile_traffic` of both kernels (one block, one k-tile), long form with a
+    ``kernel`` and ``class`` column; instruction classes neither kernel issues are dropped."""
+    awq_cfg = awq_cfg or configs.AWQ_DEFAULT
+    quick_cfg = quick_cfg or configs.QUICK_DEFAULT
+    parts = []
+    for kind, cfg in (("awq", awq_cfg), ("quick", quick_cfg)):
+        t = bank_model.tile_traffic(kind, cfg)
+        t.insert(0, "config", cfg.name)
+        t.insert(0, "kernel", kind)
+        parts.append(t)
+    df = pd.concat(parts, ignore_index=True)
+    df["class"] = df.op + " " + df.operand
+    used = df.groupby("class").instructions.transform("sum") > 0
+    return df[used].reset_index(drop=True)
+
+
+# (label, column of conflicts.csv): the four shared-memory counts shown per case
+CONFLICT_METRICS = (
+    ("st wavefronts", bank_model.ST_WAVEFRONTS),
+    ("ld wavefronts", bank_model.LD_WAVEFRONTS),
+    ("st conflicts", bank_model.ST_CONFLICTS),
+    ("ld conflicts", bank_model.LD_CONFLICTS),
+)
+
+
+def model_conflicts() -> pd.DataFrame:
+    """The bank model's prediction for the cases ``quick-lab conflicts`` profiles by default, in the
+    column layout of ``conflicts.csv`` (model columns only)."""
+    from quick_lab.lab import conflicts
+
+    try:
+        cases = conflicts.profile_cases(conflicts.default_kind_cfgs(), conflicts.DEFAULT_SHAPES,
+                                        conflicts.DEFAULT_BATCHES)
+    except Exception:  # the dispatcher's default config unavailable: the two paper configs only
+        cases = conflicts.profile_cases([("awq", configs.AWQ_DEFAULT), ("quick", configs.QUICK_DEFAULT)],
+                                        conflicts.DEFAULT_SHAPES, conflicts.DEFAULT_BATCHES)
+    rows = []
+    for kind, name, K, N, M in cases:
+        pred = bank_model.predict_counts(kind, name, M, K, N, conflicts.SPLIT_K)
+        row = dict(kind=kind, config=name, K=K, N=N, M=M, split_k=conflicts.SPLIT_K)
+        row.update({f"model:{m}": pred[m] for _, m in CONFLICT_METRICS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def conflicts_long(df: pd.DataFrame) -> pd.DataFrame:
+    """conflicts.csv (or :func:`model_conflicts`) -> long: K, N, M, case, metric, source, value."""
+    rows = []
+    for r in df.to_dict("records"):
+        tile, rest = (str(r["config"]).split("_", 1) + [""])[:2]
+        case = f"{r['kind']}\n{tile}\n{rest}"
+        for label, m in CONFLICT_METRICS:
+            for source, col in (("ncu measured", m), ("model", f"model:{m}")):
+                v = r.get(col)
+                if v is not None and not pd.isna(v):
+                    rows.append(dict(K=int(r["K"]), N=int(r["N"]), M=int(r["M"]), kind=r["kind"],
+                                     config=r["config"], case=case, metric=label, source=source, value=float(v)))
+    return pd.DataFrame(rows)
+
+
+def tile_table(tiles: pd.DataFrame, K: int, N: int, kernel: str) -> pd.DataFrame:
+    """Best (over split-K) ratio_to_fp16 per config (rows) and M (columns) of one shape and kernel."""
+    sub = tiles[(tiles.K == K) & (tiles.N == N) & (tiles.kernel == kernel)]
+    return sub.pivot_table(index="config", columns="M", values="ratio_to_fp16", aggfunc="min")
+
+
+def e2e_table(e2e: pd.DataFrame) -> pd.DataFrame:
+    """tokens/s per (model, layers, batch) x backend plus quick/awq and quick/fp16 ratios."""
+    ok = e2e.dropna(subset=["tokens_per_s"]) if "tokens_per_s" in e2e else e2e.iloc[0:0]
+    index = [c for c in ("model", "layers", "batch") if c in ok]
+    t = ok.pivot_table(index=index, columns="backend", values="tokens_per_s")
+    if {"awq", "quick"} <= set(t.columns):
+        t["quick/awq"] = t["quick"] / t["awq"]
+    if {"fp16", "quick"} <= set(t.columns):
+        t["quick/fp16"] = t["quick"] / t["fp16"]
+    return t
+
+
+__all__ = ["CONFLICT_METRICS", "CSV_STEMS", "FIGURES", "REPORT", "RESULTS_ENV", "best_times", "compute_path_traffic",
+           "conflicts_long", "default_results_dir", "e2e_table", "gpu_results_dir", "load_csv", "load_meta",
+           "model_conflicts", "speedups", "tile_table"]
