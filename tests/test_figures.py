@@ -1,20 +1,23 @@
-"""quick_lab.report.figures on synthetic CSVs in the exact schemas of the sweeps (CPU only).
+"""quick_lab.report (results, figures, text, reproduce) and ``quick-lab reproduce`` on synthetic CSVs in the
+exact schemas of the sweeps (CPU only).
 
 ``write_synthetic_results`` is also used by tests/test_notebooks.py to run the notebooks with data.
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from quick_lab.lab import bank_model
+from quick_lab import cli
+from quick_lab.build import paths
 from quick_lab.core import configs
-from quick_lab.report import figures
+from quick_lab.lab import bank_model
 from quick_lab.lab.conflicts import ALL_METRICS, LDGSTS_METRICS
+from quick_lab.report import figures, results, style, text
+from quick_lab.report.reproduce import reproduce
 
 THROUGHPUT_COLUMNS = ["kernel", "config", "split_k", "K", "N", "M", "group_size", "time_us", "p10_us", "p90_us",
                       "tflops", "gbps", "dram_floor_us", "pct_of_floor", "ratio_to_fp16"]
@@ -126,30 +129,30 @@ ALL_FIGURES = ("fig1_compute_paths", "fig2_bank_conflicts", "fig3_tflops_vs_batc
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    results = write_synthetic_results(tmp_path_factory.mktemp("results") / "synthetic-gpu")
-    return results, figures.reproduce(results)
+    res_dir = write_synthetic_results(tmp_path_factory.mktemp("results") / "synthetic-gpu")
+    return res_dir, reproduce(res_dir)
 
 
 def test_every_figure_is_written_as_png_and_svg(full_run):
-    results, paths = full_run
-    fig_dir = results / "figures"
+    res_dir, paths = full_run
+    fig_dir = res_dir / "figures"
     for name in ALL_FIGURES:
         for ext in ("png", "svg"):
             p = fig_dir / f"{name}.{ext}"
             assert p.is_file() and p.stat().st_size > 1000, p
             assert p in paths
     assert (fig_dir / "fig1_compute_paths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert paths[-1] == results / "REPORT.md"
+    assert paths[-1] == res_dir / "REPORT.md"
     assert len(paths) == 2 * len(ALL_FIGURES) + 1
 
 
 def test_report_links_every_figure_and_computes_numbers(full_run):
-    results, _ = full_run
-    report = (results / "REPORT.md").read_text()
+    res_dir, _ = full_run
+    report = (res_dir / "REPORT.md").read_text()
     assert "Synthetic GPU" in report
     for name in ALL_FIGURES:
         assert f"](figures/{name}.png)" in report
-        assert (results / "figures" / f"{name}.png").is_file()
+        assert (res_dir / "figures" / f"{name}.png").is_file()
     assert "up to **2.00x**" in report              # quick / awq, constructed as exactly 2
     assert "1.60x" in report                        # quick-paper / awq, exactly 1.6
     assert "up to **1.50x** decode tokens/s" in report  # e2e quick / awq, exactly 1.5
@@ -166,32 +169,31 @@ def test_report_links_every_figure_and_computes_numbers(full_run):
 
 @pytest.mark.parametrize("speedup", [1.25, 3.0])
 def test_report_follows_the_data(tmp_path, speedup):
-    results = write_synthetic_results(tmp_path / "gpu", speedup=speedup, stems=("throughput",))
-    report = figures.write_report(results, {})
-    text = report.read_text()
-    assert f"up to **{speedup:.2f}x**" in text
-    assert "_Not drawn: `e2e.csv` is missing._" in text
+    res_dir = write_synthetic_results(tmp_path / "gpu", speedup=speedup, stems=("throughput",))
+    report = text.write_report(res_dir, {}).read_text()
+    assert f"up to **{speedup:.2f}x**" in report
+    assert "_Not drawn: `e2e.csv` is missing._" in report
 
 
 def test_speedups_are_time_ratios_of_the_best_rows():
     df = throughput_frame(speedup=2.0, paper_speedup=1.6)
     extra = df[df.kernel == "awq"].assign(time_us=lambda d: d.time_us * 10, config="slow")
-    sp = figures.speedups(pd.concat([df, extra]))  # a slower awq row must not count
+    sp = results.speedups(pd.concat([df, extra]))  # a slower awq row must not count
     assert set(sp.kernel) == {"quick", "quick-paper"}
     assert np.allclose(sp[sp.kernel == "quick"].speedup, 2.0)
     assert np.allclose(sp[sp.kernel == "quick-paper"].speedup, 1.6)
 
 
 def test_missing_csvs_are_skipped(tmp_path, capsys):
-    results = tmp_path / "empty-gpu"
-    results.mkdir()
-    paths = figures.reproduce(results)
+    res_dir = tmp_path / "empty-gpu"
+    res_dir.mkdir()
+    paths = reproduce(res_dir)
     names = {p.name for p in paths}
     assert names == {"fig1_compute_paths.png", "fig1_compute_paths.svg", "fig2_bank_conflicts.png",
                      "fig2_bank_conflicts.svg", "REPORT.md"}
     out = capsys.readouterr().out
     assert "throughput.csv missing" in out and "tiles.csv missing" in out and "e2e" in out
-    report = (results / "REPORT.md").read_text()
+    report = (res_dir / "REPORT.md").read_text()
     for stem in ("throughput", "e2e", "tiles"):
         assert f"_Not drawn: `{stem}.csv` is missing._" in report
     assert "model only" in report
@@ -204,11 +206,11 @@ def test_fig2_without_measurements_is_labelled_model():
                (ax.get_legend().get_texts() if ax.get_legend() else []))
     fig_m = figures.fig2_bank_conflicts(conflicts_frame())
     assert "Nsight Compute vs bank model" in fig_m._suptitle.get_text()
-    figures._plt().close("all")
+    style.pyplot().close("all")
 
 
 def test_fig1_reads_the_bank_model():
-    df = figures.compute_path_traffic()
+    df = results.compute_path_traffic()
     awq_b = df[(df.kernel == "awq") & (df.operand == "B")]
     quick_b = df[(df.kernel == "quick") & (df.operand == "B")]
     assert awq_b.bytes.sum() > 0 and quick_b.bytes.sum() == 0  # QUICK: no weight traffic in shared memory
@@ -217,11 +219,11 @@ def test_fig1_reads_the_bank_model():
 
 
 def test_fig5_shapes_follow_tiles_csv(tmp_path):
-    results = write_synthetic_results(tmp_path / "gpu", stems=("tiles",))
-    t = figures.tile_table(tiles_frame(), 4096, 4096, "quick")
+    res_dir = write_synthetic_results(tmp_path / "gpu", stems=("tiles",))
+    t = results.tile_table(tiles_frame(), 4096, 4096, "quick")
     assert list(t.columns) == [1, 16, 256] and len(t) == 2
     assert t.loc[configs.QUICK_DEFAULT.name, 1] == pytest.approx(30.5 / 8 ** 0.5 / 20.1)  # best split
-    written = {p.name for p in figures.reproduce(results)}
+    written = {p.name for p in reproduce(res_dir)}
     assert {"fig5_tiles_4096x4096.png", "fig5_tiles_4096x4096.svg"} <= written
     assert "fig3_tflops_vs_batch.png" not in written
 
@@ -235,117 +237,136 @@ def test_svg_output_is_reproducible(tmp_path):
 # ---------------------------------------------------------------- finding the results directory
 
 
-def test_default_results_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(figures, "_has_gpu", lambda: False)
-    monkeypatch.delenv(figures.RESULTS_ENV, raising=False)
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """No GPU for results and cli alike, and no $QUICK_LAB_RESULTS override."""
+    monkeypatch.setattr(results, "cuda_device_status", lambda: (False, "test: no GPU"))
+    monkeypatch.setattr(cli, "cuda_device_status", lambda: (False, "test: no GPU"))
+    monkeypatch.delenv(results.RESULTS_ENV, raising=False)
+
+
+def test_default_results_dir(tmp_path, monkeypatch, no_gpu):
     root = tmp_path / "results"
     with pytest.raises(FileNotFoundError, match="no GPU"):
-        figures.default_results_dir(root)
-    assert figures.default_results_dir(root, strict=False) is None
+        results.default_results_dir(root)
+    assert results.default_results_dir(root, strict=False) is None
     write_synthetic_results(root / "gpu-a", stems=("throughput",))
     (root / "no-data").mkdir()
-    assert figures.default_results_dir(root) == root / "gpu-a"
+    assert results.default_results_dir(root) == root / "gpu-a"
     write_synthetic_results(root / "gpu-b", stems=("throughput",))
     with pytest.raises(ValueError, match="gpu-a, gpu-b"):
-        figures.default_results_dir(root)
-    assert figures.default_results_dir(root, strict=False) == root / "gpu-a"
-    monkeypatch.setenv(figures.RESULTS_ENV, str(root / "gpu-b"))
-    assert figures.default_results_dir(root) == root / "gpu-b"
+        results.default_results_dir(root)
+    assert results.default_results_dir(root, strict=False) == root / "gpu-a"
+    monkeypatch.setenv(results.RESULTS_ENV, str(root / "gpu-b"))
+    assert results.default_results_dir(root) == root / "gpu-b"
+
+
+def test_default_results_dir_reads_the_results_root(tmp_path, monkeypatch, no_gpu):
+    root = tmp_path / "elsewhere"
+    write_synthetic_results(root / "gpu-a", stems=("throughput",))
+    monkeypatch.setenv(paths.RESULTS_ROOT_ENV, str(root))
+    assert results.default_results_dir() == root / "gpu-a"
+
+
+def _fake_gpu(monkeypatch, name="NVIDIA H100 80GB HBM3"):
+    from quick_lab.lab import metadata
+
+    monkeypatch.setattr(metadata, "gpu_info", lambda: {"gpu": name})
+    monkeypatch.setattr(results, "cuda_device_status", lambda: (True, ""))
+    monkeypatch.setattr(cli, "cuda_device_status", lambda: (True, ""))
+    monkeypatch.delenv(results.RESULTS_ENV, raising=False)
+
+
+def test_gpu_results_dir_is_the_root_and_the_gpu_slug(tmp_path, monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setenv(paths.RESULTS_ROOT_ENV, str(tmp_path))
+    assert results.gpu_results_dir() == tmp_path / "h100-80gb-hbm3"
+    assert results.gpu_results_dir(tmp_path / "r") == tmp_path / "r" / "h100-80gb-hbm3"
+    assert results.default_results_dir() == tmp_path / "h100-80gb-hbm3"  # on a GPU: whether or not it exists
 
 
 def test_load_csv_missing_prints_a_note(tmp_path, capsys):
-    assert figures.load_csv(tmp_path, "e2e") is None
+    assert results.load_csv(tmp_path, "e2e") is None
     assert "e2e.csv is missing" in capsys.readouterr().out
-    assert figures.load_csv(None, "e2e", quiet=True) is None
+    assert results.load_csv(None, "e2e", quiet=True) is None
 
 
-# ---------------------------------------------------------------- command line
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser(prog="quick-lab")
-    figures.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+# ---------------------------------------------------------------- quick-lab reproduce (quick_lab.cli)
 
 
 def test_cli_reproduce_draws_from_results(tmp_path, capsys):
-    results = write_synthetic_results(tmp_path / "gpu", stems=("throughput",))
-    args = _parse(["reproduce", "--results", str(results)])
-    assert args.func(args) == 0
+    res_dir = write_synthetic_results(tmp_path / "gpu", stems=("throughput",))
+    assert cli.main(["reproduce", "--results", str(res_dir)]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert (results / "figures" / "fig3_tflops_vs_batch.png").is_file()
-    assert (results / "REPORT.md").is_file()
+    assert (res_dir / "figures" / "fig3_tflops_vs_batch.png").is_file()
+    assert (res_dir / "REPORT.md").is_file()
 
 
-def test_cli_measure_without_gpu_draws_committed_data(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(figures, "_has_gpu", lambda: False)
-    monkeypatch.delenv(figures.RESULTS_ENV, raising=False)
+def test_cli_measure_without_gpu_draws_committed_data(tmp_path, monkeypatch, capsys, no_gpu):
     root = tmp_path / "results"
     write_synthetic_results(root / "gpu", stems=("throughput",))
-    monkeypatch.setattr(figures, "RESULTS", root)
-    args = _parse(["reproduce", "--measure"])
-    assert args.func(args) == 0
+    monkeypatch.setenv(paths.RESULTS_ROOT_ENV, str(root))
+    assert cli.main(["reproduce", "--measure"]) == 0
     out = capsys.readouterr().out
     assert "no GPU: drawing from the committed data" in out
     assert (root / "gpu" / "REPORT.md").is_file()
 
 
-def test_cli_without_any_results_fails_clearly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(figures, "_has_gpu", lambda: False)
-    monkeypatch.delenv(figures.RESULTS_ENV, raising=False)
-    monkeypatch.setattr(figures, "RESULTS", tmp_path / "results")
-    args = _parse(["reproduce"])
-    assert args.func(args) == 2
+def test_cli_without_any_results_fails_clearly(tmp_path, monkeypatch, capsys, no_gpu):
+    monkeypatch.setenv(paths.RESULTS_ROOT_ENV, str(tmp_path / "results"))
+    assert cli.main(["reproduce"]) == 2
     assert "throughput.csv" in capsys.readouterr().err
-    args = _parse(["reproduce", "--results", str(tmp_path / "nowhere")])
-    assert args.func(args) == 2
+    assert cli.main(["reproduce", "--results", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_cli_measure_on_gpu_runs_every_sweep_first(tmp_path, monkeypatch):
-    from quick_lab import cli
-
-    monkeypatch.setattr(figures, "_has_gpu", lambda: True)
-    results = tmp_path / "gpu"
-    calls = []
+def _record_sweeps(monkeypatch, res_dir, fail=None):
+    """Replaces cli.main (what cli._measure calls per sweep) with a recorder; bench writes throughput.csv
+    into ``res_dir``, ``fail`` raises SystemExit(2) like argparse. Returns (the real main, the calls)."""
+    real_main, calls = cli.main, []
 
     def fake_main(argv):
         calls.append(list(argv))
+        if argv[0] == fail:
+            raise SystemExit(2)
         if argv[0] == "bench":
-            write_synthetic_results(results, stems=("throughput",))
+            write_synthetic_results(res_dir, stems=("throughput",))
         return 0
 
     monkeypatch.setattr(cli, "main", fake_main)
-    args = _parse(["reproduce", "--measure", "--results", str(results)])
-    assert args.func(args) == 0
+    return real_main, calls
+
+
+def test_cli_measure_on_gpu_runs_every_sweep_first(tmp_path, monkeypatch):
+    _fake_gpu(monkeypatch)
+    res_dir = tmp_path / "gpu"
+    real_main, calls = _record_sweeps(monkeypatch, res_dir)
+    assert real_main(["reproduce", "--measure", "--results", str(res_dir)]) == 0
     assert [c[0] for c in calls] == ["bench", "tiles", "conflicts", "e2e"]
-    assert all(c[1:] == ["--out", str(results)] for c in calls)
-    assert (results / "figures" / "fig3_tflops_vs_batch.png").is_file()
+    assert all(c[1:] == ["--out", str(res_dir)] for c in calls)
+    assert (res_dir / "figures" / "fig3_tflops_vs_batch.png").is_file()
+
+
+def test_cli_measure_on_gpu_defaults_to_the_gpu_results_dir(tmp_path, monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setenv(paths.RESULTS_ROOT_ENV, str(tmp_path))
+    res_dir = tmp_path / "h100-80gb-hbm3"
+    real_main, calls = _record_sweeps(monkeypatch, res_dir)
+    assert real_main(["reproduce", "--measure"]) == 0
+    assert all(c[1:] == ["--out", str(res_dir)] for c in calls)
+    assert (res_dir / "REPORT.md").is_file()
 
 
 def test_cli_measure_reports_a_failed_sweep(tmp_path, monkeypatch):
-    from quick_lab import cli
-
-    monkeypatch.setattr(figures, "_has_gpu", lambda: True)
-    results = write_synthetic_results(tmp_path / "gpu", stems=("throughput",))
-
-    def fake_main(argv):
-        if argv[0] == "conflicts":
-            raise SystemExit(2)  # argparse: subcommand not registered
-        return 0
-
-    monkeypatch.setattr(cli, "main", fake_main)
-    args = _parse(["reproduce", "--measure", "--results", str(results)])
-    assert args.func(args) == 2
-    assert (results / "REPORT.md").is_file()
+    _fake_gpu(monkeypatch)
+    res_dir = write_synthetic_results(tmp_path / "gpu", stems=("throughput",))
+    real_main, calls = _record_sweeps(monkeypatch, res_dir, fail="conflicts")
+    assert real_main(["reproduce", "--measure", "--results", str(res_dir)]) == 2
+    assert [c[0] for c in calls] == ["bench", "tiles", "conflicts", "e2e"]  # a failed sweep stops none after it
+    assert (res_dir / "REPORT.md").is_file()
 
 
 def test_kernel_speedups_compare_kernels_only_against_the_autoawq_configuration():
-    import pandas as pd
-
-    from quick_lab.core import configs
-    from quick_lab.report import figures
-
     base = dict(K=8192, N=8192, M=256, group_size=128, ratio_to_fp16=1.0)
     tiles = pd.DataFrame([
         dict(base, kernel="awq", config=configs.AWQ_DEFAULT.name, split_k=8, time_us=300.0),
@@ -354,6 +375,6 @@ def test_kernel_speedups_compare_kernels_only_against_the_autoawq_configuration(
         dict(base, kernel="quick", config="64x256x64_w1x4_s4_cp", split_k=2, time_us=100.0),
         dict(base, kernel="fallback", config="dequant+cublas", split_k=1, time_us=1.0),  # never counted
     ])
-    text = "\n".join(figures._kernel_speedups(tiles))
-    assert "| 8192 x 8192 | 256 | 2.00x | 3.00x |" in text
-    assert "ranges 2.00x to 2.00x" in text
+    report = "\n".join(text._kernel_speedups(tiles))
+    assert "| 8192 x 8192 | 256 | 2.00x | 3.00x |" in report
+    assert "ranges 2.00x to 2.00x" in report
