@@ -15,7 +15,7 @@ nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pi
 nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e '.[test]')")
 pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install -e '.[test]')")
 
-from quick_lab.report import figures  # noqa: E402
+from quick_lab.report.results import RESULTS_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -44,9 +44,9 @@ def _execute(path: Path, workdir: Path, monkeypatch, results: Path | None):
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     if results is None:
-        monkeypatch.delenv(figures.RESULTS_ENV, raising=False)
+        monkeypatch.delenv(RESULTS_ENV, raising=False)
     else:
-        monkeypatch.setenv(figures.RESULTS_ENV, str(results))
+        monkeypatch.setenv(RESULTS_ENV, str(results))
     copy = workdir / path.name
     shutil.copy(path, copy)
     nb = nbformat.read(copy, as_version=4)
