@@ -101,7 +101,7 @@ def _top_level_names(tree: ast.Module) -> set[str] | None:
     return None if "__getattr__" in names else names
 
 
-def _function_lines(tree: ast.AST) -> set[int]:
+def _inside_functions(tree: ast.AST) -> set[int]:
     """ids of import nodes that sit inside a function body."""
     inside: set[int] = set()
     for node in ast.walk(tree):
@@ -125,7 +125,7 @@ def analyse(files: dict[str, str]) -> Report:
     report = Report()
 
     for src, (relpath, is_pkg, tree) in modules.items():
-        deferred = _function_lines(tree)
+        deferred = _inside_functions(tree)
         package = src if is_pkg else src.rpartition(".")[0]
 
         def add(dst: str, node: ast.AST) -> None:
