@@ -15,6 +15,7 @@ nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pi
 nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e '.[test]')")
 pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install -e '.[test]')")
 
+import quick_lab  # noqa: E402
 from quick_lab.report.results import RESULTS_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,12 +40,15 @@ def test_committed_notebooks_have_no_outputs(path):
 
 def _execute(path: Path, workdir: Path, monkeypatch, results: Path | None):
     # The kernel is a subprocess: it inherits this environment. Put this interpreter first on PATH (the
-    # python3 kernelspec runs "python") and the repository on PYTHONPATH.
+    # python3 kernelspec runs "python") and the quick_lab under test (the checkout, or an installed wheel)
+    # first on PYTHONPATH; "the repository's results" are this checkout's results/ either way.
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("PYTHONPATH", str(Path(quick_lab.__file__).resolve().parents[1]) + os.pathsep
+                       + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     if results is None:
         monkeypatch.delenv(RESULTS_ENV, raising=False)
+        monkeypatch.setenv("QUICK_LAB_RESULTS_ROOT", str(REPO / "results"))
     else:
         monkeypatch.setenv(RESULTS_ENV, str(results))
     copy = workdir / path.name
