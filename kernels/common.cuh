@@ -3,6 +3,11 @@
 // fragments) and the epilogue. Header-free on purpose: NVRTC compiles this without the CUDA toolkit's
 // include directory, so the CPU-only CI can build every variant from the pip NVRTC wheel alone.
 #pragma once
+// And a classic guard: quick_lab/build/sources.py splices each #include as text, so a header reached
+// twice (quick_wgmma.cu: wgmma.cuh and quick_layout.cuh both include this one) appears twice in one
+// translation unit, where #pragma once cannot see it.
+#ifndef QL_COMMON_CUH
+#define QL_COMMON_CUH
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -266,6 +271,27 @@ __device__ __forceinline__ void store_fragment(const float (&c)[4], u16* out_h, 
   }
 }
 
+// Split-K / stream-K ticket: `arrivals` blocks each publish a partial tile, then call this once; it
+// returns true, in every thread, in the block that arrives last (the one that sums the partials),
+// after resetting the counter to 0 for the next launch (no memset between launches).
+// __threadfence before the ticket: this block's partial stores become visible device-wide before its
+// atomicAdd can (PTX ISA 9.7.13.4, membar/fence); the one after it orders the last block's reads of
+// the other partials after its ticket. The flag goes through shared memory so the whole block
+// follows thread 0's atomic. Used by finish_block below and by quick_wgmma.cu's stream-K fix-up.
+__device__ __forceinline__ bool take_ticket(int* counter, int arrivals) {
+  __shared__ int last_arrival;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_arrival = atomicAdd(counter, 1) == arrivals - 1;
+    if (last_arrival) *counter = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!last_arrival) return false;
+  __threadfence();
+  return true;
+}
+
 // Writes the block's result. Without split-K: fp16 straight from the accumulators. With split-K, in
 // one launch: every block stores its fp32 partial tile into workspace[blockIdx.z] ([split, M, N]),
 // then takes a ticket on its output tile; the block drawing the last ticket sums the slices in split
@@ -284,17 +310,7 @@ __device__ __forceinline__ void finish_block(const float (&acc)[MMA_M][MMA_N][4]
       store_fragment(acc[i][j], out, partial, M, N, warp_row0 + 16 * i + g, warp_col0 + 8 * j + 2 * t);
   if (split == 1) return;
 
-  __shared__ int last_block;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* counter = tile_counters + blockIdx.y * gridDim.x + blockIdx.x;
-    last_block = atomicAdd(counter, 1) == split - 1;
-    if (last_block) *counter = 0;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
+  if (!take_ticket(tile_counters + blockIdx.y * gridDim.x + blockIdx.x, split)) return;
   const long long mn = (long long)M * N;
   for (int i = 4 * threadIdx.x; i < TILE_M * TILE_N; i += 4 * THREADS) {
     const int r = blk.m0 + i / TILE_N, c = blk.n0 + i % TILE_N;
@@ -311,3 +327,5 @@ __device__ __forceinline__ void finish_block(const float (&acc)[MMA_M][MMA_N][4]
 }
 
 }  // namespace ql
+
+#endif  // QL_COMMON_CUH

@@ -1,6 +1,6 @@
 // Standalone dequantizer: AutoAWQ GEMM format -> fp16 W[K, N]. Used by the reference path and by the
 // dequantize + cuBLAS fallback at large batch. One thread per packed word: 8 weights, one 16-byte store.
-#include "common.cuh"
+#include "quick_layout.cuh"
 
 using namespace ql;
 
@@ -30,25 +30,23 @@ extern "C" __global__ void __launch_bounds__(256)
                                              // of a quad's 8 rows (g) in distinct banks
   __shared__ __align__(16) u16 tile[64 * kStride];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int n64_per_k16 = N / 64;
+  const QuickLayout layout(N);
   const int nb = blockIdx.x, kb = blockIdx.y * (kK / 16) + warp;
   if (kb < K / 16) {
-    const long long gb = (long long)(kb * 16 / group_size) * n64_per_k16 + nb;
-    const uint4 packed = qweight[((long long)kb * n64_per_k16 + nb) * 32 + lane], s = scales[gb * 8 + g];
+    const long long gb = layout.group_block(kb * 16 / group_size, nb);
+    const uint4 packed = qweight[layout.word(kb, nb, lane)], s = scales[QuickLayout::scale(gb, g)];
     u32 zero_pair[4];
-    dequant_int4x8(qzeros[gb * 8 + g], zero_pair);
+    dequant_int4x8(qzeros[QuickLayout::zero(gb, g)], zero_pair);
     const u32 words[4] = {packed.x, packed.y, packed.z, packed.w};
     const u32 scale_pairs[4] = {s.x, s.y, s.z, s.w};
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-      u32 q[4];
-      dequant_int4x8(words[w], q);
+      u32 pairs[4];
+      dequant_quick_word(words[w], zero_pair[w], scale_pairs[w], pairs);
 #pragma unroll
       for (int p = 0; p < 4; ++p) {  // pair p: n8 tile 2w + p / 2 (lo / hi of the scale pair), k + 8 (p % 2)
-        const u32 z = p < 2 ? low_to_pair(zero_pair[w]) : high_to_pair(zero_pair[w]);
-        const u32 sc = p < 2 ? low_to_pair(scale_pairs[w]) : high_to_pair(scale_pairs[w]);
         const int n = 8 * (2 * w + p / 2) + g, k = 16 * warp + 2 * t + 8 * (p % 2);
-        *reinterpret_cast<u32*>(tile + n * kStride + k) = apply_zero_scale(q[p], z, sc);
+        *reinterpret_cast<u32*>(tile + n * kStride + k) = pairs[p];
       }
     }
   }

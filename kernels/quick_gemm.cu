@@ -2,8 +2,9 @@
 // mma.sync, with no shared-memory write-back and no ldmatrix for weights. Activations keep the
 // shared-memory path of common.cuh, pipelined STAGES deep with cp.async.
 //
-// It works because the weights were interleaved offline (quick_lab/interleave.py) so that the 128
-// bits lane L = 4g + t reads for one (k16, n64) block, dequantized, ARE its mma B fragments:
+// It works because the weights were interleaved offline (quick_lab/core/interleave.py; the layout as
+// code: quick_layout.cuh) so that the 128 bits lane L = 4g + t reads for one (k16, n64) block,
+// dequantized, ARE its mma B fragments:
 //   word w of the uint4 covers n8 tiles 2w and 2w+1 of the n64 block, and the dequantizer's pairs
 //   (nibbles 0/4, 1/5, 2/6, 3/7; common.cuh) come out as
 //     pair 0 = b0 of tile 2w   = W[2t, 2t+1][8(2w) + g]        pair 1 = b1 of tile 2w   (k + 8)
@@ -19,7 +20,7 @@
 //       pipeline into shared memory, STAGES tiles ahead, then each lane reads its 16 bytes with one
 //       conflict-free LDS.128 (8 lanes of a phase read 128 consecutive bytes). Deeper latency hiding
 //       for the same register budget, and warps stacked along M share one copy.
-#include "common.cuh"
+#include "quick_layout.cuh"
 
 using namespace ql;
 
@@ -37,16 +38,14 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   constexpr int kThreads = Shape::kThreads, MMA_M = Shape::kMmaM, MMA_N = Shape::kMmaN;
   constexpr int kSteps = Shape::kSteps;
   constexpr int kBlocks = Shape::kWarpN / 64;     // n64 blocks per warp
-  constexpr int kTileBlocks = TILE_N / 64;        // n64 blocks per block tile
   static_assert(Shape::kWarpN % 64 == 0, "a QUICK warp tile spans whole n64 blocks");
   static_assert(STAGES >= 2, "the activation pipeline needs at least two stages");
-  // Shared-memory stage: activations, then (ASYNC_W) packed weights [k16][n64][lane] as uint4,
-  // scales [n64][g] as uint4 and zeros [n64][g] as u32 - the global QUICK order, copied verbatim.
-  constexpr int kAUint4 = ATile::kHalves / 8;
-  constexpr int kWUint4 = ASYNC_W ? kSteps * kTileBlocks * 32 : 0;
-  constexpr int kSUint4 = ASYNC_W ? kTileBlocks * 8 : 0;
-  constexpr int kZUint4 = ASYNC_W ? kTileBlocks * 2 : 0;
-  constexpr int kStageUint4 = kAUint4 + kWUint4 + kSUint4 + kZUint4;
+  // Shared-memory stage: the padded activation tile, then (ASYNC_W) packed weights [k16][n64][lane],
+  // scales [n64][g] and zeros [n64][g] - the global QUICK order, copied verbatim (quick_layout.cuh).
+  // Byte offsets from QuickStage; the kernel indexes it through a uint4 view (every part is 16-byte
+  // aligned), so the LDS.128 / LDS.32 of load_shared stay plain typed loads.
+  using Stage = QuickStage<ATile::kHalves * 2, TILE_N, TILE_K, ASYNC_W != 0>;
+  constexpr int kStageUint4 = Stage::kStride / 16;
   // Direct path with warps stacked along M: they read the same weights, so let L1 serve repeats.
   constexpr bool kSharedWeights = WARPS_M > 1;
 
@@ -56,7 +55,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   const int g = lane >> 2;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   const BlockCoord blk = block_coord<TILE_M, TILE_N>();
-  const int n64_per_k16 = N / 64;
+  const QuickLayout layout(N);
   const int tile_block0 = blk.n0 / 64;                         // first n64 block of the block tile
   const int warp_block0 = warp_n * kBlocks;                    // ... of this warp, within the tile
   int kt_begin, kt_end;
@@ -69,21 +68,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     uint4* stage = stage_ptr(kt);
     ATile::template load_async<kThreads>(reinterpret_cast<u16*>(stage), x, M, K, blk.m0, kt * TILE_K);
     if constexpr (ASYNC_W != 0) {
-      constexpr int kRow = kTileBlocks * 32;  // uint4 per k16 row of the tile: contiguous in global
-#pragma unroll
-      for (int i = 0; i < (kWUint4 + kThreads - 1) / kThreads; ++i) {
-        const int c = threadIdx.x + i * kThreads;
-        if (kWUint4 % kThreads == 0 || c < kWUint4) {
-          const uint4* src = qweight + ((long long)(kt * kSteps + c / kRow) * n64_per_k16 + tile_block0) * 32 + c % kRow;
-          cp_async16(smem_addr(stage + kAUint4 + c), src, 16);
-        }
-      }
-      const long long group_block = (long long)(kt * TILE_K / group_size) * n64_per_k16 + tile_block0;
-      for (int c = threadIdx.x; c < kSUint4 + kZUint4; c += kThreads) {
-        const void* src = c < kSUint4 ? static_cast<const void*>(scales + group_block * 8 + c)
-                                      : static_cast<const void*>(qzeros + group_block * 8 + 4 * (c - kSUint4));
-        cp_async16(smem_addr(stage + kAUint4 + kWUint4 + c), src, 16);
-      }
+      stage_weights_async<kThreads, TILE_N, TILE_K>(stage + Stage::kWeightOffset / 16, qweight, layout, kt * kSteps,
+                                                    tile_block0);
+      stage_scales_zeros_async<kThreads, TILE_N>(stage + Stage::kScaleOffset / 16, scales, qzeros, layout,
+                                                 kt * TILE_K / group_size, tile_block0);
     }
   };
 
@@ -100,21 +88,22 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       const int block = tile_block0 + warp_block0 + b;
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
-        const uint4* p = qweight + ((long long)(kt * kSteps + ks) * n64_per_k16 + block) * 32 + lane;
+        const uint4* p = qweight + layout.word(kt * kSteps + ks, block, lane);
         f.q[ks][b] = kSharedWeights ? load_cached_u4(p) : load_stream_u4(p);
       }
-      const long long gb = (long long)group * n64_per_k16 + block;
-      f.s[b] = load_cached_u4(scales + gb * 8 + g);
-      f.z[b] = load_cached_u32(qzeros + gb * 8 + g);
+      const long long gb = layout.group_block(group, block);
+      f.s[b] = load_cached_u4(scales + QuickLayout::scale(gb, g));
+      f.z[b] = load_cached_u32(qzeros + QuickLayout::zero(gb, g));
     }
   };
   auto load_shared = [&](const uint4* stage, Fragments& f) {  // staged path: shared -> registers
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) {
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) f.q[ks][b] = stage[kAUint4 + (ks * kTileBlocks + warp_block0 + b) * 32 + lane];
-      f.s[b] = stage[kAUint4 + kWUint4 + (warp_block0 + b) * 8 + g];
-      f.z[b] = reinterpret_cast<const u32*>(stage + kAUint4 + kWUint4 + kSUint4)[(warp_block0 + b) * 8 + g];
+      for (int ks = 0; ks < kSteps; ++ks)
+        f.q[ks][b] = stage[Stage::kWeightOffset / 16 + Stage::weight_index(ks, warp_block0 + b, lane)];
+      f.s[b] = stage[Stage::kScaleOffset / 16 + Stage::scale_index(warp_block0 + b, g)];
+      f.z[b] = reinterpret_cast<const u32*>(stage + Stage::kZeroOffset / 16)[Stage::zero_index(warp_block0 + b, g)];
     }
   };
 
@@ -164,16 +153,14 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b) {
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          u32 q[4];
-          dequant_int4x8(word_of(cur.q[ks][b], w), q);
-          const u32 z_lo = low_to_pair(zero_pair[b][w]), z_hi = high_to_pair(zero_pair[b][w]);
-          const u32 s_lo = low_to_pair(word_of(cur.s[b], w)), s_hi = high_to_pair(word_of(cur.s[b], w));
+        for (int w = 0; w < 4; ++w) {  // word w -> (b0, b1) of n8 tiles 2w and 2w + 1
+          u32 pairs[4];
+          dequant_quick_word(word_of(cur.q[ks][b], w), zero_pair[b][w], word_of(cur.s[b], w), pairs);
           const int j = 8 * b + 2 * w;
-          bfrag[j][0] = apply_zero_scale(q[0], z_lo, s_lo);
-          bfrag[j][1] = apply_zero_scale(q[1], z_lo, s_lo);
-          bfrag[j + 1][0] = apply_zero_scale(q[2], z_hi, s_hi);
-          bfrag[j + 1][1] = apply_zero_scale(q[3], z_hi, s_hi);
+          bfrag[j][0] = pairs[0];
+          bfrag[j][1] = pairs[1];
+          bfrag[j + 1][0] = pairs[2];
+          bfrag[j + 1][1] = pairs[3];
         }
       }
       warp_mma(acc, a_frag[ks % 2], bfrag);

@@ -42,6 +42,7 @@
 // blocks sharing a tile store fp32 partials (workspace [P][2][TILE_M x TILE_N]: a block shares at
 // most its first and its last tile), and the last to arrive sums them in block order.
 #include "wgmma.cuh"
+#include "quick_layout.cuh"
 
 using namespace ql;
 
@@ -140,27 +141,25 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   constexpr int kInFlight = 2;
   static_assert(kSteps % kInFlight == 0, "");
   constexpr int kAtoms = TILE_K / 64;       // 64-half swizzle atoms along K per stage
-  constexpr int kTileBlocks = TILE_N / 64;  // n64 blocks per block tile
-  // Stage: activations (kAtoms atoms of TILE_M x 128 bytes, 1024-aligned), then with ASYNC_W the
-  // packed weights [k16][n64][lane] as uint4, scales [n64][g] as uint4 and zeros [n64][g] as u32:
-  // the global QUICK order copied verbatim.
+  // Stage: activations (kAtoms atoms of TILE_M x 128 bytes), then with ASYNC_W the packed weights
+  // [k16][n64][lane], scales [n64][g] and zeros [n64][g]: the global QUICK order copied verbatim
+  // (QuickStage, quick_layout.cuh). Stages are 1024 bytes apart: the 128-byte swizzle repeats every
+  // 8 rows (1024 bytes) and the hardware applies it to address bits, so every atom must start
+  // 1024-byte aligned (PTX ISA 9.7.15.5.1.2, matrix descriptor: swizzling modes).
   constexpr u32 kAtomBytes = TILE_M * 128;
   constexpr u32 kXBytes = kAtoms * kAtomBytes;
-  constexpr u32 kWBytes = ASYNC_W ? kSteps * kTileBlocks * 512 : 0;
-  constexpr u32 kSBytes = ASYNC_W ? kTileBlocks * 128 : 0;
-  constexpr u32 kZBytes = ASYNC_W ? kTileBlocks * 32 : 0;
-  constexpr u32 kStageBytes = (kXBytes + kWBytes + kSBytes + kZBytes + 1023) / 1024 * 1024;
+  using Stage = QuickStage<kXBytes, TILE_N, TILE_K, ASYNC_W != 0, 1024>;
+  constexpr u32 kStageBytes = Stage::kStride;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const u32 smem_base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
-  __shared__ int last_arrival;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int wg = warp / 4, v = warp % 4;
   const int local_block = wg * kWords + v / kWarpsPerBlock;  // this warp's n64 block in the tile
   const int first_word = (v % kWarpsPerBlock) * kWords;
-  const int n64_per_k16 = N / 64;
+  const QuickLayout layout(N);
   const int tiles_m = (M + TILE_M - 1) / TILE_M;
   const StreamK sk{tiles_m * (N / TILE_N) * (K / TILE_K), K / TILE_K, (int)gridDim.x};
   const int u_begin = sk.start(blockIdx.x), u_end = sk.start(blockIdx.x + 1);
@@ -180,22 +179,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
                  x + (long long)(valid ? row : 0) * K + w.kt * TILE_K + chunk * 8, valid ? 16 : 0);
     }
     if constexpr (ASYNC_W != 0) {
-      constexpr int kRow = kTileBlocks * 32;  // uint4 per k16 row of the tile: contiguous in global
-      constexpr int kWUint4 = kWBytes / 16;
-#pragma unroll
-      for (int i = 0; i < (kWUint4 + kThreads - 1) / kThreads; ++i) {
-        const int c = threadIdx.x + i * kThreads;
-        if (kWUint4 % kThreads == 0 || c < kWUint4)
-          cp_async16(stage + kXBytes + 16 * c,
-                     qweight + ((long long)(w.kt * kSteps + c / kRow) * n64_per_k16 + w.n0 / 64) * 32 + c % kRow, 16);
-      }
-      const long long group_block = (long long)(w.kt * TILE_K / group_size) * n64_per_k16 + w.n0 / 64;
-      constexpr int kSUint4 = kSBytes / 16, kZUint4 = kZBytes / 16;
-      for (int c = threadIdx.x; c < kSUint4 + kZUint4; c += kThreads) {
-        const void* src = c < kSUint4 ? static_cast<const void*>(scales + group_block * 8 + c)
-                                      : static_cast<const void*>(qzeros + group_block * 8 + 4 * (c - kSUint4));
-        cp_async16(stage + kXBytes + kWBytes + 16 * c, src, 16);
-      }
+      stage_weights_async<kThreads, TILE_N, TILE_K>(stage + Stage::kWeightOffset, qweight, layout, w.kt * kSteps,
+                                                    w.n0 / 64);
+      stage_scales_zeros_async<kThreads, TILE_N>(stage + Stage::kScaleOffset, scales, qzeros, layout,
+                                                 w.kt * TILE_K / group_size, w.n0 / 64);
     }
   };
 
@@ -206,21 +193,20 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   };
   auto load_shared = [&](u32 stage, Fragments& f) {  // staged path: this lane's words of the stage
 #pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks)
-      lds_words<kWords>(stage + kXBytes + ((ks * kTileBlocks + local_block) * 32 + lane) * 16 + 4 * first_word, f.q[ks]);
-    f.s = lds_u4(stage + kXBytes + kWBytes + (local_block * 8 + g) * 16);
-    f.z = lds_u32(stage + kXBytes + kWBytes + kSBytes + (local_block * 8 + g) * 4);
+    for (int ks = 0; ks < kSteps; ++ks) lds_words<kWords>(Stage::weight_addr(stage, ks, local_block, lane) + 4 * first_word, f.q[ks]);
+    f.s = lds_u4(Stage::scale_addr(stage, local_block, g));
+    f.z = lds_u32(Stage::zero_addr(stage, local_block, g));
   };
   auto load_global = [&](const Unit& w, Fragments& f) {  // direct path: global -> registers
     const int block = w.n0 / 64 + local_block;
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
-      const uint4* p = qweight + ((long long)(w.kt * kSteps + ks) * n64_per_k16 + block) * 32 + lane;
+      const uint4* p = qweight + layout.word(w.kt * kSteps + ks, block, lane);
       load_words<kWords>(reinterpret_cast<const u32*>(p) + first_word, f.q[ks]);
     }
-    const long long gb = (long long)(w.kt * TILE_K / group_size) * n64_per_k16 + block;  // TILE_K divides G
-    f.s = load_cached_u4(scales + gb * 8 + g);
-    f.z = load_cached_u32(qzeros + gb * 8 + g);
+    const long long gb = layout.group_block(w.kt * TILE_K / group_size, block);  // TILE_K divides G
+    f.s = load_cached_u4(scales + QuickLayout::scale(gb, g));
+    f.z = load_cached_u32(qzeros + QuickLayout::zero(gb, g));
   };
 
   float acc[kWords][kInstPerTile][kInstN / 2];
@@ -263,16 +249,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       return workspace + ((long long)b * 2 + (sk.start(b) / sk.k_tiles == w.tile ? 0 : 1)) * TILE_M * TILE_N;
     };
     store_acc(nullptr, slot(blockIdx.x), TILE_N, w.m0, w.n0);
-    __threadfence();  // publish the partial device-wide before taking the ticket
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int* counter = tile_counters + w.tile;
-      last_arrival = atomicAdd(counter, 1) == b_last - b_first;
-      if (last_arrival) *counter = 0;  // ready for the next launch
-    }
-    __syncthreads();
-    if (!last_arrival) return;
-    __threadfence();
+    if (!take_ticket(tile_counters + w.tile, b_last - b_first + 1)) return;  // common.cuh
     const int rows = min(TILE_M, M - w.m0);
     for (int i = 4 * threadIdx.x; i < rows * TILE_N; i += 4 * kThreads) {
       float4 sum = load_l2_f4(slot(b_first) + i);
@@ -330,15 +307,9 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       u32 zero_pairs[4];
       dequant_int4x8(cur.z, zero_pairs);
       const u32 scale_words[4] = {cur.s.x, cur.s.y, cur.s.z, cur.s.w};
-      u32 z_lo[kWords], z_hi[kWords], s_lo[kWords], s_hi[kWords];
+      ZeroScale zs[kWords];  // hoisted out of the k16 loop: one split per word per k-tile
 #pragma unroll
-      for (int j = 0; j < kWords; ++j) {
-        const u32 zp = pick(zero_pairs, first_word + j), sw = pick(scale_words, first_word + j);
-        z_lo[j] = low_to_pair(zp);
-        z_hi[j] = high_to_pair(zp);
-        s_lo[j] = low_to_pair(sw);
-        s_hi[j] = high_to_pair(sw);
-      }
+      for (int j = 0; j < kWords; ++j) zs[j] = zero_scale_of(pick(zero_pairs, first_word + j), pick(scale_words, first_word + j));
 
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
@@ -346,18 +317,13 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 #pragma unroll
         for (int j = 0; j < kWords; ++j) {
           u32 q[4];
-          dequant_int4x8(cur.q[ks][j], q);
-          if constexpr (FOLD) {  // 1024 + q straight in
-            a[j][0] = q[0];
-            a[j][1] = q[2];
-            a[j][2] = q[1];
-            a[j][3] = q[3];
-          } else {
-            a[j][0] = apply_zero_scale(q[0], z_lo[j], s_lo[j]);  // row g,     k 2t..2t+1
-            a[j][1] = apply_zero_scale(q[2], z_hi[j], s_hi[j]);  // row g + 8, k 2t..2t+1
-            a[j][2] = apply_zero_scale(q[1], z_lo[j], s_lo[j]);  // row g,     k 2t+8..2t+9
-            a[j][3] = apply_zero_scale(q[3], z_hi[j], s_hi[j]);  // row g + 8, k 2t+8..2t+9
-          }
+          if constexpr (FOLD) dequant_int4x8(cur.q[ks][j], q);  // 1024 + q straight in
+          else dequant_quick_word(cur.q[ks][j], zs[j], q);     // (q - z) * s
+          // B-fragment order {b0, b1 of rows g, b0, b1 of rows g + 8} -> A-fragment order:
+          a[j][0] = q[0];  // row g,     k 2t..2t+1
+          a[j][1] = q[2];  // row g + 8, k 2t..2t+1
+          a[j][2] = q[1];  // row g,     k 2t+8..2t+9
+          a[j][3] = q[3];  // row g + 8, k 2t+8..2t+9
         }
         wgmma_fence();  // the A registers were just written (PTX ISA 9.7.15.5.2, wgmma.fence)
         // k16 step ks: atom ks / 4, 32 bytes per step into each 128-byte row

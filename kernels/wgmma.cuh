@@ -2,6 +2,9 @@
 // dequantized weights are the register A operand, the activations the shared-memory B operand.
 // Only kernels/quick_wgmma.cu includes this header (it needs -arch=sm_90a).
 #pragma once
+#ifndef QL_WGMMA_CUH  // guard as well: sources.py splices includes as text (see common.cuh)
+#define QL_WGMMA_CUH
+
 #include "common.cuh"
 
 namespace ql {
@@ -105,3 +108,5 @@ __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const u32 (&a)[4],
 }
 
 }  // namespace ql
+
+#endif  // QL_WGMMA_CUH
