@@ -17,8 +17,11 @@ SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequan
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 
-def assemble(filename: str, _seen: frozenset[str] = frozenset()) -> str:
-    """The source of ``kernels/<filename>`` with every local ``#include "..."`` spliced in once."""
+def assemble(filename: str, _spliced: set[str] | None = None) -> str:
+    """The source of ``kernels/<filename>`` with every local ``#include "..."`` spliced in, each header
+    once per translation unit (a header reached a second time, through another header, is skipped,
+    as ``#pragma once`` would do for a file the preprocessor opens itself)."""
+    spliced = {filename} if _spliced is None else _spliced
     path = KERNEL_DIR / filename
     if not path.is_file():
         raise FileNotFoundError(f"kernel source {path} not found (the package was built without its kernels/)")
@@ -27,8 +30,9 @@ def assemble(filename: str, _seen: frozenset[str] = frozenset()) -> str:
         match = _INCLUDE.match(line)
         if match:
             header = match.group(1)
-            if header not in _seen:
-                out.append(assemble(header, _seen | {filename, header}))
+            if header not in spliced:
+                spliced.add(header)
+                out.append(assemble(header, spliced))
             out.append(f'#line {number + 1} "{filename}"')
         else:
             out.append(line)
