@@ -272,7 +272,7 @@ def test_ncu_command():
     assert cmd[0] == "ncu" and cmd[-4:] == ["python3", "-m", "quick_lab.lab.conflicts_target", "c.json"]
     assert conflicts.ncu_command("c.json")[-4] == sys.executable
     assert cmd[cmd.index("--nvtx-include") + 1] == "regex:(awq|quick):.*/"
-    assert cmd[cmd.index("--kernel-name") + 1] == "regex:(awq_gemm|quick_gemm|quick_wgmma)" == conflicts.KERNEL_FILTER
+    assert cmd[cmd.index("--kernel-name") + 1] == "regex:(awq_gemm|quick_gemm|quick_wgmma|quick_decode)" == conflicts.KERNEL_FILTER
     assert cmd[cmd.index("--clock-control") + 1] == "none"
     assert "--nvtx" in cmd and "--csv" in cmd
     metrics = cmd[cmd.index("--metrics") + 1].split(",")

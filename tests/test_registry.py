@@ -13,8 +13,8 @@ from quick_lab.core.configs import STREAM_K, TileConfig
 ALL = [(f, c) for f in registry.FAMILIES for c in f.variants]
 
 
-def test_three_families_one_per_template():
-    assert [f.name for f in registry.FAMILIES] == ["awq_gemm", "quick_gemm", "quick_wgmma"]
+def test_one_family_per_template():
+    assert [f.name for f in registry.FAMILIES] == ["awq_gemm", "quick_gemm", "quick_wgmma", "quick_decode"]
     for fam in registry.FAMILIES:
         text = sources.assemble(fam.source)
         signature = re.search(rf"template <([^>]*)>\s*__global__(?:(?!template).)*?\b{fam.name}\(", text, re.S)
@@ -59,6 +59,8 @@ def test_stage_layout_adds_up(fam, cfg):
         assert lay.total == cfg.stages * lay.stride + 1024
     elif fam is registry.AWQ:
         assert lay.total == lay.activations + lay.writeback
+    elif fam is registry.QUICK_DECODE:  # static shared memory only: the launch asks for no dynamic bytes
+        assert lay.total == 0 and lay.activations == 16 * (cfg.tile_k + 8) * 2
     else:
         assert lay.stride == parts and lay.total == cfg.stages * parts
     assert lay.zeros_offset == lay.scales_offset + lay.scales == lay.weights_offset + lay.weights + lay.scales
@@ -101,12 +103,12 @@ def test_a_new_family_is_one_record(monkeypatch):
     """What the next kernel family costs: a record (and a marker suffix); variants, lookup, validation and
     launch geometry follow from it."""
     decode_cfg = dataclasses.replace(configs.QUICK_DEFAULT, tile_n=256, warps_n=4)
-    fam = dataclasses.replace(registry.QUICK_MMA, name="quick_decode", marker="dc", variants=(decode_cfg,))
-    monkeypatch.setattr(TileConfig, "marker", property(lambda self: "dc" if self.tile_n == 256 else ""))
+    fam = dataclasses.replace(registry.QUICK_MMA, name="quick_next", marker="nx", variants=(decode_cfg,))
+    monkeypatch.setattr(TileConfig, "marker", property(lambda self: "nx" if self.tile_n == 256 else ""))
     monkeypatch.setattr(registry, "FAMILIES", registry.FAMILIES + (fam,))
     assert registry.family("quick", decode_cfg) is fam
     assert decode_cfg in registry.variants("quick")
-    assert registry.template_name("quick", decode_cfg).startswith("quick_decode<")
+    assert registry.template_name("quick", decode_cfg).startswith("quick_next<")
     assert registry.violations("quick", decode_cfg) == []
 
 

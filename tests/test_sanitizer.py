@@ -156,7 +156,7 @@ def test_normalize_kernel():
 def test_every_variant_has_a_label():
     """Reports are attributed to variants of every family, Hopper's wgmma included."""
     labels = sanitizer.variant_labels()
-    assert len(registry.FAMILIES) == 3
+    assert len(registry.FAMILIES) == 4
     for fam in registry.FAMILIES:
         assert fam.variants
         for cfg in fam.variants:
@@ -185,7 +185,9 @@ def test_case_list_round_trips_and_covers_every_variant(tmp_path):
         for cfg in registry.variants(kind):
             mine = [c for c in cases if c["op"] == "gemm" and c["kind"] == kind and c["config"] == cfg.name]
             assert {c["split_k"] for c in mine} == set(sanitizer.SPLITS), (kind, cfg.name)
-            assert {c["G"] for c in mine} == {G for G in (32, 64, 128) if G % cfg.tile_k == 0}, (kind, cfg.name)
+            assert {c["G"] for c in mine} == {G for G in (32, 64, 128) if registry.fits(cfg, cfg.tile_n, G)}, \
+                (kind, cfg.name)
+            assert all(registry.fits(cfg, c["N"], c["G"], K=c["K"], M=c["M"]) for c in mine), (kind, cfg.name)
             assert {c["N"] for c in mine} <= {cfg.tile_n, 2 * cfg.tile_n}
     ops = {(c["op"], c["kind"]) for c in cases}
     assert {("dequantize", "awq"), ("dequantize_quick_t", "quick"), ("empty", "awq"), ("empty", "quick"),

@@ -23,7 +23,9 @@ class TileConfig:
     ``wgmma`` (suffix ``_wg``, Hopper only) selects the warpgroup-MMA mainloop (kernels/quick_wgmma.cu):
     dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup. ``folded_zeros``
     (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
-    once per group (needs group_size == tile_k == 128)."""
+    once per group (needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
+    kernel (kernels/quick_decode.cu, M <= 16): a 16 x 64 output strip per block whose warps_n warps
+    split each k-tile of tile_k along K."""
 
     tile_m: int
     tile_n: int
@@ -34,6 +36,7 @@ class TileConfig:
     async_weights: bool = False
     wgmma: bool = False
     folded_zeros: bool = False
+    decode: bool = False
 
     @property
     def threads(self) -> int:
@@ -50,14 +53,15 @@ class TileConfig:
     @property
     def marker(self) -> str:
         """The name suffix that selects a kernel family (quick_lab.core.registry): "wg" for the wgmma
-        mainloop, "" for the mma.sync kernels."""
-        return "wg" if self.wgmma else ""
+        mainloop, "dc" for the decode kernel, "" for the tiled mma.sync kernels."""
+        return "wg" if self.wgmma else "dc" if self.decode else ""
 
     @property
     def name(self) -> str:
         return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}"
                 f"_w{self.warps_m}x{self.warps_n}_s{self.stages}" + ("_cp" if self.async_weights else "")
-                + ("_wg" if self.wgmma else "") + ("_fz" if self.folded_zeros else ""))
+                + ("_wg" if self.wgmma else "") + ("_fz" if self.folded_zeros else "")
+                + ("_dc" if self.decode else ""))
 
     @classmethod
     def parse(cls, name: str) -> "TileConfig":
@@ -65,13 +69,13 @@ class TileConfig:
         ``"64x256x64_w1x4_s4_wg"``."""
         try:
             tile, warps, stages, *suffixes = name.split("_")
-            order = ("cp", "wg", "fz")  # each at most once, in this order
+            order = ("cp", "wg", "fz", "dc")  # each at most once, in this order
             if [x for x in order if x in suffixes] != suffixes:
                 raise ValueError(name)
             tm, tn, tk = (int(v) for v in tile.split("x"))
             wm, wn = (int(v) for v in warps.lstrip("w").split("x"))
             return cls(tm, tn, tk, wm, wn, int(stages.lstrip("s")), "cp" in suffixes, "wg" in suffixes,
-                       "fz" in suffixes)
+                       "fz" in suffixes, "dc" in suffixes)
         except ValueError as exc:
             raise ValueError(
                 f"config must look like '16x128x32_w1x2_s1' (tile_m x tile_n x tile_k, warps, stages), "
@@ -156,6 +160,12 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
     (16, 128, 128, 1, 4, 6, True),
     (16, 256, 128, 1, 4, 4),
     (32, 128, 128, 1, 4, 5, True),
+))
+
+# Decode kernel (M <= 16): block k-tile x warps splitting it along K; each warp streams
+# tile_k / 16 / warps k16 fragments (16 bytes per lane each) per k-tile before it waits.
+QUICK_DECODE_VARIANTS = tuple(TileConfig(16, 64, tk, 1, w, 1, decode=True) for tk, w in (
+    (256, 4), (512, 4), (512, 8), (1024, 4), (1024, 8),
 ))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that

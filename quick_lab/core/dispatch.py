@@ -114,7 +114,7 @@ def lookup(table, M: int, K: int, N: int, group_size: int) -> Choice | None:
     if row["kernel"] == FALLBACK:
         return Choice(FALLBACK, None, 1)
     cfg = TileConfig.parse(row["config"])
-    if not registry.fits(cfg, N, group_size):
+    if not registry.fits(cfg, N, group_size, K=K, M=M):
         return None
     if registry.family("quick", cfg).stream_k and row["split_k"] == STREAM_K:
         return Choice("quick", cfg, STREAM_K)

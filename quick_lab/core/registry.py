@@ -105,6 +105,12 @@ def _quick_wgmma_layout(cfg: TileConfig) -> StageLayout:
     return StageLayout(a, w, s, z, stride=stride, stages=cfg.stages, total=cfg.stages * stride + 1024)
 
 
+def _quick_decode_layout(cfg: TileConfig) -> StageLayout:
+    # Static shared memory only (quick_decode.cu): one 16 x (TILE_K + 8) activation tile, reused for the
+    # cross-warp reduction; nothing dynamic.
+    return StageLayout(padded_activation_bytes(cfg), stride=padded_activation_bytes(cfg), stages=1, total=0)
+
+
 # ---------------------------------------------------------------- validity rules
 
 
@@ -169,6 +175,51 @@ def _quick_wgmma_rules(cfg: TileConfig) -> list[str]:
     return out
 
 
+def _quick_decode_rules(cfg: TileConfig) -> list[str]:
+    """kernels/quick_decode.cu: a 16 x 64 output strip, warps splitting each k-tile along K."""
+    out = []
+    if (cfg.tile_m, cfg.tile_n, cfg.warps_m) != (16, 64, 1):
+        out.append("decode tiles are 16 x 64 (one n64 strip, rows padded to an m16 fragment), warps_m = 1")
+    if cfg.warps_n not in (2, 4, 8):
+        out.append("decode blocks have 2, 4 or 8 warps (they split the k-tile)")
+    elif cfg.tile_k % (16 * cfg.warps_n) or cfg.tile_k // (16 * cfg.warps_n) > 16:
+        out.append("tile_k must give each warp whole k16 steps, at most 16 (64 registers of fragments)")
+    if cfg.stages != 1 or cfg.async_weights:
+        out.append("the decode kernel streams weights into registers: stages = 1, no _cp")
+    if padded_activation_bytes(cfg) > 48 * 1024:
+        out.append("the activation tile is static shared memory: at most 48 KB")
+    return out
+
+
+# ---------------------------------------------------------------- fit rules: which problems a variant runs
+
+
+def _tile_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
+    """The tiled kernels: whole column tiles, one group per k-tile (tile_k divides G)."""
+    out = []
+    if N % cfg.tile_n:
+        out.append(f"N = {N} must be a multiple of tile_n = {cfg.tile_n} for config {cfg.name}")
+    if G % cfg.tile_k:
+        out.append(f"tile_k = {cfg.tile_k} must divide group_size = {G} (one group per k-tile) "
+                   f"for config {cfg.name}")
+    if cfg.folded_zeros and G != cfg.tile_k:
+        out.append(f"config {cfg.name} folds zero points per k-tile: group_size must equal "
+                   f"tile_k = {cfg.tile_k}, got {G}")
+    return out
+
+
+def _decode_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
+    """The decode kernel: one m16 fragment of rows, whole k-tiles (a k-tile may span several groups)."""
+    out = []
+    if M > 16:
+        out.append(f"config {cfg.name} is a decode kernel: M must be at most 16, got {M}")
+    if N % 64:
+        out.append(f"N = {N} must be a multiple of 64 for config {cfg.name}")
+    if K % cfg.tile_k:
+        out.append(f"K = {K} must be a multiple of tile_k = {cfg.tile_k} for config {cfg.name}")
+    return out
+
+
 # ---------------------------------------------------------------- launch geometry
 
 
@@ -222,6 +273,7 @@ class KernelFamily:
     arch: str | None = None      # arch-specific NVRTC target (None: the arch asked for)
     compute_capability: str | None = None  # the only GPU it runs on (None: sm_80 and later)
     stream_k: bool = False       # split_k = STREAM_K is allowed (and the default)
+    problem_rules: Callable[..., list[str]] = _tile_problem_rules  # (cfg, M, K, N, G) -> broken rules
     doc: str = field(default="", compare=False)
 
     def accepts(self, cfg: TileConfig) -> bool:
@@ -247,6 +299,10 @@ class KernelFamily:
             out.append(f"needs {self.shared_bytes(cfg)} bytes of shared memory")
         return out
 
+    def problem_violations(self, cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
+        """The rules a problem must meet for this variant to run it (K = None: not known yet)."""
+        return self.problem_rules(cfg, M, K if K is not None else cfg.tile_k, N, G)
+
     def launch(self, cfg: TileConfig, M: int, K: int, N: int, split: int, slots: int = 0) -> Launch:
         """Grid and split-K resources of one launch; ``slots`` = resident blocks on the whole GPU
         (used by the stream-K schedule)."""
@@ -269,7 +325,13 @@ QUICK_WGMMA = KernelFamily(
     _stream_k_launch, arch="sm_90a", compute_capability="90", stream_k=True,
     doc="QUICK on Hopper wgmma: dequantized registers are the A operand; stream-K schedule")
 
-FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA)
+QUICK_DECODE = KernelFamily(
+    "quick_decode", "quick", "quick_decode.cu", ("tile_k", "warps_n"),
+    configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
+    problem_rules=_decode_problem_rules,
+    doc="QUICK for decode (M <= 16): a split-K GEMV on mma.sync streaming the interleaved weights")
+
+FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)
 KINDS = configs.KINDS
 
 
@@ -328,12 +390,12 @@ def stage_layout(kind: str, cfg: TileConfig) -> StageLayout:
     return family(kind, cfg).layout(cfg)
 
 
-def fits(cfg: TileConfig, N: int, group_size: int) -> bool:
-    """Whether a variant can run a problem with N columns and this group size (tile_n divides N, tile_k
-    the group size; folded zero points need one k-tile per group)."""
-    if N % cfg.tile_n or group_size % cfg.tile_k:
-        return False
-    return not cfg.folded_zeros or group_size == cfg.tile_k
+def fits(cfg: TileConfig, N: int, group_size: int, K: int | None = None, M: int = 1) -> bool:
+    """Whether a variant can run a problem with N columns and this group size (and K, M when given): its
+    family's problem rules (tiled kernels: tile_n divides N, tile_k the group size, folded zero points one
+    k-tile per group; the decode kernel: M <= 16, tile_k divides K)."""
+    fam = next(f for f in FAMILIES if f.accepts(cfg))
+    return not fam.problem_violations(cfg, M, K, N, group_size)
 
 
 def resident_blocks(fam: KernelFamily, cfg: TileConfig, registers: int, static_smem: int) -> int:

@@ -124,14 +124,9 @@ def check_problem(kind: str, cfg: configs.TileConfig, M: int, K: int, N: int, G:
     :func:`check_variant` already)."""
     if not variant_checked:
         check_variant(kind, cfg)
-    if N % cfg.tile_n:
-        raise ValueError(f"N = {N} must be a multiple of tile_n = {cfg.tile_n} for config {cfg.name}")
-    if G % cfg.tile_k:
-        raise ValueError(f"tile_k = {cfg.tile_k} must divide group_size = {G} (one group per k-tile) "
-                         f"for config {cfg.name}")
-    if cfg.folded_zeros and G != cfg.tile_k:
-        raise ValueError(f"config {cfg.name} folds zero points per k-tile: group_size must equal "
-                         f"tile_k = {cfg.tile_k}, got {G}")
+    broken = registry.family(kind, cfg).problem_violations(cfg, M, K, N, G)
+    if broken:
+        raise ValueError("; ".join(broken))
     if N // cfg.tile_n > MAX_GRID_Y:
         raise ValueError(f"N = {N} needs more than {MAX_GRID_Y} column tiles of {cfg.tile_n}")
     if M * K > INT32_MAX * 8 or M * N > INT32_MAX * 8:

@@ -112,7 +112,7 @@ def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS) ->
             continue
         for fam in registry.families(kind, hopper=hopper):
             for cfg in fam.variants:
-                if not registry.fits(cfg, p.N, p.G):
+                if not registry.fits(cfg, p.N, p.G, K=p.K, M=M):
                     continue
                 for split in ((configs.STREAM_K,) if fam.stream_k else ()) + tuple(splits):
                     if split <= p.K // cfg.tile_k:

@@ -1,0 +1,118 @@
+"""The decode kernel family (kernels/quick_decode.cu, names ending in ``_dc``): M <= 16, a split-K GEMV on
+mma.sync streaming the QUICK layout. Rules and builds on any machine; correctness on a GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_helpers import run_and_check, weights
+from quick_lab.core import configs, dispatch, registry, validation, variants
+from quick_lab.core.configs import TileConfig
+
+DECODE = configs.QUICK_DECODE_VARIANTS
+BASE = DECODE[1]  # 16 x 64 x 512, 4 warps
+
+
+def test_names_round_trip_and_select_the_decode_family():
+    for cfg in DECODE:
+        assert cfg.name.endswith("_dc") and TileConfig.parse(cfg.name) == cfg
+        assert registry.family("quick", cfg) is registry.QUICK_DECODE
+        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_k},{cfg.warps_n}>"
+    assert set(DECODE) <= set(registry.variants("quick"))
+
+
+@pytest.mark.parametrize("cfg,rule", [
+    (TileConfig(32, 64, 512, 1, 4, 1, decode=True), "16 x 64"),
+    (TileConfig(16, 128, 512, 1, 4, 1, decode=True), "16 x 64"),
+    (TileConfig(16, 64, 512, 1, 3, 1, decode=True), "2, 4 or 8 warps"),
+    (TileConfig(16, 64, 96, 1, 4, 1, decode=True), "whole k16 steps"),
+    (TileConfig(16, 64, 2048, 1, 4, 1, decode=True), "at most 16"),
+    (TileConfig(16, 64, 512, 1, 4, 2, decode=True), "stages = 1"),
+])
+def test_rules(cfg, rule):
+    assert any(rule in v for v in registry.violations("quick", cfg)), registry.violations("quick", cfg)
+
+
+def test_problem_rules_allow_a_k_tile_across_groups_but_not_more_rows_than_a_fragment():
+    assert registry.fits(BASE, 4096, 32, K=4096, M=16)  # tile_k 512 spans 16 groups of 32
+    assert not registry.fits(BASE, 4096, 128, K=4096 + 256, M=1)  # K not a multiple of tile_k
+    assert not registry.fits(BASE, 4096, 128, K=4096, M=17)
+    with pytest.raises(ValueError, match="M must be at most 16"):
+        validation.check_problem("quick", BASE, 17, 4096, 4096, 128, 1)
+    with pytest.raises(ValueError, match="multiple of tile_k"):
+        validation.check_problem("quick", BASE, 1, 4096 + 128, 4096, 128, 1)
+    with pytest.raises(ValueError, match="split_k must be between 1 and K / tile_k = 8"):
+        validation.check_problem("quick", BASE, 1, 4096, 4096, 128, 9)
+
+
+def test_launch_is_a_grid_of_n64_strips_by_split():
+    launch = registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 8)
+    assert launch.grid == (1, 64, 8) and launch.workspace == (8, 7, 4096) and launch.counters == 64
+    assert registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 1).workspace is None
+
+
+def test_a_decode_table_row_is_skipped_for_a_batch_it_cannot_run():
+    table = [dict(K=4096, N=4096, M=16, kernel="quick", config=BASE.name, split_k=8, time_us=1.0,
+                  ratio_to_fp16=0.1)]
+    assert dispatch.lookup(table, 16, 4096, 4096, 128) == ("quick", BASE, 8)
+    assert dispatch.lookup(table, 64, 4096, 4096, 128) is None  # its last row cannot run 64 rows: heuristic
+    assert dispatch.lookup(table, 1, 4096 + 256, 4096, 128) is None  # tile_k does not divide K
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_decode_variant_builds_without_spills(arch):
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    for report in variants.compile_variants("quick", DECODE, arch):
+        assert not report.spills and report.dynamic_smem_bytes == 0
+        assert report.static_smem_bytes <= 48 * 1024
+
+
+def test_ptx_has_only_the_activation_path_in_shared_memory():
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    counts = variants.ptx_counts("quick", BASE)
+    steps = BASE.tile_k // 16 // BASE.warps_n
+    assert counts["mma.sync"] == 8 * steps          # 8 n8 tiles per k16 step, weights straight from registers
+    assert counts["ldmatrix"] == steps              # activations only
+    assert counts["st.shared.v4"] == 0              # no weight write-back
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+def _cases():
+    out = []
+    for v, cfg in enumerate(DECODE):
+        k_tiles = 4
+        K = cfg.tile_k * k_tiles
+        for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (16, k_tiles, 64), (3, 2, 128)]):
+            N = 64 * (3 + 2 * ((v + i) % 3))  # odd numbers of n64 strips
+            out.append((cfg, M, K, N, G, split))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg,M,K,N,G,split", _cases(),
+                         ids=[f"{c.name}-M{m}-K{k}-N{n}-G{g}-s{s}" for c, m, k, n, g, s in _cases()])
+def test_decode_matches_float64(cfg, M, K, N, G, split):
+    run_and_check("quick", M, K, N, G, config=cfg, split_k=split)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 5, 16))
+def test_decode_on_llm_shapes(M):
+    for K, N in ((4096, 6144), (14336, 4096)):
+        run_and_check("quick", M, K, N, 128, config=BASE, split_k=max(1, K // BASE.tile_k // 4))
+
+
+@pytest.mark.gpu
+def test_decode_split_is_deterministic_and_leaves_counters_zero():
+    import cupy
+
+    from quick_lab.core import ops
+
+    _, _, quick = weights(2048, 1024, 128)
+    x = cupy.asarray(np.random.default_rng(3).standard_normal((9, 2048)).astype(np.float16))
+    first = ops.quick_gemm(x, quick, config=BASE, split_k=4)
+    for _ in range(3):
+        assert cupy.array_equal(ops.quick_gemm(x, quick, config=BASE, split_k=4), first)
+    assert int(ops.tile_counters(1024 // 64).max()) == 0
