@@ -8,8 +8,10 @@
 // range, and each of its WARPS warps owns a quarter (an eighth) of every k-tile of that range:
 //
 //   1. fetch_weights:     each lane issues all kSteps of its 16-byte fragments of the k-tile at once
-//                         (ld.global.nc.L1::no_allocate: read once, never re-read by this SM), so a
-//                         warp has kSteps x 512 bytes in flight before it waits on anything.
+//                         (ld.global.nc.L1::no_allocate: read once, never re-read by this SM) and the
+//                         zero / scale words of their group, so a warp has kSteps x 512 bytes in flight
+//                         before it waits on anything. (Double-buffering a second k-tile in registers
+//                         and shared memory measured slower on an H100: more registers, fewer blocks.)
 //   2. fetch_activations: the block copies x[0..15][k-tile] (rows past M zero-filled) to shared memory
 //                         with cp.async, behind the weight loads; x is tiny and L2-resident.
 //   3. matmul:            per k16 step: the lane's fragment, dequantized with its group's zero / scale
@@ -56,27 +58,36 @@ __global__ void __launch_bounds__(32 * WARPS)
   float acc[8][4] = {};
   for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int k16_0 = kt * (TILE_K / 16) + warp * kSteps;  // this warp's first k16 block
+    // fetch_weights: the k-tile's fragments and the zero / scale words of its first group, all issued
+    // before anything waits (the group of a chunk of kSteps x 16 rows is one group when G >= that).
     uint4 w[kSteps];
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) w[ks] = load_stream_u4(qweight + layout.word(k16_0 + ks, strip, lane));
+    const long long gb0 = layout.group_block(k16_0 * 16 / group_size, strip);
+    const uint4 s0 = load_cached_u4(scales + QuickLayout::scale(gb0, g));
+    const u32 z0 = load_cached_u32(qzeros + QuickLayout::zero(gb0, g));
+    // fetch_activations
     ATile::template load_async<kThreads>(a_smem, x, M, K, 0, kt * TILE_K);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
 
     ZeroScale zs[4];
+    auto split_pairs = [&](const uint4& s, u32 z) {
+      u32 zero_pair[4];
+      dequant_int4x8(z, zero_pair);
+      zs[0] = zero_scale_of(zero_pair[0], s.x);
+      zs[1] = zero_scale_of(zero_pair[1], s.y);
+      zs[2] = zero_scale_of(zero_pair[2], s.z);
+      zs[3] = zero_scale_of(zero_pair[3], s.w);
+    };
+    split_pairs(s0, z0);
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       const int k = (k16_0 + ks) * 16;
-      if (ks == 0 || k % group_size == 0) {  // warp-uniform: a new group starts at this step
+      if (ks > 0 && k % group_size == 0) {  // warp-uniform: a later group starts inside this chunk
         const long long gb = layout.group_block(k / group_size, strip);
-        const uint4 s = load_cached_u4(scales + QuickLayout::scale(gb, g));
-        u32 zero_pair[4];
-        dequant_int4x8(load_cached_u32(qzeros + QuickLayout::zero(gb, g)), zero_pair);
-        zs[0] = zero_scale_of(zero_pair[0], s.x);
-        zs[1] = zero_scale_of(zero_pair[1], s.y);
-        zs[2] = zero_scale_of(zero_pair[2], s.z);
-        zs[3] = zero_scale_of(zero_pair[3], s.w);
+        split_pairs(load_cached_u4(scales + QuickLayout::scale(gb, g)), load_cached_u32(qzeros + QuickLayout::zero(gb, g)));
       }
       u32 a[4];
       ATile::load_fragment(a, a_smem, 0, (warp * kSteps + ks) * 16, lane);

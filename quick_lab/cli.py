@@ -138,7 +138,7 @@ def cmd_compile(args) -> int:
 
 
 def _sweep_command(args, plan_fn, stem: str) -> int:
-    if (msg := _need_gpu(stem)):
+    if (msg := _need_gpu(stem.split("_")[0])):
         return _fail(msg)
     from quick_lab.lab import bench
     from quick_lab.lab.metadata import write_metadata
@@ -150,11 +150,15 @@ def _sweep_command(args, plan_fn, stem: str) -> int:
     write_metadata(out_dir / f"{stem}.meta.json", command=" ".join(sys.argv[1:]),
                    copy_bandwidth_Bps=df.attrs["copy_bandwidth_Bps"], reps=args.reps,
                    l2_flush="256 MB overwrite before every launch")
-    if stem == "tiles" and "quick" in set(df.kernel):
+    if stem.startswith("tiles") and "quick" in set(df.kernel):
+        import pandas as pd
+
         from quick_lab.core import dispatch
 
-        table = dispatch.write_table(df, out_dir / "dispatch.json")
-        print(f"wrote {out_dir / 'dispatch.json'} ({len(table)} problems)")
+        # every tile sweep in the directory: a partial one (--families) adds its rows to the full one's
+        sweeps = sorted(out_dir.glob("tiles*.csv"))
+        table = dispatch.write_table(pd.concat([pd.read_csv(p) for p in sweeps]), out_dir / "dispatch.json")
+        print(f"wrote {out_dir / 'dispatch.json'} ({len(table)} problems, from {', '.join(p.name for p in sweeps)})")
     summary = df.pivot_table(index=["K", "N", "M"], columns="kernel", values="ratio_to_fp16", aggfunc="min")
     print(summary.round(3).to_string())
     print(f"wrote {out_dir / (stem + '.csv')}")
@@ -170,8 +174,9 @@ def cmd_bench(args) -> int:
 def cmd_tiles(args) -> int:
     from quick_lab.lab import bench
 
-    splits, kinds = args.splits, tuple(args.kinds.split(","))
-    return _sweep_command(args, lambda p, M: bench.tile_plans(p, M, splits, kinds), "tiles")
+    splits, kinds, families = args.splits, tuple(args.kinds.split(",")), args.families
+    stem = "tiles" if families is None else "tiles_" + "_".join(families)
+    return _sweep_command(args, lambda p, M: bench.tile_plans(p, M, splits, kinds, families), stem)
 
 
 # ---------------------------------------------------------------- conflicts
@@ -301,6 +306,7 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quick_lab.core import registry
     from quick_lab.lab import bench, conflicts, sanitizer
     from quick_lab.model.config import PRESETS
     from quick_lab.model.sweep import BACKENDS, E2E_BATCHES
@@ -328,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "tiles":
             p.add_argument("--splits", type=int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
+            p.add_argument("--families", type=choice_list([f.name for f in registry.FAMILIES], "family"),
+                           help="only these kernel families (e.g. quick_decode); writes tiles_<families>.csv, "
+                                "and dispatch.json from every tiles*.csv in the directory")
         p.set_defaults(func=func)
 
     p = sub.add_parser("conflicts", help="shared-memory bank conflicts under Nsight Compute vs the model")

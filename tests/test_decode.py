@@ -10,7 +10,7 @@ from quick_lab.core import configs, dispatch, registry, validation, variants
 from quick_lab.core.configs import TileConfig
 
 DECODE = configs.QUICK_DECODE_VARIANTS
-BASE = DECODE[1]  # 16 x 64 x 512, 4 warps
+BASE = DECODE[3]  # 16 x 64 x 512, 4 warps
 
 
 def test_names_round_trip_and_select_the_decode_family():
@@ -27,6 +27,7 @@ def test_names_round_trip_and_select_the_decode_family():
     (TileConfig(16, 64, 512, 1, 3, 1, decode=True), "2, 4 or 8 warps"),
     (TileConfig(16, 64, 96, 1, 4, 1, decode=True), "whole k16 steps"),
     (TileConfig(16, 64, 2048, 1, 4, 1, decode=True), "at most 16"),
+    (TileConfig(16, 64, 2048, 1, 8, 1, decode=True), "at most 48 KB"),
     (TileConfig(16, 64, 512, 1, 4, 2, decode=True), "stages = 1"),
 ])
 def test_rules(cfg, rule):

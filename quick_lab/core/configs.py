@@ -165,7 +165,7 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
 # Decode kernel (M <= 16): block k-tile x warps splitting it along K; each warp streams
 # tile_k / 16 / warps k16 fragments (16 bytes per lane each) per k-tile before it waits.
 QUICK_DECODE_VARIANTS = tuple(TileConfig(16, 64, tk, 1, w, 1, decode=True) for tk, w in (
-    (256, 4), (512, 4), (512, 8), (1024, 4), (1024, 8),
+    (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
 ))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that

@@ -100,9 +100,10 @@ def default_plans(p: Problem, M: int) -> list:
     ]
 
 
-def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS) -> list:
-    """Every registered variant of the chosen kernels that fits the problem (on an sm_90 GPU the
-    wgmma ones too, also with stream-K), at each split-K, and the dequantize + cuBLAS fallback."""
+def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS, families=None) -> list:
+    """Every registered variant of the chosen kernels (``families``: only these family names) that fits
+    the problem (on an sm_90 GPU the wgmma ones too, also with stream-K), at each split-K, and the
+    dequantize + cuBLAS fallback."""
     import cupy
 
     hopper = cupy.cuda.Device().compute_capability == "90"
@@ -111,6 +112,8 @@ def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS) ->
         if kind not in kinds:
             continue
         for fam in registry.families(kind, hopper=hopper):
+            if families is not None and fam.name not in families:
+                continue
             for cfg in fam.variants:
                 if not registry.fits(cfg, p.N, p.G, K=p.K, M=M):
                     continue
@@ -118,7 +121,8 @@ def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS) ->
                     if split <= p.K // cfg.tile_k:
                         plans.append((kind, lambda x, make=make, weight=weight, cfg=cfg, split=split:
                                       make(x, weight, config=cfg, split_k=split)))
-    plans.append(("fallback", lambda x: ops.plan_fallback(x, p.quick)))
+    if families is None:  # a partial sweep adds its families' rows; the full one has the fallback
+        plans.append(("fallback", lambda x: ops.plan_fallback(x, p.quick)))
     return plans
 
 
