@@ -31,16 +31,8 @@
 
 using namespace ql;
 
-// Occupancy: with at most 4 fragments per lane the sm_90 build fits 80 registers without spilling, so
-// ask for 24 warps per SM (6 blocks of 4 warps): more weight loads in flight per SM. (sm_80's ptxas
-// spills at 80; it keeps its own allocation.) Deeper variants keep their registers.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define QL_DECODE_WARPS_PER_SM 24
-#else
-#define QL_DECODE_WARPS_PER_SM WARPS
-#endif
 template <int TILE_K, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS, (TILE_K / 16 / WARPS) <= 4 ? QL_DECODE_WARPS_PER_SM / WARPS : 1)
+__global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
                  int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
