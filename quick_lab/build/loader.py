@@ -2,12 +2,21 @@
 
 Knows files and C++ name expressions, not tile configs (``quick_lab.core.variants`` maps a config to a
 name). Each GEMM variant is its own module (one template instantiation through ``name_expressions``),
-so a sweep compiles only what it launches; CuPy's disk cache makes later processes start instantly.
+so a sweep compiles only what it launches. Later processes start without compiling: CuPy keeps its
+own disk cache for what it compiles, and the sm_90a cubins this module builds through NVRTC are kept
+in the user cache directory (:func:`cached_cubin`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
 
+from quick_lab.build import paths
 from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
 
 
@@ -27,28 +36,51 @@ def _compile(filename: str, name_expressions: tuple[str, ...], label: str):
     return module
 
 
-def _load_arch_specific(filename: str, name: str, arch: str):
-    """Compile for an arch-specific target such as sm_90a (wgmma exists only there, and CuPy's
-    RawModule cannot request it) through quick_lab.build.nvrtc, and load the cubin with
-    RawModule(path=...)."""
-    import hashlib
-    import tempfile
-    from pathlib import Path
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same directory and rename: a reader (another process)
+    sees the old state or the whole file, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
-    import cupy
 
+def cached_cubin(filename: str, name: str, arch: str) -> tuple[str, Path]:
+    """(lowered name, cubin path) of one kernel for an arch-specific target, compiled once per
+    (source text, name, arch, options, NVRTC version) and kept in ``paths.cache_dir()/cubins``: a later
+    process loads the file instead of compiling again. Concurrent compiles of the same kernel are safe
+    (each writes whole files and renames; both results are the same bytes)."""
     from quick_lab.build import nvrtc
 
+    key_text = "\0".join([assemble(filename), name, arch, *COMPILE_OPTIONS, nvrtc.nvrtc_version()])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    folder = paths.cache_dir() / "cubins"
+    cubin, meta = folder / f"{key}.cubin", folder / f"{key}.json"
+    if cubin.is_file() and meta.is_file():
+        return json.loads(meta.read_text())["lowered"], cubin
     try:
-        lowered, _, cubin = nvrtc.compile_cubin(filename, (name,), arch)
+        lowered, _, data = nvrtc.compile_cubin(filename, (name,), arch, report=False)
     except nvrtc.NvrtcError as exc:
         raise KernelCompileError(f"compiling {name} from kernels/{filename} failed:\n{exc}") from exc
-    cache = Path(tempfile.gettempdir()) / "quick_lab_cubins"
-    cache.mkdir(exist_ok=True)
-    path = cache / f"{hashlib.sha256(cubin).hexdigest()[:24]}.cubin"
-    if not path.exists():
-        path.write_bytes(cubin)
-    return cupy.RawModule(path=str(path)).get_function(lowered[name])
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(meta, json.dumps({"name": name, "lowered": lowered[name], "arch": arch, "source": filename}).encode())
+    _atomic_write(cubin, data)
+    return lowered[name], cubin
+
+
+def _load_arch_specific(filename: str, name: str, arch: str):
+    """Compile for an arch-specific target such as sm_90a (wgmma exists only there, and CuPy's
+    RawModule cannot request it) through quick_lab.build.nvrtc, or take it from the disk cache, and
+    load the cubin with RawModule(path=...)."""
+    import cupy
+
+    lowered, path = cached_cubin(filename, name, arch)
+    return cupy.RawModule(path=str(path)).get_function(lowered)
 
 
 def load_function(filename: str, name: str, *, arch: str | None = None, dynamic_smem: int = 0):

@@ -83,19 +83,23 @@ def compile_source(filename: str, name_expressions: tuple[str, ...], arch: str) 
     return lowered, log
 
 
-def compile_cubin(filename: str, name_expressions: tuple[str, ...], arch: str) -> tuple[dict[str, str], str, bytes]:
+def compile_cubin(filename: str, name_expressions: tuple[str, ...], arch: str,
+                  report: bool = True) -> tuple[dict[str, str], str, bytes]:
     """Like :func:`compile_source`, also returning the cubin (loaded by quick_lab.build.loader for sm_90a,
-    an arch CuPy's own NVRTC call cannot target)."""
+    an arch CuPy's own NVRTC call cannot target). ``report=False``: no ptxas report is wanted, so the
+    program is compiled exactly as assembled (the same text always gives the same cubin)."""
     nvrtc = _nvrtc()
-    # A never-repeated device symbol: on the H100 machine's NVRTC a second in-process compile of the
+    # A never-repeated device symbol: on an H100 machine's NVRTC a second in-process compile of the
     # same program came back with an empty ptxas log (served from a cache keyed on the generated
     # code, so a -D macro did not help), and the report needs the log.
-    source = assemble(filename) + f'extern "C" __device__ int quick_lab_report_build_{next(_nonce)} = 0;\n'
+    source = assemble(filename)
+    if report:
+        source += f'extern "C" __device__ int quick_lab_report_build_{next(_nonce)} = 0;\n'
     program = nvrtc.createProgram(source, filename, [], [])
     try:
         for expr in name_expressions:
             nvrtc.addNameExpression(program, expr)
-        options = [f"-arch={arch}", *COMPILE_OPTIONS, "-Xptxas=-v"]
+        options = [f"-arch={arch}", *COMPILE_OPTIONS] + (["-Xptxas=-v"] if report else [])
         try:
             nvrtc.compileProgram(program, options)
         except Exception as exc:

@@ -23,6 +23,19 @@ PACKAGED_KERNELS = PACKAGE / "kernels"
 KERNEL_DIR = PACKAGED_KERNELS if PACKAGED_KERNELS.is_dir() else _TOP / "kernels"
 PACKAGED_TABLES = PACKAGE / "tables"
 RESULTS_ROOT_ENV = "QUICK_LAB_RESULTS_ROOT"
+CACHE_DIR_ENV = "QUICK_LAB_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels persist across processes: ``$QUICK_LAB_CACHE_DIR``, else the user cache
+    directory (platformdirs: ``~/.cache/quick_lab`` on Linux)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:  # platformdirs is a dependency; a bare environment still gets the XDG default
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quick_lab"
+    return Path(user_cache_dir("quick_lab", appauthor=False))
 
 
 def results_root() -> Path:
