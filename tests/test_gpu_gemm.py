@@ -237,7 +237,6 @@ def test_wgmma_stream_k_is_deterministic_and_leaves_counters_zero(hopper, cfg, M
 
 def test_wgmma_config_is_refused_off_hopper():
     import cupy
-    from quick_lab.build import loader
 
     cc = cupy.cuda.Device().compute_capability
     if cc == "90":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from quick_lab.core import configs, variants
-from quick_lab.build import isa
 
 
 @pytest.fixture(scope="module", params=[configs.AWQ_DEFAULT, configs.TileConfig(64, 128, 32, 2, 2, 1)],

@@ -78,7 +78,7 @@ def test_tile_grid_launch_geometry():
 def test_stream_k_launch_geometry():
     cfg = configs.QUICK_WGMMA_VARIANTS[0]  # 16 x 256 x 64
     M, K, N = 16, 4096, 4096
-    tiles, k_tiles = N // cfg.tile_n, K // cfg.tile_k
+    tiles = N // cfg.tile_n
     sk = registry.QUICK_WGMMA.launch(cfg, M, K, N, STREAM_K, slots=132)
     assert sk.grid == (132, 1, 1) and sk.split_arg == 132
     assert sk.workspace == (132, 2, cfg.tile_m * cfg.tile_n) and sk.counters == tiles

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from quick_lab.core import configs, dispatch, ops, registry, validation, variants
-from quick_lab.build import isa, nvrtc
+from quick_lab.build import nvrtc
+from quick_lab.core import configs, dispatch, registry, validation, variants
 
 WGMMA = configs.QUICK_WGMMA_VARIANTS
 # A valid wgmma config the rule tests below break one field at a time.
@@ -325,7 +325,6 @@ def test_dispatch_table_from_a_sweep_keeps_a_stream_k_winner():
 
 def test_wgmma_kernel_is_refused_before_compiling_on_a_non_hopper_gpu(monkeypatch):
     cupy = pytest.importorskip("cupy")
-    from quick_lab.build import loader
 
     class Ampere:
         compute_capability = "80"
