@@ -169,7 +169,7 @@ def test_every_variant_has_a_label():
 
 
 def test_our_kernels_come_from_the_registry():
-    assert sanitizer.OUR_KERNELS == tuple(f.name for f in registry.FAMILIES) + ("dequantize",)
+    assert sanitizer.OUR_KERNELS == tuple(f.name for f in registry.FAMILIES) + ("dequantize", "interleave_awq")
     assert "quick_wgmma" in sanitizer.OUR_KERNELS
 
 
@@ -190,8 +190,8 @@ def test_case_list_round_trips_and_covers_every_variant(tmp_path):
             assert all(registry.fits(cfg, c["N"], c["G"], K=c["K"], M=c["M"]) for c in mine), (kind, cfg.name)
             assert {c["N"] for c in mine} <= {cfg.tile_n, 2 * cfg.tile_n}
     ops = {(c["op"], c["kind"]) for c in cases}
-    assert {("dequantize", "awq"), ("dequantize_quick_t", "quick"), ("empty", "awq"), ("empty", "quick"),
-            ("default", "awq"), ("default", "quick"), ("fallback", "quick")} <= ops
+    assert {("dequantize", "awq"), ("dequantize_quick_t", "quick"), ("interleave", "awq"), ("empty", "awq"),
+            ("empty", "quick"), ("default", "awq"), ("default", "quick"), ("fallback", "quick")} <= ops
     gemm = [c for c in cases if c["op"] == "gemm"]
     assert {c["M"] for c in gemm} == set(sanitizer.ODD_M)
     assert {c["N"] == configs.TileConfig.parse(c["config"]).tile_n for c in gemm} == {True, False}

@@ -98,7 +98,7 @@ def load_function(filename: str, name: str, *, arch: str | None = None, dynamic_
 
 @functools.lru_cache(maxsize=None)
 def support_kernel(name: str):
-    """A non-GEMM kernel by name (``dequantize_awq``, ``dequantize_quick_t``)."""
+    """A non-GEMM kernel by name (``dequantize_awq``, ``dequantize_quick_t``, ``interleave_awq``)."""
     if name not in SUPPORT_KERNELS:
         raise ValueError(f"unknown support kernel {name!r}; have {sorted(SUPPORT_KERNELS)}")
     return _compile(SUPPORT_KERNELS[name], (), name).get_function(name)

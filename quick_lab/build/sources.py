@@ -12,7 +12,8 @@ from quick_lab.build.paths import KERNEL_DIR
 
 COMPILE_OPTIONS = ("-std=c++17",)
 
-SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequant.cu"}
+SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequant.cu",
+                   "interleave_awq": "interleave.cu"}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 

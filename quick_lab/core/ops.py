@@ -246,3 +246,31 @@ def dequantize(weight: AWQWeight):
                                              (weight.qweight, weight.qzeros, weight.scales, out,
                                               np.int32(K), np.int32(N), np.int32(G)))
     return out
+
+# ---------------------------------------------------------------- the interleave on the GPU
+
+INTERLEAVE_BLOCKS_PER_TILE = 4  # n64 blocks per thread block of kernels/interleave.cu (kBlocksPerTile)
+
+
+def interleave_gpu(awq) -> QuickWeight:
+    """AutoAWQ-format weight on the GPU -> the QUICK layout on the GPU (kernels/interleave.cu), bit-exact
+    with :func:`quick_lab.core.interleave.interleave` (qweight, qzeros and scales equal): one pass over
+    the weight at memory speed, where the NumPy reordering runs at ~35 MB/s. ``awq`` holds CuPy arrays
+    (:func:`to_device`); the result is a new QuickWeight of CuPy arrays, ``awq`` is left as it is."""
+    import cupy
+
+    if not isinstance(awq, AWQWeight):
+        raise TypeError(f"awq must be an AWQWeight (AutoAWQ GEMM format, CuPy arrays), got {type(awq).__name__}")
+    K, N, G = validation.check_weight(awq, "awq")
+    tiles = -(-(N // 64) // INTERLEAVE_BLOCKS_PER_TILE)
+    if tiles > validation.MAX_GRID_Y:
+        raise ValueError(f"N = {N} needs {tiles} tiles of {64 * INTERLEAVE_BLOCKS_PER_TILE} columns; "
+                         f"the interleave grid allows at most {validation.MAX_GRID_Y}")
+    quick = QuickWeight(cupy.empty((K // 16, 2 * N), dtype=cupy.int32),
+                        cupy.empty((K // G, N // 8), dtype=cupy.int32),
+                        cupy.empty((K // G, N), dtype=cupy.float16), G)
+    if K and N:  # an empty weight launches nothing (a zero grid is a launch error)
+        loader.support_kernel("interleave_awq")((K // 16, tiles), (256,),
+                                                (awq.qweight, awq.qzeros, awq.scales, quick.qweight, quick.qzeros,
+                                                 quick.scales, np.int32(K), np.int32(N), np.int32(G)))
+    return quick

@@ -9,8 +9,8 @@ family has it; ``check --wgmma`` takes the Hopper-only wgmma variants instead), 
 partial row tiles), the smallest N the variant takes (tile_n or 2 * tile_n), K = 2 * G (more when
 split-K needs more k-tiles, so an uneven split with an empty slice occurs too) and every group size
 whose multiple tile_k is; plus the default (dispatched) ops, the dequantize + cuBLAS fallback, both
-standalone dequantizers and an empty-M call. About 200 launches: compute-sanitizer slows each launch
-by ~100x, so the case list is a covering design, not a cross product (each variant sees both splits
+standalone dequantizers, the GPU interleave and an empty-M call. About 200 launches: compute-sanitizer
+slows each launch by ~100x, so the case list is a covering design, not a cross product (each variant sees both splits
 and all its group sizes; M and N rotate through their values across cases). The target also checks
 every result against a float64 NumPy reference (outputs pre-filled with NaN, so an unwritten element
 fails) and exits 3 on a mismatch, so a clean sanitizer run is also a correct one.
@@ -22,8 +22,8 @@ Two things keep the findings about *our* kernels and make them sharp:
   bytes past an array is an out-of-bounds access instead of a silent write into a neighbouring pool
   block.
 * Every kernel the target launches is instrumented: ours (every registry family's template,
-  ``awq_gemm``, ``quick_gemm``, ``quick_wgmma``, and the two ``dequantize`` kernels) and the few
-  others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy issues only copies and memsets here).
+  ``awq_gemm``, ``quick_gemm``, ``quick_wgmma``, the two ``dequantize`` kernels and ``interleave_awq``)
+  and the few others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy issues only copies and memsets here).
   With the pool disabled, initcheck no longer reports CuPy pool memory, so no kernel filter is
   needed, and a filter does harm (seen with compute-sanitizer 2025.3.1 on an H100): initcheck does
   not track the writes of a filtered-out kernel, so reading cuBLAS's output was reported as ~400
@@ -67,8 +67,8 @@ from quick_lab.lab.sanitizer_target import REL_TOL, TARGET_MISMATCH_EXIT  # noqa
 
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # Substrings of the mangled names of our kernels, for an optional ``--kernel-name kns=...`` scope:
-# every family's template name and the dequantize kernels.
-OUR_KERNELS = tuple(dict.fromkeys(f.name for f in registry.families())) + ("dequantize",)
+# every family's template name, the dequantize kernels and the GPU interleave.
+OUR_KERNELS = tuple(dict.fromkeys(f.name for f in registry.families())) + ("dequantize", "interleave_awq")
 GROUP_SIZES = (32, 64, 128)
 ODD_M = (1, 7, 33)
 SPLITS = (1, 3)
@@ -88,7 +88,8 @@ class SanitizerError(RuntimeError):
 class Case:
     """One op call of the target program. ``op``: gemm (explicit config and split-K), default (the
     public op with no config: AutoAWQ default / QUICK dispatcher), fallback (dequantize + cuBLAS),
-    dequantize (AutoAWQ format -> W), dequantize_quick_t (QUICK layout -> W^T) or empty (M = 0)."""
+    dequantize (AutoAWQ format -> W), dequantize_quick_t (QUICK layout -> W^T), interleave (AutoAWQ format ->
+    QUICK layout on the GPU) or empty (M = 0)."""
 
     op: str
     kind: str
@@ -107,7 +108,8 @@ class Case:
     @property
     def launches(self) -> int:
         """Kernel launches of this case (upper bound; split-K reduces inside the GEMM launch)."""
-        return {"gemm": 1, "default": 1, "fallback": 2, "dequantize": 1, "dequantize_quick_t": 1, "empty": 0}[self.op]
+        return {"gemm": 1, "default": 1, "fallback": 2, "dequantize": 1, "dequantize_quick_t": 1, "interleave": 1,
+                "empty": 0}[self.op]
 
 
 def _k_for(cfg: configs.TileConfig, G: int, split: int) -> int:
@@ -139,7 +141,8 @@ def gemm_cases(kind: str, variants=None, splits=SPLITS) -> list[Case]:
 
 
 def support_cases() -> list[Case]:
-    """Default ops, the fallback, both dequantizers and empty batches."""
+    """Default ops, the fallback, both dequantizers, the GPU interleave (N/64 not a multiple of its 4-block
+    tile, so a narrower last tile) and empty batches."""
     return [
         Case("default", "awq", 7, 256, 256, 128),
         Case("default", "quick", 1, 256, 256, 128),
@@ -147,6 +150,8 @@ def support_cases() -> list[Case]:
         Case("fallback", "quick", 33, 256, 192, 32),
         Case("dequantize", "awq", 0, 384, 192, 64),
         Case("dequantize_quick_t", "quick", 0, 384, 192, 64),
+        Case("interleave", "awq", 0, 384, 320, 64),
+        Case("interleave", "awq", 0, 256, 192, 32),
         Case("empty", "awq", 0, 256, 128, 128),
         Case("empty", "quick", 0, 256, 128, 128),
     ]
@@ -412,8 +417,8 @@ def _rows_of(cases) -> list[str]:
     for c in cases:
         if c.op == "gemm":
             rows.append(f"{c.kind}:{c.config}")
-        elif c.op in ("dequantize", "dequantize_quick_t"):
-            rows.append("dequantize_awq" if c.op == "dequantize" else "dequantize_quick_t")
+        elif c.op in ("dequantize", "dequantize_quick_t", "interleave"):
+            rows.append({"dequantize": "dequantize_awq", "interleave": "interleave_awq"}.get(c.op, c.op))
     return list(dict.fromkeys(rows))
 
 

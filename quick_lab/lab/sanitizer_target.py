@@ -5,12 +5,12 @@
 ``CASES.json`` is the case list :func:`quick_lab.lab.sanitizer.write_cases` writes: a JSON list of
 objects with ``op``, ``kind``, ``M``, ``K``, ``N``, ``G``, ``config``, ``split_k`` and ``label``. Each
 case is one op call (an explicit GEMM variant and split, the default op, the dequantize + cuBLAS
-fallback, a standalone dequantizer or an empty batch), printed as ``QL-CASE <i> <label>`` before it
-runs. Outputs are pre-filled with NaN, so an element the op does not write fails; every GEMM result
-is compared with a float64 NumPy reference (relative Frobenius error below :data:`REL_TOL`) and the
-dequantizers must be bit-exact. A mismatch prints ``QL-MISMATCH <why>``; the run ends with
-``QL-DONE <n> cases, <m> mismatches`` and exits :data:`TARGET_MISMATCH_EXIT` when m > 0, so a clean
-sanitizer run is also a correct one.
+fallback, a standalone dequantizer, the GPU interleave or an empty batch), printed as
+``QL-CASE <i> <label>`` before it runs. Outputs are pre-filled with NaN, so an element the op does not
+write fails; every GEMM result is compared with a float64 NumPy reference (relative Frobenius error
+below :data:`REL_TOL`) and the dequantizers and the interleave must be bit-exact. A mismatch prints
+``QL-MISMATCH <why>``; the run ends with ``QL-DONE <n> cases, <m> mismatches`` and exits
+:data:`TARGET_MISMATCH_EXIT` when m > 0, so a clean sanitizer run is also a correct one.
 
 Before anything touches the GPU the target disables CuPy's memory pool
 (``cupy.cuda.set_allocator(None)``): every array is its own ``cudaMalloc`` of its exact size, so
@@ -39,7 +39,7 @@ REL_TOL = 2e-3
 TARGET_MISMATCH_EXIT = 3
 USAGE_EXIT = 2
 CASE_KEYS = ("op", "kind", "M", "K", "N", "G", "config", "split_k", "label")
-OPS = ("gemm", "default", "fallback", "dequantize", "dequantize_quick_t", "empty")
+OPS = ("gemm", "default", "fallback", "dequantize", "dequantize_quick_t", "interleave", "empty")
 
 
 # ---------------------------------------------------------------- how the parent runs it
@@ -137,6 +137,11 @@ def run(case):
         got = cupy.asnumpy(ops.dequantize_quick_t(dev_quick))
         return None if np.array_equal(got.T.view(np.uint16), dequantize_fp16(host).view(np.uint16)) else \
             f"{label}: not bit-exact"
+    if op == "interleave":
+        got, want = ops.interleave_gpu(dev_awq), interleave(host)
+        same = all(np.array_equal(cupy.asnumpy(getattr(got, f)).view(np.uint8),
+                                  np.asarray(getattr(want, f)).view(np.uint8)) for f in ("qweight", "qzeros", "scales"))
+        return None if same else f"{label}: not bit-exact with interleave()"
     if op == "empty":
         y = gemm(cupy.empty((0, K), dtype=cupy.float16), weight)
         return None if y.shape == (0, N) else f"{label}: shape {y.shape}"
