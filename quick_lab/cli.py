@@ -225,21 +225,111 @@ def cmd_e2e(args) -> int:
     def progress(done, total, label):
         print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.breakdown:
+        return _e2e_breakdown(args, out_dir, progress)
     df = sweep.e2e_sweep(args.models, args.batches, args.backends, n_layers=args.layers, prefill=args.prefill,
                          decode_steps=args.decode, graph=not args.no_graph, lm_head=not args.no_lm_head,
-                         reps=args.reps, progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                         reps=args.reps, long_context=args.long_context, long_batches=args.long_batches,
+                         progress=progress)
     df.to_csv(out_dir / "e2e.csv", index=False)
     write_metadata(out_dir / "e2e.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
                    prefill=args.prefill, decode=args.decode, cuda_graph=not args.no_graph,
-                   lm_head=not args.no_lm_head, reps=args.reps, weights="random int4, group size 128",
-                   note="tokens_per_s is measured for `layers` layers; full_depth_tokens_per_s_estimate "
-                        "scales the per-layer time to `full_layers` (an estimate, not a measurement)")
+                   lm_head=not args.no_lm_head, reps=args.reps, long_context=args.long_context,
+                   long_batches=list(args.long_batches), weights="random int4, group size 128",
+                   note="each row's model was built with `layers` of its `full_layers` layers (full depth wherever "
+                        "it fits the GPU); tokens_per_s is measured for the layers built; "
+                        "full_depth_tokens_per_s_estimate scales the per-layer time to `full_layers` (equal to "
+                        "the measurement at full depth, an estimate otherwise). Long-context rows fill the cache "
+                        "with random K/V (prefill_timed false).")
     if "tokens_per_s" in df:
         print(sweep.summary_table(df).round(2).to_string())
     if "error" in df and df["error"].notna().any():
         print(f"{int(df['error'].notna().sum())} case(s) failed (see the error column)", file=sys.stderr)
     print(f"wrote {out_dir / 'e2e.csv'}")
+    return 0
+
+
+def _e2e_breakdown(args, out_dir: Path, progress) -> int:
+    """``e2e --breakdown``: µs per op class per layer of one decode step, per model x backend x batch x
+    context (the batches of --batches at --prefill, and --long-batches at --long-context)."""
+    import dataclasses
+
+    import cupy
+    import pandas as pd
+
+    from quick_lab.lab.metadata import write_metadata
+    from quick_lab.model import breakdown, sweep
+    from quick_lab.model.config import preset
+    from quick_lab.model.decoder import Model
+    from quick_lab.model.weights import random_weights
+
+    cases = [(b, args.prefill) for b in args.batches]
+    if args.long_context:
+        cases += [(b, args.long_context) for b in args.long_batches]
+    rows, total, done = [], len(args.models) * len(cases) * len(args.backends), 0
+    for name in args.models:
+        cfg = preset(name)
+        for backend in args.backends:
+            cupy.get_default_memory_pool().free_all_blocks()
+            free = cupy.cuda.runtime.memGetInfo()[0]
+            fit = sweep.layers_that_fit(cfg, (backend,), [(b, c + 1) for b, c in cases], free, lm_head=False)
+            layers = min(args.layers or cfg.n_layers, fit)
+            model = Model(random_weights(dataclasses.replace(cfg, n_layers=layers), distinct_layers=False),
+                          backends=(backend,), lm_head=False)
+            for batch, context in cases:
+                progress(done, total, f"{cfg.name} x{layers} M={batch} ctx={context} {backend}")
+                rows += breakdown.breakdown(model, batch, context, backend, reps=max(args.reps, 10))
+                done += 1
+            del model
+    progress(total, total, "done")
+    df = pd.DataFrame(rows)
+    df.to_csv(out_dir / "e2e_breakdown.csv", index=False)
+    write_metadata(out_dir / "e2e_breakdown.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
+                   reps=max(args.reps, 10), weights="random int4, group size 128",
+                   note="us_per_layer: one decode step's ops of one class in every layer, back to back in one CUDA "
+                        "graph (median of reps), divided by the layers built; layer = the whole step per layer; "
+                        "gemm = qkv + o + gate_up + down; other = layer - gemm")
+    wide = df.pivot_table(index=["model", "backend", "batch", "context"], columns="op", values="us_per_layer")
+    print(wide[["layer", "gemm", "other", *breakdown.OP_CLASSES]].round(1).to_string())
+    print(f"wrote {out_dir / 'e2e_breakdown.csv'}")
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from quick_lab.model import generate
+
+    # Everything the host can check comes first, so a bad checkpoint or prompt fails the same with or
+    # without a GPU: clear messages, exit code 2.
+    start = time.perf_counter()
+    try:
+        host = generate.read_for_generation(args.checkpoint)
+        generate.encode_prompt(host.tokenizer, args.prompt, host.config.model.vocab)
+    except ValueError as exc:  # CheckpointError is one
+        return _fail(f"generate: {exc}")
+    if (msg := _need_gpu("generate")):
+        return _fail(msg)
+    model, host = generate.build_model(host, args.backend)
+    cfg = host.config.model
+    print(f"loaded {host.path} ({cfg.n_layers} layers, hidden {cfg.hidden}, group size {host.config.group_size}, "
+          f"backend {args.backend}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    result = generate.generate_text(model, host.tokenizer, args.prompt, args.max_new_tokens, args.backend,
+                                    eos_token_ids=host.eos_token_ids,
+                                    on_text=lambda text: print(text, end="", flush=True))
+    print(flush=True)
+    print(f"prefill: {len(result.prompt_ids)} tokens in {1e3 * result.prefill_s:.1f} ms, "
+          f"{result.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    if result.decode_steps:
+        print(f"decode: {result.decode_steps} tokens in {1e3 * result.decode_s:.1f} ms, "
+              f"{result.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    else:
+        print("decode: no steps after the prefill" + (" (end of sequence)" if result.stopped_at_eos else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -353,13 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int_list, default=E2E_BATCHES, help="e.g. 1,16,256")
     p.add_argument("--backends", type=choice_list(BACKENDS, "backend"), default=BACKENDS,
                    help="comma-separated, from " + ",".join(BACKENDS))
-    p.add_argument("--layers", type=int, default=4,
-                   help="decoder layers built per model (default 4; full-depth tokens/s is then estimated)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="cap on decoder layers built per model (default: full depth wherever it fits the GPU; "
+                        "with fewer, full-depth tokens/s is estimated)")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--decode", type=int, default=128, help="generated tokens per sequence")
     p.add_argument("--reps", type=int, default=1, help="timed runs per phase after one untimed run (best reported)")
     p.add_argument("--no-graph", action="store_true", help="time the eager loop instead of a CUDA graph replay")
     p.add_argument("--no-lm-head", action="store_true", help="skip the fp16 LM head (tokens fed, not sampled)")
+    p.add_argument("--long-context", type=int, default=4096,
+                   help="also decode at this context (cache filled, prefill not timed); 0 turns it off")
+    p.add_argument("--long-batches", type=int_list, default=(1, 16), help="batches run at --long-context")
+    p.add_argument("--breakdown", action="store_true",
+                   help="write e2e_breakdown.csv (µs per op class per layer of one decode step) instead of e2e.csv")
     p.add_argument("--out", help="results directory (default results/<gpu>/)")
     p.set_defaults(func=cmd_e2e)
 

@@ -71,6 +71,9 @@ def test_memory_estimates():
     assert memory_estimate(LLAMA2_70B, backends=("fp16",))["weights"] > 80e9
     int4 = memory_estimate(MISTRAL_7B, backends=("awq",))["weights"]
     assert 3.5e9 < int4 < 4.0e9
+    # a model holds only its backends' forms: the QUICK words replace, not join, the AutoAWQ ones
+    assert memory_estimate(MISTRAL_7B, backends=("quick",))["weights"] == int4
+    assert memory_estimate(MISTRAL_7B, backends=("awq", "quick"))["weights"] == 2 * int4
 
 
 def test_random_quantized_linear_is_small_and_valid():
@@ -153,7 +156,8 @@ def test_cli_defaults_and_validation():
     assert args.models == tuple(PRESETS) == ("mistral-7b", "llama2-13b", "llama2-70b")
     assert args.batches == E2E_BATCHES == (1, 2, 4, 8, 16, 32, 64, 128, 256)
     assert args.backends == BACKENDS == ("fp16", "awq", "quick")
-    assert (args.layers, args.prefill, args.decode) == (4, 128, 128)
+    assert (args.layers, args.prefill, args.decode) == (None, 128, 128)   # full depth where it fits
+    assert (args.long_context, args.long_batches, args.breakdown) == (4096, (1, 16), False)
     args = build_parser().parse_args(["e2e", "--models", "mistral-7b", "--batches", "1,16", "--backends", "awq,quick"])
     assert args.models == ("mistral-7b",) and args.batches == (1, 16) and args.backends == ("awq", "quick")
     for bad in (["--models", "nope"], ["--models", "gpt2"], ["--backends", "int8"], ["--batches", "x"]):
@@ -176,8 +180,36 @@ def test_e2e_sweep_signature_is_what_cli_passes():
     params = inspect.signature(e2e_sweep).parameters
     assert list(params)[:3] == ["models", "batches", "backends"]
     assert params["models"].default == tuple(PRESETS) and params["batches"].default == E2E_BATCHES
-    for name in ("n_layers", "prefill", "decode_steps", "graph", "lm_head", "reps", "progress"):
+    for name in ("n_layers", "prefill", "decode_steps", "graph", "lm_head", "reps", "long_context", "long_batches",
+                 "progress"):
         assert name in params, name
+
+
+def test_sweep_plan_is_full_depth_where_it_fits_an_80gb_gpu():
+    from quick_lab.model.sweep import sweep_plan
+
+    free = 79e9  # an H100 80GB after the CUDA context
+    cases = [(b, 128, False) for b in E2E_BATCHES] + [(1, 4096, True), (16, 4096, True)]
+
+    def depth(plan):  # (backend, case) -> layers built
+        return {(b, c): n for group, n, runs in plan for b in group for c in runs}
+
+    # Mistral-7B: one model, every backend, every case at full depth
+    plan = sweep_plan(MISTRAL_7B, BACKENDS, cases, free, True, None)
+    assert [(g, n) for g, n, _ in plan] == [(BACKENDS, 32)] and sorted(plan[0][2]) == sorted(cases)
+    # Llama-2-13B: full depth for every backend and case, except fp16 where 26 GB of weights and its
+    # MHA cache cannot share 80 GB (54 GB at batch 256 x 256, 55 GB at batch 16 x 4224)
+    d = depth(sweep_plan(LLAMA2_13B, BACKENDS, cases, free, True, None))
+    assert len(d) == len(BACKENDS) * len(cases)
+    too_big = {("fp16", (256, 128, False)), ("fp16", (16, 4096, True))}
+    assert all(n == 40 for key, n in d.items() if key not in too_big)
+    assert all(1 <= d[key] < 40 for key in too_big)
+    # Llama-2-70B: int4 backends at full depth, fp16 (140 GB of weights) a part, never 0 layers
+    d = depth(sweep_plan(LLAMA2_70B, BACKENDS, cases, free, True, None))
+    assert all(n == 80 for (b, _), n in d.items() if b != "fp16")
+    assert all(1 <= n < 40 for (b, _), n in d.items() if b == "fp16")
+    # a cap applies to every model
+    assert {n for _, n, _ in sweep_plan(LLAMA2_70B, ("quick",), cases, free, True, 4)} == {4}
 
 
 def test_model_package_imports_no_cupy_and_points_down():

@@ -11,7 +11,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, assemble
+from quick_lab.build.sources import COMPILE_OPTIONS, SUPPORT_KERNELS, SUPPORT_TEMPLATES, assemble
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 KNOWN_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
@@ -115,8 +115,8 @@ def compile_cubin(filename: str, name_expressions: tuple[str, ...], arch: str,
 
 def compile_support(arch: str) -> list[CompileReport]:
     reports = []
-    for filename in sorted(set(SUPPORT_KERNELS.values())):
-        _, log = compile_source(filename, (), arch)
+    for filename in sorted(set(SUPPORT_KERNELS.values()) | set(SUPPORT_TEMPLATES)):
+        _, log = compile_source(filename, SUPPORT_TEMPLATES.get(filename, ()), arch)
         for name, u in parse_ptxas_log(log).items():
             reports.append(CompileReport(name, "support", "", arch, u["registers"], u["stack"], u["spill_st"],
                                          u["spill_ld"], u["smem"], 0))

@@ -13,7 +13,14 @@ from quick_lab.build.paths import KERNEL_DIR
 COMPILE_OPTIONS = ("-std=c++17",)
 
 SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequant.cu",
-                   "interleave_awq": "interleave.cu"}
+                   "interleave_awq": "interleave.cu",
+                   "add_rms_norm": "decoder.cu", "rope_kv": "decoder.cu", "silu_mul": "decoder.cu"}
+
+# Templated support kernels: file -> the instantiations `quick-lab compile` (and so the CPU CI) builds,
+# the ones the model presets launch (head dim 128; decode rows = query heads per KV head 1, 4, 8;
+# prefill rows 16). Other instantiations compile on first use.
+SUPPORT_TEMPLATES = {"decoder.cu": ("attention<128, 1>", "attention<128, 4>", "attention<128, 8>",
+                                    "attention<128, 16>")}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 

@@ -5,7 +5,10 @@
 * ``weights``    -- host (NumPy) LayerWeights / ModelWeights and random int4 weights.
 * ``reference``  -- the float32 NumPy reference forward and the RoPE tables (CPU ground truth).
 * ``cublas``     -- ``matmul``: cuBLAS through ctypes, so a forward can be captured in a CUDA graph.
-* ``decoder``    -- the GPU model: Linear (fp16 / awq / quick backends), KVCache, Model, rms_norm.
+* ``fused``      -- the fused non-GEMM ops (kernels/decoder.cu): add + RMSNorm, RoPE + KV write,
+                    attention over the cache, SiLU x up.
+* ``decoder``    -- the GPU model: Linear (fp16 / awq / quick backends, each holding only its forms),
+                    KVCache, Model (a layer as a list of named ops).
 * ``generate``   -- greedy decoding with the KV cache.
 * ``sweep``      -- CUDA-graph capture and timing, decode_throughput, e2e_sweep, summary_table.
 * ``checkpoint`` -- AutoAWQ safetensors checkpoints -> ModelWeights.

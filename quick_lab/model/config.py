@@ -71,11 +71,13 @@ def _int4_bytes(K: int, N: int, G: int) -> int:
 
 def memory_estimate(cfg: ModelConfig, batch: int = 1, max_seq: int = 256, backends=BACKENDS,
                     group_size: int = GROUP_SIZE, lm_head: bool = True) -> dict[str, int]:
-    """GPU bytes a :class:`Model` holds (weights for the requested backends, KV cache, embedding,
-    LM head); activations and workspaces come on top."""
+    """GPU bytes a :class:`Model` holds (the weight forms of the requested backends only, KV cache,
+    embedding, LM head); activations and workspaces come on top."""
     shapes = cfg.linear_shapes().values()
     int4 = sum(_int4_bytes(K, N, group_size) for K, N in shapes)
-    per_layer = int4 * (1 + ("quick" in backends)) + (2 * cfg.params_per_layer() if "fp16" in backends else 0)
+    # a Linear holds only its backends' forms: AutoAWQ words, QUICK words, fp16
+    per_layer = (int4 * (("awq" in backends) + ("quick" in backends))
+                 + (2 * cfg.params_per_layer() if "fp16" in backends else 0))
     est = {"weights": per_layer * cfg.n_layers,
            "kv_cache": 2 * batch * cfg.n_kv_heads * max_seq * cfg.head_dim * 2 * cfg.n_layers,
            "embed_head": cfg.vocab * cfg.hidden * 2 * (1 + lm_head)}

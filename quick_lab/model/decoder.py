@@ -1,59 +1,39 @@
 """The Llama-architecture decoder on the GPU (CuPy, fp16): :class:`Linear`, :class:`KVCache`,
-:class:`Model` and the elementwise pieces (RMSNorm, SiLU-gate, RoPE). Model code only; decoding is in
-:mod:`quick_lab.model.generate`, timing in :mod:`quick_lab.model.sweep`.
+:class:`Model`. Model code only; decoding is in :mod:`quick_lab.model.generate`, timing in
+:mod:`quick_lab.model.sweep`, the fused non-GEMM kernels in :mod:`quick_lab.model.fused`.
 
 Every linear layer runs on one of three backends over the *same* int4 weights: ``fp16`` (cuBLAS on the
 dequantized weight), ``awq`` (the AutoAWQ-style kernel) or ``quick`` (the QUICK kernel on the
-interleaved weight). Attention, norms and RoPE are plain CuPy, identical for all backends. Matmuls go
-through :func:`quick_lab.model.cublas.matmul` so a forward can be captured in a CUDA graph.
+interleaved weight); a Linear holds only the forms its backends need. Everything else is fused and
+identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoPE writing k and v
+into the cache, attention over the cache (one launch), the o GEMM, add + RMSNorm, the gate_up GEMM,
+SiLU x up, the down GEMM (whose output the next layer's norm adds to the residual). A layer is a
+list of named ops (:meth:`Model.layer_ops`), which ``forward`` runs under NVTX ranges and
+:mod:`quick_lab.model.breakdown` times one class at a time. Matmuls go through
+:func:`quick_lab.model.cublas.matmul` and no op allocates outside CuPy's pool, so a forward can be
+captured in a CUDA graph.
 """
 from __future__ import annotations
 
 import functools
-import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from quick_lab.core.format import AWQWeight
+from quick_lab.model import fused
 from quick_lab.model.config import BACKENDS, ModelConfig
 from quick_lab.model.cublas import matmul
 from quick_lab.model.reference import rope_tables
 from quick_lab.model.weights import ModelWeights
 
-__all__ = ["FP16_FALLBACK_M", "KVCache", "Linear", "Model", "rms_norm"]
+__all__ = ["FP16_FALLBACK_M", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model", "StepState"]
 
 # AutoAWQ's WQLinear_GEMM switches to dequantize + fp16 matmul when batch*seq >= 1024; both quantized
 # backends do the same here, so only prefill of large batches is affected (decode M = batch <= 256).
 FP16_FALLBACK_M = 1024
-
-
-@functools.cache
-def _kernels():
-    import cupy
-
-    silu_mul = cupy.ElementwiseKernel(
-        "T g, T u", "T y", "const float a = (float)g; y = (T)(a / (1.0f + expf(-a)) * (float)u);",
-        "quick_lab_silu_mul")
-    # x [B, T, H, D] (any strides; raw arrays index logically), cos/sin [T, D/2]; y contiguous.
-    rope = cupy.ElementwiseKernel(
-        "raw T x, raw float32 cos, raw float32 sin, int32 seq, int32 heads, int32 dim", "T y",
-        """
-        const int half = dim / 2;
-        const int d = i % dim, j = d % half, t = (i / ((ptrdiff_t)dim * heads)) % seq;
-        const float c = cos[t * half + j], s = sin[t * half + j], a = (float)x[i];
-        y = d < half ? (T)(a * c - (float)x[i + half] * s) : (T)(a * c + (float)x[i - half] * s);
-        """, "quick_lab_rope")
-    return silu_mul, rope
-
-
-def rms_norm(x, weight, eps: float):
-    import cupy
-
-    xf = x.astype(cupy.float32)
-    inv = cupy.reciprocal(cupy.sqrt(cupy.mean(xf * xf, axis=-1, keepdims=True) + eps))
-    return (xf * inv).astype(cupy.float16) * weight
+# Most key-range splits one decode attention launch may use (sizes the cache's workspace).
+MAX_ATTENTION_SPLITS = 32
+# The op classes of a layer that are GEMMs (the rest is "everything else" in the breakdown).
+GEMM_OPS = ("qkv", "o", "gate_up", "down")
 
 
 @functools.cache
@@ -70,33 +50,44 @@ def _launch(kind: str, M: int, K: int, N: int, G: int) -> dict:
 
 
 class Linear:
-    """One linear layer ``y = x @ W`` held in the forms its backends need (W from one AWQWeight)."""
+    """One linear layer ``y = x @ W`` held in the forms its backends need, and only those (W from one
+    AWQWeight): ``awq`` the AutoAWQ words, ``quick`` the interleaved words (interleaved on the GPU),
+    ``fp16`` the dequantized matrix."""
 
-    def __init__(self, awq: AWQWeight, backends=BACKENDS, quick=None):
+    def __init__(self, awq: AWQWeight, backends=BACKENDS):
         from quick_lab.core import ops
-        from quick_lab.core.interleave import interleave
 
-        self.K, self.N = awq.K, awq.N
-        self.awq = ops.to_device(awq)
-        self.quick = ops.to_device(quick if quick is not None else interleave(awq)) if "quick" in backends else None
-        self.fp16 = ops.dequantize(self.awq) if "fp16" in backends else None
+        self.K, self.N, self.group_size = awq.K, awq.N, awq.group_size
+        on_device = ops.to_device(awq)
+        self.quick = ops.interleave_gpu(on_device) if "quick" in backends else None
+        self.fp16 = ops.dequantize(on_device) if "fp16" in backends else None
+        self.awq = on_device if "awq" in backends else None
 
     def __call__(self, x, backend: str):
         from quick_lab.core import ops
 
+        M, G = x.shape[0], self.group_size
         if backend == "fp16" and self.fp16 is not None:
             return matmul(x, self.fp16)
-        if backend in ("awq", "quick") and x.shape[0] >= FP16_FALLBACK_M:
-            return matmul(x, ops.dequantize(self.awq))
-        if backend == "awq":
-            return ops.awq_gemm(x, self.awq, **_launch(backend, x.shape[0], self.K, self.N, self.awq.group_size))
+        if backend == "awq" and self.awq is not None:
+            if M >= FP16_FALLBACK_M:
+                return matmul(x, ops.dequantize(self.awq))
+            return ops.awq_gemm(x, self.awq, **_launch(backend, M, self.K, self.N, G))
         if backend == "quick" and self.quick is not None:
-            return ops.quick_gemm(x, self.quick, **_launch(backend, x.shape[0], self.K, self.N, self.awq.group_size))
+            if M >= FP16_FALLBACK_M:
+                return matmul(x, ops.dequantize_quick_t(self.quick), transpose_b=True)
+            return ops.quick_gemm(x, self.quick, **_launch(backend, M, self.K, self.N, G))
         raise ValueError(f"backend {backend!r} not available; this Linear was built for {self.backends}")
 
     @property
     def backends(self) -> tuple[str, ...]:
         return tuple(b for b, w in (("fp16", self.fp16), ("awq", self.awq), ("quick", self.quick)) if w is not None)
+
+    def nbytes(self) -> int:
+        """GPU bytes of the weights held."""
+        forms = [self.fp16] + [w for w in (self.awq, self.quick) if w is not None]
+        return sum(a.nbytes for w in forms if w is not None
+                   for a in ((w,) if not hasattr(w, "qweight") else (w.qweight, w.qzeros, w.scales)))
 
 
 @dataclass
@@ -110,16 +101,33 @@ class _Layer:
 
 
 class KVCache:
-    """Preallocated K and V, ``[batch, n_kv_heads, max_seq, head_dim]`` fp16 per layer, plus RoPE tables."""
+    """Preallocated K and V, ``[batch, n_kv_heads, max_seq, head_dim]`` fp16 per layer, the RoPE tables
+    and the decode attention's split workspace."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_seq: int):
         import cupy
 
+        if batch < 1 or max_seq < 1:
+            raise ValueError(f"batch and max_seq must be >= 1, got batch={batch}, max_seq={max_seq}")
         shape = (batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.batch, self.max_seq = batch, max_seq
         self.k = [cupy.zeros(shape, dtype=cupy.float16) for _ in range(cfg.n_layers)]
         self.v = [cupy.zeros(shape, dtype=cupy.float16) for _ in range(cfg.n_layers)]
         self.cos, self.sin = (cupy.asarray(t) for t in rope_tables(cfg, max_seq))
+        group = cfg.n_heads // cfg.n_kv_heads
+        self.workspace = fused.AttentionWorkspace(batch * cfg.n_kv_heads, MAX_ATTENTION_SPLITS, group, cfg.head_dim)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.k, *self.v))
+
+
+class StepState:
+    """The activations one forward passes between ops: ``h`` the residual stream [rows, hidden] and
+    ``delta`` the branch output the next norm adds to it; the rest are each op's output."""
+
+    def __init__(self, h, pos: int, T: int):
+        self.h, self.delta, self.pos, self.T = h, None, pos, T
+        self.x = self.qkv = self.q = self.attn = self.gate_up = self.act = None
 
 
 class Model:
@@ -128,23 +136,15 @@ class Model:
     def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True):
         import cupy
 
-        from quick_lab.core.interleave import interleave
-
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             raise ValueError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
         self.cfg, self.backends = weights.cfg, tuple(backends)
-        interleaved: dict[int, object] = {}  # layers sharing host arrays are interleaved once
-        if "quick" in backends:
-            unique = {id(a): a for w in weights.layers for a in (w.qkv, w.o, w.gate_up, w.down)}
-            with ThreadPoolExecutor(max_workers=4) as pool:  # NumPy releases the GIL; ~2x on 70B layers
-                interleaved = dict(zip(unique, pool.map(interleave, unique.values())))
-
-        def linear(awq: AWQWeight) -> Linear:
-            return Linear(awq, backends, interleaved.get(id(awq)))
-
-        self.layers = [_Layer(cupy.asarray(w.attn_norm), linear(w.qkv), linear(w.o), cupy.asarray(w.mlp_norm),
-                              linear(w.gate_up), linear(w.down)) for w in weights.layers]
+        # Layers built from the same host arrays (random_weights(distinct_layers=False)) still get
+        # separate GPU copies, so no layer's weights are found in L2 from the previous layer.
+        self.layers = [_Layer(cupy.asarray(w.attn_norm), Linear(w.qkv, backends), Linear(w.o, backends),
+                              cupy.asarray(w.mlp_norm), Linear(w.gate_up, backends), Linear(w.down, backends))
+                       for w in weights.layers]
         self.embed = cupy.asarray(weights.embed)
         self.norm = cupy.asarray(weights.norm)
         self.lm_head = cupy.asarray(weights.lm_head) if lm_head and weights.lm_head is not None else None
@@ -152,61 +152,80 @@ class Model:
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         return KVCache(self.cfg, batch, max_seq)
 
-    def forward(self, tokens, cache: KVCache, pos: int, backend: str, last_only: bool = True):
-        """``tokens`` int32 [B, T] at positions ``pos .. pos+T-1`` (the cache holds 0 .. pos-1)."""
-        import cupy
+    def weight_bytes(self) -> int:
+        """GPU bytes of the linear layers' weights (every form held)."""
+        return sum(lin.nbytes() for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
+    def layer_ops(self, index: int, cache: KVCache, st: StepState, backend: str) -> list:
+        """Layer ``index`` as ``(op class, fn)`` pairs; each ``fn()`` reads and writes ``st``."""
+        cfg, layer = self.cfg, self.layers[index]
+        k_cache, v_cache = cache.k[index], cache.v[index]
+        eps, Hq, Hkv = cfg.rms_eps, cfg.n_heads, cfg.n_kv_heads
+
+        def attn_norm():
+            st.x = fused.add_rms_norm(st.h, layer.attn_norm, eps, delta=st.delta)
+
+        def qkv():
+            st.qkv = layer.qkv(st.x, backend)
+
+        def rope():
+            st.q = fused.rope_kv(st.qkv, cache.cos, cache.sin, k_cache, v_cache, Hq, Hkv, st.pos, st.T)
+
+        def attention():
+            st.attn = fused.attention(st.q, k_cache, v_cache, Hq, st.pos, st.T, cache.workspace)
+
+        def o():
+            st.delta = layer.o(st.attn, backend)
+
+        def mlp_norm():
+            st.x = fused.add_rms_norm(st.h, layer.mlp_norm, eps, delta=st.delta)
+
+        def gate_up():
+            st.gate_up = layer.gate_up(st.x, backend)
+
+        def act():
+            st.act = fused.silu_mul(st.gate_up)
+
+        def down():
+            st.delta = layer.down(st.act, backend)
+
+        return [("norm", attn_norm), ("qkv", qkv), ("rope_kv", rope), ("attention", attention), ("o", o),
+                ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
+
+    def start(self, tokens, cache: KVCache, pos: int) -> StepState:
+        """Check ``tokens`` int32 [B, T] at ``pos`` against the cache and embed them."""
         B, T = tokens.shape
-        if B != cache.batch or pos + T > cache.max_seq:
+        if B != cache.batch or pos < 0 or pos + T > cache.max_seq:
             raise ValueError(f"tokens {tokens.shape} at pos {pos} do not fit the cache "
                              f"(batch {cache.batch}, max_seq {cache.max_seq})")
-        eps = self.cfg.rms_eps
-        silu_mul, _ = _kernels()
-        h = self.embed.take(tokens.reshape(-1), axis=0)  # [B*T, hidden]
-        cos, sin = cache.cos[pos:pos + T], cache.sin[pos:pos + T]
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = rms_norm(h, layer.attn_norm, eps)
-            h = h + self._attention(layer, x, k_cache, v_cache, pos, B, T, cos, sin, backend)
-            gate_up = layer.gate_up(rms_norm(h, layer.mlp_norm, eps), backend)
-            inter = self.cfg.intermediate
-            h = h + layer.down(silu_mul(gate_up[:, :inter], gate_up[:, inter:]), backend)
-        h = h.reshape(B, T, -1)
-        x = rms_norm(cupy.ascontiguousarray(h[:, -1] if last_only else h), self.norm, eps)
-        return self.logits(x)
+        return StepState(self.embed.take(tokens.reshape(-1), axis=0), pos, T)  # [B*T, hidden]
+
+    def forward(self, tokens, cache: KVCache, pos: int, backend: str, last_only: bool = True):
+        """``tokens`` int32 [B, T] at positions ``pos .. pos+T-1`` (the cache holds 0 .. pos-1)."""
+        from cupy.cuda import nvtx
+
+        st = self.start(tokens, cache, pos)
+        for index in range(len(self.layers)):
+            for name, op in self.layer_ops(index, cache, st, backend):
+                nvtx.RangePush(name)
+                op()
+                nvtx.RangePop()
+        return self.logits(self.final_norm(st, last_only))
+
+    def final_norm(self, st: StepState, last_only: bool = True):
+        """The last residual add and the final RMSNorm: [B, hidden] (last token) or [B, T, hidden]."""
+        import cupy
+
+        B = st.h.shape[0] // st.T
+        h, delta = st.h, st.delta
+        if last_only and st.T > 1:
+            h = cupy.ascontiguousarray(h.reshape(B, st.T, -1)[:, -1])
+            delta = None if delta is None else cupy.ascontiguousarray(delta.reshape(B, st.T, -1)[:, -1])
+        x = fused.add_rms_norm(h, self.norm, self.cfg.rms_eps, delta=delta)
+        return x if last_only else x.reshape(B, st.T, -1)
 
     def logits(self, x):
         """LM head: ``x[..., hidden] @ lm_head`` (identity when the model has none)."""
         if self.lm_head is None:
             return x
         return matmul(x.reshape(-1, x.shape[-1]), self.lm_head).reshape(*x.shape[:-1], -1)
-
-    def _attention(self, layer, x, k_cache, v_cache, pos, B, T, cos, sin, backend):
-        import cupy
-
-        cfg = self.cfg
-        D, Hq, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        g, L = Hq // Hkv, pos + T
-        _, rope = _kernels()
-        qkv = layer.qkv(x, backend)
-        q = cupy.empty((B, T, Hq, D), dtype=cupy.float16)
-        k = cupy.empty((B, T, Hkv, D), dtype=cupy.float16)
-        rope(qkv[:, : Hq * D].reshape(B, T, Hq, D), cos, sin, np.int32(T), np.int32(Hq), np.int32(D), q)
-        rope(qkv[:, Hq * D:(Hq + Hkv) * D].reshape(B, T, Hkv, D), cos, sin, np.int32(T), np.int32(Hkv),
-             np.int32(D), k)
-        k_cache[:, :, pos:L] = k.transpose(0, 2, 1, 3)
-        v_cache[:, :, pos:L] = qkv[:, (Hq + Hkv) * D:].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-
-        # The g query heads sharing a kv head are stacked as rows: [B, Hkv, g*T, D] @ [B, Hkv, D, L].
-        q = q.reshape(B, T, Hkv, g, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * T, D)
-        s = matmul(q, k_cache[:, :, :L], transpose_b=True, out_dtype=cupy.float32)
-        s *= 1.0 / math.sqrt(D)
-        if T > 1:  # causal: the query at pos + t sees keys 0 .. pos + t
-            allowed = cupy.arange(L)[None, :] <= (pos + cupy.arange(T))[:, None]
-            s = s.reshape(B, Hkv, g, T, L)
-            s = cupy.where(allowed, s, -cupy.inf).reshape(B, Hkv, g * T, L)
-        s -= s.max(axis=-1, keepdims=True)
-        p = cupy.exp(s)
-        p /= p.sum(axis=-1, keepdims=True)
-        o = matmul(p.astype(cupy.float16), v_cache[:, :, :L])  # [B, Hkv, g*T, D]
-        o = cupy.ascontiguousarray(o.reshape(B, Hkv, g, T, D).transpose(0, 3, 1, 2, 4)).reshape(B * T, Hq * D)
-        return layer.o(o, backend)

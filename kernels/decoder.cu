@@ -1,0 +1,343 @@
+// The decoder's non-GEMM work, fused so that a decode step is a few launches around the four GEMMs:
+//   add_rms_norm       residual add + RMSNorm (fp32 statistics), one block per row
+//   rope_kv            RoPE on q and k of the fused qkv output, k and v written straight into the cache
+//   attention<D, R>    attention over the KV cache with an online softmax (flash-decoding): the key
+//                      range split across blocks, one block serving all query heads of a KV group (and,
+//                      in prefill, several tokens), causal; partials combined by the last block to
+//                      arrive (the split-K ticket of common.cuh), so a step is one launch
+//   silu_mul           SiLU(gate) * up from the fused gate_up output
+// Layouts: activations are row-major [rows, features] fp16 (a row = one token of one sequence); the
+// KV cache is [batch, n_kv_heads, max_seq, D] fp16; the RoPE tables are float32 [max_seq, D / 2]
+// (rotate-half convention: element j pairs with j + D/2).
+#include "common.cuh"
+
+using namespace ql;
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+#define QL_NEG_INF __int_as_float(0xff800000)  // -inf (NVRTC compiles without math.h's INFINITY)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// 8 fp16 (one 16-byte load) -> 8 floats.
+__device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) {
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = half_to_float(static_cast<u16>(words[i] & 0xffffu));
+    f[2 * i + 1] = half_to_float(static_cast<u16>(words[i] >> 16));
+  }
+}
+
+// N consecutive fp16 (N = 1, 2, 4 or 8; 2N-byte aligned) -> floats, in one load.
+template <int N>
+__device__ __forceinline__ void load_halves(const u16* p, float (&f)[N]) {
+  if constexpr (N == 8) {
+    halves8_to_float(*reinterpret_cast<const uint4*>(p), f);
+  } else if constexpr (N == 4) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    f[0] = half_to_float(static_cast<u16>(w.x & 0xffffu));
+    f[1] = half_to_float(static_cast<u16>(w.x >> 16));
+    f[2] = half_to_float(static_cast<u16>(w.y & 0xffffu));
+    f[3] = half_to_float(static_cast<u16>(w.y >> 16));
+  } else if constexpr (N == 2) {
+    const u32 w = *reinterpret_cast<const u32*>(p);
+    f[0] = half_to_float(static_cast<u16>(w & 0xffffu));
+    f[1] = half_to_float(static_cast<u16>(w >> 16));
+  } else {
+    static_assert(N == 1, "1, 2, 4 or 8 halves");
+    f[0] = half_to_float(*p);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- residual add + RMSNorm
+// Row r: if delta: h[r] += delta[r] (rounded to fp16 and stored, as an unfused fp16 add would),
+// then out[r] = h[r] / sqrt(mean(h[r]^2) + eps) * weight, statistics in fp32. Block 256 threads, each
+// thread keeps its 16-byte chunks in registers between the two passes: H <= 256 * 8 * kMaxChunks.
+constexpr int kNormThreads = 256, kNormMaxChunks = 8;
+
+extern "C" __global__ void __launch_bounds__(kNormThreads)
+    add_rms_norm(u16* __restrict__ h, const u16* __restrict__ delta, const u16* __restrict__ weight,
+                 u16* __restrict__ out, int H, float eps) {
+  __shared__ float warp_sums[kNormThreads / 32];
+  const long long row = blockIdx.x;
+  const int chunks = H / 8;
+  uint4* h_row = reinterpret_cast<uint4*>(h + row * H);
+  const uint4* d_row = delta ? reinterpret_cast<const uint4*>(delta + row * H) : nullptr;
+  float vals[kNormMaxChunks][8];
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < kNormMaxChunks; ++i) {
+    const int c = threadIdx.x + i * kNormThreads;
+    if (c < chunks) {
+      uint4 w = h_row[c];
+      halves8_to_float(w, vals[i]);
+      if (d_row) {
+        float d[8];
+        halves8_to_float(d_row[c], d);
+        w = make_uint4(float2_to_half2(vals[i][0] + d[0], vals[i][1] + d[1]),
+                       float2_to_half2(vals[i][2] + d[2], vals[i][3] + d[3]),
+                       float2_to_half2(vals[i][4] + d[4], vals[i][5] + d[5]),
+                       float2_to_half2(vals[i][6] + d[6], vals[i][7] + d[7]));
+        h_row[c] = w;
+        halves8_to_float(w, vals[i]);  // the rounded sum, as stored
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum_sq += vals[i][j] * vals[i][j];
+    }
+  }
+  sum_sq = warp_sum(sum_sq);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum_sq;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
+  const float inv = rsqrtf(total / H + eps);
+  const uint4* w_vec = reinterpret_cast<const uint4*>(weight);
+  uint4* o_row = reinterpret_cast<uint4*>(out + row * H);
+#pragma unroll
+  for (int i = 0; i < kNormMaxChunks; ++i) {
+    const int c = threadIdx.x + i * kNormThreads;
+    if (c < chunks) {
+      float g[8];
+      halves8_to_float(w_vec[c], g);
+      o_row[c] = make_uint4(float2_to_half2(vals[i][0] * inv * g[0], vals[i][1] * inv * g[1]),
+                            float2_to_half2(vals[i][2] * inv * g[2], vals[i][3] * inv * g[3]),
+                            float2_to_half2(vals[i][4] * inv * g[4], vals[i][5] * inv * g[5]),
+                            float2_to_half2(vals[i][6] * inv * g[6], vals[i][7] * inv * g[7]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- RoPE + KV-cache write
+// Block = one token row of qkv [B*T, (Hq + 2 Hkv) D] (row = b * T + t, at position pos + t). Work item
+// = (head, j < D/2): q and k heads rotate the pair (j, j + D/2) with the table row of their position;
+// q goes to q_out [B*T, Hq D], k and v to the caches [B, Hkv, max_seq, D].
+extern "C" __global__ void __launch_bounds__(256)
+    rope_kv(const u16* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+            u16* __restrict__ q_out, u16* __restrict__ k_cache, u16* __restrict__ v_cache, int T, int Hq, int Hkv,
+            int D, int pos, int max_seq) {
+  const int row = blockIdx.x, b = row / T, t = row % T, half = D / 2, p = pos + t;
+  const u16* src = qkv + (long long)row * (Hq + 2 * Hkv) * D;
+  const float* c_row = cos_t + (long long)p * half;
+  const float* s_row = sin_t + (long long)p * half;
+  for (int item = threadIdx.x; item < (Hq + 2 * Hkv) * half; item += blockDim.x) {
+    const int head = item / half, j = item % half;
+    const float x1 = half_to_float(src[head * D + j]), x2 = half_to_float(src[head * D + j + half]);
+    if (head < Hq + Hkv) {
+      const float c = c_row[j], s = s_row[j];
+      const u16 y1 = float_to_half(x1 * c - x2 * s), y2 = float_to_half(x2 * c + x1 * s);
+      u16* dst = head < Hq ? q_out + (long long)row * Hq * D + head * D
+                           : k_cache + (((long long)b * Hkv + (head - Hq)) * max_seq + p) * D;
+      dst[j] = y1;
+      dst[j + half] = y2;
+    } else {
+      u16* dst = v_cache + (((long long)b * Hkv + (head - Hq - Hkv)) * max_seq + p) * D;
+      dst[j] = src[head * D + j];
+      dst[j + half] = src[head * D + j + half];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- SiLU(gate) * up
+// gate_up [rows, 2 I] (gate | up) -> out [rows, I]; one thread per 8 outputs (16-byte loads).
+extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __restrict__ out, int rows, int I) {
+  const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int per_row = I / 8;
+  if (chunk >= (long long)rows * per_row) return;
+  const long long r = chunk / per_row, c = chunk % per_row;
+  float g[8], u[8];
+  halves8_to_float(reinterpret_cast<const uint4*>(gate_up + r * 2 * I)[c], g);
+  halves8_to_float(reinterpret_cast<const uint4*>(gate_up + r * 2 * I + I)[c], u);
+  float y[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) y[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
+  reinterpret_cast<uint4*>(out + r * I)[c] =
+      make_uint4(float2_to_half2(y[0], y[1]), float2_to_half2(y[2], y[3]), float2_to_half2(y[4], y[5]),
+                 float2_to_half2(y[6], y[7]));
+}
+
+// ---------------------------------------------------------------- attention over the KV cache
+// Template: D (head dim) and R, the query rows one block serves: R = G * QT, the G = Hq / Hkv query
+// heads of one KV head times QT consecutive tokens (decode: QT = 1). Row r is token qt * QT + r / G,
+// head kvh * G + r % G; it sees keys 0 .. pos + t (causal).
+// Grid (splits, Hkv, B * q_tiles); block 4 warps. The keys a block's rows can see, [0, key_end), are cut
+// into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one. Each warp walks
+// 32-key tiles of the chunk with one key per lane: the lane reads its key's row (16-byte loads) and
+// forms R scores against q in shared memory; an online softmax per row (running max m, sum l, both
+// replicated over the warp) rescales the accumulator, whose D columns are spread over the lanes
+// (D/32 each), and the tile's probabilities go through shared memory to weight the V rows, which the
+// warp reads row by row, coalesced. The 4 warps then merge (m, l, acc); with splits > 1 the block
+// stores its unnormalised partial and takes a ticket on its (sequence, query tile, KV head), and the
+// last block merges the splits in split order (deterministic) and writes fp16.
+constexpr int kAttnWarps = 4;
+
+template <int D, int R>
+struct AttentionSmem {
+  static_assert(D % 32 == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
+  static_assert(R * D <= 2048, "query rows x head dim: at most 2048 (48 KB of static shared memory)");
+  union {
+    struct {
+      float q[R][D];                 // pre-scaled by log2(e) / sqrt(D): scores in base 2
+      float p[kAttnWarps][R][32];    // one tile's probabilities, per warp
+    } loop;
+    float acc[kAttnWarps][R][D];     // the warps' accumulators, to merge
+  } u;
+  float m[kAttnWarps][R], l[kAttnWarps][R];
+};
+
+template <int D, int R>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    attention(const u16* __restrict__ q, const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
+              u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
+              int pos, int max_seq, int chunk, float scale) {
+  constexpr int kCols = D / 32;  // accumulator columns per lane
+  __shared__ AttentionSmem<D, R> sm;
+  const int G = Hq / Hkv, QT = R / G;
+  const int split = blockIdx.x, splits = gridDim.x, kvh = blockIdx.y;
+  const int q_tiles = (T + QT - 1) / QT, b = blockIdx.z / q_tiles, qt = blockIdx.z % q_tiles;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t0 = qt * QT, rows_t = min(QT, T - t0);
+  const int key_end = pos + t0 + rows_t;  // keys 0 .. key_end - 1 are visible to some row
+  const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
+  const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
+
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+    const int r = i / D, d = i % D, t = t0 + r / G;
+    sm.u.loop.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
+                                    scale * kLog2e
+                              : 0.f;
+  }
+  __syncthreads();
+
+  float m[R], l[R], acc[R][kCols];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = QL_NEG_INF;
+    l[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
+  }
+
+  for (int tile = k_begin + warp * 32; tile < k_end; tile += kAttnWarps * 32) {
+    const int key = tile + lane;
+    float s[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = 0.f;
+    if (key < k_end) {
+      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D);
+#pragma unroll
+      for (int d0 = 0; d0 < D; d0 += 8) {
+        float kf[8];
+        halves8_to_float(k_row[d0 / 8], kf);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float4 qa = *reinterpret_cast<const float4*>(&sm.u.loop.q[r][d0]);
+          const float4 qb = *reinterpret_cast<const float4*>(&sm.u.loop.q[r][d0 + 4]);
+          s[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                  qb.z * kf[6] + qb.w * kf[7];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int t = t0 + r / G;
+      if (key >= k_end || key > pos + t || t >= T) s[r] = QL_NEG_INF;  // past the chunk, or causal
+      const float m_new = fmaxf(m[r], warp_max(s[r]));
+      // A row that has seen no key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
+      const float alpha = m_new == QL_NEG_INF ? 1.f : exp2f(m[r] - m_new);
+      const float p = m_new == QL_NEG_INF ? 0.f : exp2f(s[r] - m_new);
+      l[r] = l[r] * alpha + warp_sum(p);
+      m[r] = m_new;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
+      sm.u.loop.p[warp][r][lane] = p;
+    }
+    __syncwarp();
+    const int keys = min(32, k_end - tile);
+    for (int j = 0; j < keys; ++j) {
+      const u16* v_row = v_cache + kv_base + (long long)(tile + j) * D + lane * kCols;
+      float v[kCols];
+      load_halves<kCols>(v_row, v);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float p = sm.u.loop.p[warp][r][j];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[r][c] += p * v[c];
+      }
+    }
+    __syncwarp();
+  }
+
+  // Merge the warps: (m, l) per warp and row, then the accumulators through shared memory.
+  __syncthreads();  // every warp is done with q and p: the union's other member takes over
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      sm.m[warp][r] = m[r];
+      sm.l[warp][r] = l[r];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) sm.u.acc[warp][r][lane * kCols + c] = acc[r][c];
+  __syncthreads();
+
+  const long long slot = ((long long)blockIdx.z * Hkv + kvh);  // (sequence, query tile, KV head)
+  float* my_partial = partial + (slot * splits + split) * R * (D + 2);
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float m_max = QL_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) m_max = fmaxf(m_max, sm.m[w][r]);
+    float l_sum = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) {
+      const float wgt = sm.m[w][r] == QL_NEG_INF ? 0.f : exp2f(sm.m[w][r] - m_max);
+      l_sum += sm.l[w][r] * wgt;
+      o += sm.u.acc[w][r][d] * wgt;
+    }
+    const int t = t0 + r / G;
+    if (splits == 1) {
+      if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o / l_sum);
+    } else {
+      my_partial[r * (D + 2) + d] = o;
+      if (d == 0) {
+        my_partial[r * (D + 2) + D] = m_max;
+        my_partial[r * (D + 2) + D + 1] = l_sum;
+      }
+    }
+  }
+  if (splits == 1 || !take_ticket(tickets + slot, splits)) return;
+
+  const float* slot_partials = partial + slot * splits * R * (D + 2);
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+    const int r = i / D, d = i % D, t = t0 + r / G;
+    if (t >= T) continue;
+    float m_max = QL_NEG_INF;
+    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, load_l2_f32(slot_partials + (s * R + r) * (D + 2) + D));
+    float l_sum = 0.f, o = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* p = slot_partials + (s * R + r) * (D + 2);
+      const float m_s = load_l2_f32(p + D);
+      const float wgt = m_s == QL_NEG_INF ? 0.f : exp2f(m_s - m_max);
+      l_sum += load_l2_f32(p + D + 1) * wgt;
+      o += load_l2_f32(p + d) * wgt;
+    }
+    out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o / l_sum);
+  }
+}

@@ -1,0 +1,87 @@
+"""Per-op time of one decode step (``quick-lab e2e --breakdown``): µs per op class per layer.
+
+Method. A cache of ``context`` positions is filled with random K/V (attention time depends on the
+length read, not the values) and one decode step's state is set up by running every layer once.
+Then, for each op class of :meth:`quick_lab.model.decoder.Model.layer_ops` (norm, qkv, rope_kv,
+attention, o, gate_up, silu_mul, down), the ops of that class in *every* layer run back to back in
+one CUDA graph: each layer has its own weights and cache, so nothing is served from L2 that a real
+step would read from DRAM. The graph launch is timed with CUDA events (median of ``reps``) and
+divided by the number of layers. ``layer`` is the whole step (every op of every layer, one graph)
+per layer; ``gemm`` the sum of the four GEMM classes; ``other`` = ``layer`` - ``gemm``, the non-GEMM
+cost as it shows in the step (launch gaps included), which the per-class rows itemise.
+"""
+from __future__ import annotations
+
+import statistics
+
+from quick_lab.model.decoder import GEMM_OPS, Model
+
+__all__ = ["OP_CLASSES", "breakdown"]
+
+OP_CLASSES = ("norm", "qkv", "rope_kv", "attention", "o", "gate_up", "silu_mul", "down")
+
+
+def _graph_time_us(fn, stream, reps: int) -> float:
+    """Median CUDA-event time of ``fn`` captured once into a graph (warmed up first, uncaptured)."""
+    import cupy
+
+    from quick_lab.model.sweep import capture
+
+    with stream:
+        fn()
+        graph, _ = capture(fn, stream)
+        graph.launch(stream)
+        times = []
+        for _ in range(reps):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3)
+    return statistics.median(times)
+
+
+def breakdown(model: Model, batch: int, context: int, backend: str, reps: int = 20, seed: int = 0) -> list[dict]:
+    """Rows (op, us_per_layer) for one decode step of ``batch`` sequences at position ``context``."""
+    import cupy
+
+    cfg, layers = model.cfg, len(model.layers)
+    cache = model.new_cache(batch, context + 1)
+    rng = cupy.random.default_rng(seed)
+    for a in (*cache.k, *cache.v):
+        a[...] = rng.standard_normal(a.shape, dtype=cupy.float32).astype(cupy.float16)
+    tokens = cupy.asarray(rng.integers(0, cfg.vocab, (batch, 1)), dtype=cupy.int32)
+    pool = cupy.cuda.MemoryPool()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    rows = []
+    try:
+        with cupy.cuda.using_allocator(pool.malloc), stream:
+            st = model.start(tokens, cache, context)
+            ops = [model.layer_ops(i, cache, st, backend) for i in range(layers)]
+            for layer_ops in ops:  # sets every intermediate in st, as a real step leaves them
+                for _, op in layer_ops:
+                    op()
+            h0 = st.h.copy()
+
+            def run(names=None):
+                st.h[...] = h0  # the residual adds would otherwise grow it on every replay
+                for layer_ops in ops:
+                    for name, op in layer_ops:
+                        if names is None or name in names:
+                            op()
+
+            times = {name: _graph_time_us(lambda n=name: run((n,)), stream, reps) / layers for name in OP_CLASSES}
+            times["layer"] = _graph_time_us(run, stream, reps) / layers
+            # the residual reset copy is in every graph above: time it alone and take it out
+            reset = _graph_time_us(lambda: run(()), stream, reps) / layers
+    finally:
+        stream.synchronize()
+        pool.free_all_blocks()
+    times = {k: max(v - reset, 0.0) for k, v in times.items()}
+    times["gemm"] = sum(times[k] for k in GEMM_OPS)
+    times["other"] = times["layer"] - times["gemm"]
+    for op, us in times.items():
+        rows.append(dict(model=cfg.name, layers=layers, backend=backend, batch=batch, context=context, op=op,
+                         us_per_layer=us))
+    return rows

@@ -1,0 +1,173 @@
+"""The decoder's fused non-GEMM ops (``kernels/decoder.cu``) on CuPy arrays: residual add + RMSNorm,
+RoPE with the KV-cache write, attention over the cache (flash-decoding split, online softmax, causal)
+and SiLU x up. Launch code only; the decoder (:mod:`quick_lab.model.decoder`) decides what runs when.
+
+Every op launches on the current stream and allocates nothing that outlives the call except its
+output, so a decode step is capturable in one CUDA graph. Shapes are checked here once per call
+(cheap Python), the kernels assume them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from quick_lab.build import device, loader
+
+__all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows", "decode_splits",
+           "rope_kv", "silu_mul"]
+
+ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
+_NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
+_MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
+_MIN_KEYS_PER_SPLIT = 64
+_NULL = np.uint64(0)         # a null pointer argument (the unused workspace of an unsplit launch)
+
+
+def _check_fp16(arr, name: str, ndim: int) -> None:
+    import cupy
+
+    if not isinstance(arr, cupy.ndarray):
+        raise TypeError(f"{name} must be a cupy.ndarray, got {type(arr).__name__}")
+    if arr.dtype != cupy.float16 or arr.ndim != ndim or not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {ndim}-D float16 array, got {arr.dtype} "
+                         f"{arr.ndim}-D{'' if arr.flags.c_contiguous else ' non-contiguous'}")
+
+
+def add_rms_norm(h, weight, eps: float, delta=None, out=None):
+    """``h += delta`` (in place, fp16; skipped when ``delta`` is None), then
+    ``out = h / sqrt(mean(h**2) + eps) * weight`` per row with fp32 statistics. h [rows, H]."""
+    import cupy
+
+    _check_fp16(h, "h", 2)
+    rows, H = h.shape
+    if H % 8 or H > _NORM_MAX_FEATURES:
+        raise ValueError(f"h: features must be a multiple of 8 and at most {_NORM_MAX_FEATURES}, got {H}")
+    if weight.shape != (H,) or weight.dtype != cupy.float16:
+        raise ValueError(f"weight must be float16 [{H}], got {weight.dtype} {weight.shape}")
+    if delta is not None:
+        _check_fp16(delta, "delta", 2)
+        if delta.shape != h.shape:
+            raise ValueError(f"delta must have h's shape {h.shape}, got {delta.shape}")
+    out = cupy.empty_like(h) if out is None else out
+    if rows:
+        loader.support_kernel("add_rms_norm")((rows,), (256,), (h, _NULL if delta is None else delta, weight, out, np.int32(H),
+                                                                np.float32(eps)))
+    return out
+
+
+def rope_kv(qkv, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int, pos: int, T: int):
+    """RoPE on q and k of ``qkv`` [B*T, (Hq + 2 Hkv) D] at positions pos .. pos+T-1; returns q
+    [B*T, Hq D]; k and v go to the caches [B, Hkv, max_seq, D] at those positions."""
+    import cupy
+
+    _check_fp16(qkv, "qkv", 2)
+    B, Hkv, max_seq, D = k_cache.shape
+    rows = qkv.shape[0]
+    if rows != B * T or qkv.shape[1] != (n_heads + 2 * n_kv_heads) * D or Hkv != n_kv_heads:
+        raise ValueError(f"qkv {qkv.shape} does not match batch {B} x {T} tokens of "
+                         f"({n_heads} + 2 x {n_kv_heads}) heads of {D}")
+    if pos < 0 or pos + T > max_seq or cos.shape[0] < pos + T:
+        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
+    q = cupy.empty((rows, n_heads * D), dtype=cupy.float16)
+    if rows:
+        loader.support_kernel("rope_kv")((rows,), (256,), (qkv, cos, sin, q, k_cache, v_cache, np.int32(T),
+                                                            np.int32(n_heads), np.int32(n_kv_heads), np.int32(D),
+                                                            np.int32(pos), np.int32(max_seq)))
+    return q
+
+
+def silu_mul(gate_up):
+    """``SiLU(gate) * up`` of ``gate_up`` [rows, 2 I] (gate | up) -> [rows, I]."""
+    import cupy
+
+    _check_fp16(gate_up, "gate_up", 2)
+    rows, two_i = gate_up.shape
+    if two_i % 16:
+        raise ValueError(f"gate_up: width must be 2 x a multiple of 8, got {two_i}")
+    inter = two_i // 2
+    out = cupy.empty((rows, inter), dtype=cupy.float16)
+    chunks = rows * inter // 8
+    if chunks:
+        loader.support_kernel("silu_mul")((-(-chunks // 256),), (256,), (gate_up, out, np.int32(rows), np.int32(inter)))
+    return out
+
+
+def attention_rows(group: int, head_dim: int, tokens: int) -> int:
+    """Query rows one attention block serves (the kernel's R): the ``group`` query heads of one KV head
+    times as many tokens as fit R * D <= 2048 and R <= 16 (decode: one token)."""
+    if group * head_dim > _MAX_ROWS_X_DIM or group > 16:
+        raise ValueError(f"{group} query heads per KV head of dim {head_dim}: the attention kernel serves at most "
+                         f"16 rows and rows x head_dim <= {_MAX_ROWS_X_DIM}")
+    if tokens == 1:
+        return group
+    per_block = max(1, min(16, _MAX_ROWS_X_DIM // head_dim) // group)
+    return group * min(per_block, tokens)
+
+
+def decode_splits(blocks: int, keys: int, num_sms: int, max_splits: int) -> int:
+    """Key-range splits for one decode step: enough blocks for two per SM (a full wave, latency hidden by
+    the second), at least 64 keys per split, at most ``max_splits`` (the workspace's size)."""
+    want = -(-2 * num_sms // max(blocks, 1))
+    return max(1, min(want, -(-keys // _MIN_KEYS_PER_SPLIT), max_splits))
+
+
+class AttentionWorkspace:
+    """Scratch for split attention: fp32 partials and the zeroed ticket counters (the last block of a
+    slot resets its counter, so one buffer serves every launch on a stream)."""
+
+    def __init__(self, slots: int, max_splits: int, rows: int, head_dim: int):
+        import cupy
+
+        self.slots, self.max_splits, self.rows, self.head_dim = slots, max_splits, rows, head_dim
+        self.partial = cupy.empty(slots * max_splits * rows * (head_dim + 2), dtype=cupy.float32)
+        self.tickets = cupy.zeros(max(slots, 1), dtype=cupy.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_kernel(head_dim: int, rows: int):
+    return loader.load_function("decoder.cu", f"attention<{head_dim}, {rows}>")
+
+
+def attention(q, k_cache, v_cache, n_heads: int, pos: int, T: int, workspace: AttentionWorkspace | None = None,
+              splits: int | None = None):
+    """Causal attention of q [B*T, Hq D] (tokens at pos .. pos+T-1) over the cache, which holds keys
+    0 .. pos+T-1: returns [B*T, Hq D] fp16, heads in q's order (query head j uses KV head j // group).
+    ``splits`` > 1 (decode) needs a ``workspace``; default: :func:`decode_splits` for T = 1, else 1."""
+    import cupy
+
+    _check_fp16(q, "q", 2)
+    B, Hkv, max_seq, D = k_cache.shape
+    if n_heads % Hkv or q.shape != (B * T, n_heads * D):
+        raise ValueError(f"q {q.shape} does not match batch {B} x {T} tokens of {n_heads} heads of {D} "
+                         f"over {Hkv} KV heads")
+    if D % 32 or D > 256:
+        raise ValueError(f"head_dim must be a multiple of 32, at most 256, got {D}")
+    if pos < 0 or pos + T > max_seq:
+        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
+    group = n_heads // Hkv
+    rows = attention_rows(group, D, T)
+    q_tiles = -(-T // (rows // group))
+    slots = B * q_tiles * Hkv
+    if splits is None:
+        splits = 1 if T > 1 or workspace is None else decode_splits(
+            slots, pos + T, device.num_sms(cupy.cuda.Device().id), workspace.max_splits)
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    if splits > 1 and (workspace is None or workspace.slots < slots or workspace.max_splits < splits
+                       or workspace.rows * workspace.head_dim < rows * D):
+        raise ValueError(f"splits = {splits} needs a workspace of >= {slots} slots x {splits} splits x {rows} rows "
+                         f"x head dim {D}")
+    keys = pos + T
+    chunk = -(-keys // splits)
+    chunk = -(-chunk // 32) * 32
+    out = cupy.empty_like(q)
+    if B * T == 0:
+        return out
+    partial, tickets = (workspace.partial, workspace.tickets) if splits > 1 else (_NULL, _NULL)
+    _attention_kernel(D, rows)((splits, Hkv, B * q_tiles), (ATTENTION_WARPS * 32,),
+                               (q, k_cache, v_cache, out, partial, tickets, np.int32(T), np.int32(n_heads),
+                                np.int32(Hkv), np.int32(pos), np.int32(max_seq), np.int32(chunk),
+                                np.float32(1.0 / math.sqrt(D))))
+    return out

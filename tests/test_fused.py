@@ -1,0 +1,213 @@
+"""The decoder's fused non-GEMM kernels (kernels/decoder.cu, quick_lab.model.fused) against float64
+NumPy references: residual add + RMSNorm, RoPE + KV-cache write, attention over the cache (decode
+splits and prefill tiles, GQA and MHA, contexts that cross the split and tile boundaries), SiLU x up.
+Outputs and unused cache positions are poisoned with NaN first, so a read or a write out of range
+fails. CPU: the split and row rules, and that the presets' instantiations are the prebuilt ones."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from quick_lab.build.sources import SUPPORT_TEMPLATES
+from quick_lab.model import fused
+from quick_lab.model.config import PRESETS
+
+
+# ---------------------------------------------------------------- CPU
+
+
+def test_presets_launch_only_prebuilt_attention_instances():
+    built = set(SUPPORT_TEMPLATES["decoder.cu"])
+    for cfg in PRESETS.values():
+        group = cfg.n_heads // cfg.n_kv_heads
+        for tokens in (1, 128):
+            rows = fused.attention_rows(group, cfg.head_dim, tokens)
+            assert f"attention<{cfg.head_dim}, {rows}>" in built, (cfg.name, tokens)
+
+
+def test_attention_rows_rules():
+    assert fused.attention_rows(4, 128, 1) == 4            # decode: one token, the group's heads
+    assert fused.attention_rows(4, 128, 100) == 16         # prefill: 4 tokens x 4 heads
+    assert fused.attention_rows(1, 128, 3) == 3            # never more tokens than there are
+    assert fused.attention_rows(8, 256, 50) == 8           # rows x head_dim <= 2048
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fused.attention_rows(32, 64, 1)
+
+
+def test_decode_splits_fill_the_machine_within_limits():
+    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=32) == 32   # capped by workspace
+    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=64) == 33   # two blocks per SM
+    assert fused.decode_splits(blocks=8, keys=129, num_sms=132, max_splits=32) == 3     # >= 64 keys a split
+    assert fused.decode_splits(blocks=2048, keys=4096, num_sms=132, max_splits=32) == 1  # batch fills it
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _rope_ref(x, pos0, theta, D):
+    """x [B, T, H, D] float64, rotate-half RoPE at positions pos0 + t."""
+    inv = 1.0 / theta ** (np.arange(0, D, 2) / D)
+    ang = np.outer(np.arange(pos0, pos0 + x.shape[1]), inv)[None, :, None, :]
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,H", [(1, 4096), (7, 5120), (33, 256), (3, 8192), (2, 16384)])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_matches_reference(rows, H, with_delta):
+    import cupy
+
+    rng = np.random.default_rng(rows * H)
+    h = rng.standard_normal((rows, H)).astype(np.float16)
+    d = rng.standard_normal((rows, H)).astype(np.float16)
+    w = rng.uniform(0.5, 1.5, H).astype(np.float16)
+    h_gpu = cupy.asarray(h)
+    out = cupy.full((rows, H), np.nan, dtype=cupy.float16)
+    fused.add_rms_norm(h_gpu, cupy.asarray(w), 1e-5, delta=cupy.asarray(d) if with_delta else None, out=out)
+    hs = (h.astype(np.float64) + d.astype(np.float64)).astype(np.float16) if with_delta else h
+    np.testing.assert_array_equal(cupy.asnumpy(h_gpu), hs)  # the residual, updated in place (or not)
+    x = hs.astype(np.float64)
+    ref = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+    got = cupy.asnumpy(out)
+    assert np.isfinite(got).all() and _rel(got, ref) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,inter", [(1, 14336), (7, 8), (33, 520)])
+def test_silu_mul_matches_reference(rows, inter):
+    import cupy
+
+    gu = np.random.default_rng(inter).standard_normal((rows, 2 * inter)).astype(np.float16)
+    got = cupy.asnumpy(fused.silu_mul(cupy.asarray(gu)))
+    g, u = gu[:, :inter].astype(np.float64), gu[:, inter:].astype(np.float64)
+    ref = g / (1 + np.exp(-g)) * u
+    assert np.isfinite(got).all() and _rel(got, ref) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,pos,Hq,Hkv,D", [(1, 1, 0, 32, 8, 128), (3, 5, 7, 4, 2, 64), (2, 17, 0, 40, 40, 128),
+                                              (1, 1, 4094, 64, 8, 128)])
+def test_rope_kv_rotates_q_and_k_and_fills_the_cache(B, T, pos, Hq, Hkv, D):
+    import cupy
+
+    max_seq, theta = pos + T + 3, 1e4
+    rng = np.random.default_rng(B * T + pos)
+    qkv = rng.standard_normal((B * T, (Hq + 2 * Hkv) * D)).astype(np.float16)
+    inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = np.outer(np.arange(max_seq, dtype=np.float64), inv)
+    cos, sin = cupy.asarray(np.cos(ang).astype(np.float32)), cupy.asarray(np.sin(ang).astype(np.float32))
+    k_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
+    v_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
+    q = cupy.asnumpy(fused.rope_kv(cupy.asarray(qkv), cos, sin, k_cache, v_cache, Hq, Hkv, pos, T))
+    x = qkv.astype(np.float64).reshape(B, T, Hq + 2 * Hkv, D)
+    q_ref = _rope_ref(x[:, :, :Hq], pos, theta, D)
+    k_ref = _rope_ref(x[:, :, Hq:Hq + Hkv], pos, theta, D).transpose(0, 2, 1, 3)
+    v_ref = x[:, :, Hq + Hkv:].transpose(0, 2, 1, 3)
+    k, v = cupy.asnumpy(k_cache), cupy.asnumpy(v_cache)
+    assert _rel(q.reshape(B, T, Hq, D), q_ref) < 1e-3
+    assert _rel(k[:, :, pos:pos + T], k_ref) < 1e-3
+    np.testing.assert_array_equal(v[:, :, pos:pos + T], v_ref.astype(np.float16))
+    outside = np.ones(max_seq, bool)
+    outside[pos:pos + T] = False
+    assert np.isnan(k[:, :, outside]).all() and np.isnan(v[:, :, outside]).all()  # nothing else written
+
+
+def _attention_ref(q, k, v, pos):
+    """q [B, T, Hq, D], k/v [B, Hkv, L, D] (L = pos + T) float64; causal, GQA."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    kk, vv = (np.repeat(a, Hq // Hkv, axis=1) for a in (k, v))   # [B, Hq, L, D]
+    s = np.einsum("bthd,bhld->bhtl", q, kk) / math.sqrt(D)
+    allowed = np.arange(pos + T)[None, :] <= (pos + np.arange(T))[:, None]
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhtl,bhld->bthd", p, vv)
+
+
+def _run_attention(B, T, pos, Hq, Hkv, D, splits, seed=0):
+    import cupy
+
+    max_seq = pos + T + 40  # cache rows beyond pos + T stay NaN: reading one would poison the output
+    rng = np.random.default_rng(seed)
+    L = pos + T
+    k = rng.standard_normal((B, Hkv, L, D)).astype(np.float16)
+    v = rng.standard_normal((B, Hkv, L, D)).astype(np.float16)
+    q = rng.standard_normal((B, T, Hq, D)).astype(np.float16)
+    k_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
+    v_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
+    k_cache[:, :, :L] = cupy.asarray(k)
+    v_cache[:, :, :L] = cupy.asarray(v)
+    ws = fused.AttentionWorkspace(B * Hkv, 64, Hq // Hkv, D)
+    out = fused.attention(cupy.asarray(q.reshape(B * T, Hq * D)), k_cache, v_cache, Hq, pos, T, ws, splits=splits)
+    got = cupy.asnumpy(out).reshape(B, T, Hq, D)
+    ref = _attention_ref(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), pos)
+    return got, ref, ws
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (40, 40, 128), (64, 8, 128), (4, 2, 64), (8, 1, 32)])
+@pytest.mark.parametrize("L", [1, 31, 32, 33, 129, 1000])
+@pytest.mark.parametrize("splits", [1, 3, 32])
+def test_decode_attention_matches_reference(Hq, Hkv, D, L, splits):
+    got, ref, ws = _run_attention(3, 1, L - 1, Hq, Hkv, D, splits, seed=L * splits)
+    assert np.isfinite(got).all() and _rel(got, ref) < 2e-3
+    import cupy
+
+    assert int(cupy.count_nonzero(ws.tickets)) == 0  # the last block of every slot reset its ticket
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (40, 40, 128), (64, 8, 128), (4, 2, 64)])
+@pytest.mark.parametrize("T,pos", [(2, 0), (5, 0), (17, 0), (33, 9), (100, 0)])
+def test_prefill_attention_is_causal_and_matches_reference(Hq, Hkv, D, T, pos):
+    got, ref, _ = _run_attention(2, T, pos, Hq, Hkv, D, 1, seed=T + pos)
+    assert np.isfinite(got).all() and _rel(got, ref) < 2e-3
+
+
+@pytest.mark.gpu
+def test_decode_attention_default_splits_and_repeat_launches_agree():
+    # Same inputs, default split choice, launched twice on one workspace: identical bits (the split
+    # merge is in split order, and the tickets were left at zero by the first launch).
+    import cupy
+
+    B, Hq, Hkv, D, L = 1, 32, 8, 128, 4096
+    rng = np.random.default_rng(1)
+    k_cache = cupy.asarray(rng.standard_normal((B, Hkv, L, D)).astype(np.float16))
+    v_cache = cupy.asarray(rng.standard_normal((B, Hkv, L, D)).astype(np.float16))
+    q = cupy.asarray(rng.standard_normal((B, Hq * D)).astype(np.float16))
+    ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
+    a = fused.attention(q, k_cache, v_cache, Hq, L - 1, 1, ws)
+    b = fused.attention(q, k_cache, v_cache, Hq, L - 1, 1, ws)
+    np.testing.assert_array_equal(cupy.asnumpy(a), cupy.asnumpy(b))
+    ref = _attention_ref(cupy.asnumpy(q).astype(np.float64).reshape(B, 1, Hq, D),
+                         cupy.asnumpy(k_cache).astype(np.float64), cupy.asnumpy(v_cache).astype(np.float64), L - 1)
+    assert _rel(cupy.asnumpy(a).reshape(ref.shape), ref) < 2e-3
+
+
+@pytest.mark.gpu
+def test_fused_ops_reject_bad_input():
+    import cupy
+
+    h = cupy.ones((2, 100), dtype=cupy.float16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fused.add_rms_norm(h, cupy.ones(100, dtype=cupy.float16), 1e-5)
+    with pytest.raises(ValueError, match="float16"):
+        fused.silu_mul(cupy.ones((2, 32), dtype=cupy.float32))
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        fused.silu_mul(np.ones((2, 32), dtype=np.float16))
+    cache = cupy.zeros((1, 2, 8, 64), dtype=cupy.float16)
+    q = cupy.ones((1, 4 * 64), dtype=cupy.float16)
+    with pytest.raises(ValueError, match="do not fit the cache"):
+        fused.attention(q, cache, cache, 4, 8, 1)
+    with pytest.raises(ValueError, match="needs a workspace"):
+        fused.attention(q, cache, cache, 4, 3, 1, splits=2)
