@@ -60,7 +60,14 @@ def _check_dims(K: int, N: int, group_size: int, what: str) -> None:
 def _dtype_of(arr: Any, name: str) -> np.dtype:
     if not hasattr(arr, "dtype") or not hasattr(arr, "shape"):
         raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
-    return np.dtype(arr.dtype)
+    try:
+        return np.dtype(arr.dtype)
+    except TypeError:
+        # A torch dtype is not a NumPy one, but its name is: torch.int32 -> int32, torch.float16 -> float16.
+        try:
+            return np.dtype(str(arr.dtype).rsplit(".", 1)[-1])
+        except TypeError:
+            raise TypeError(f"{name} has dtype {arr.dtype}, which has no NumPy equivalent") from None
 
 
 def _check_array(arr: Any, name: str, dtype: Any) -> None:

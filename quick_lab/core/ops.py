@@ -8,6 +8,10 @@ M >= 1: rows past M are zero-filled on load and masked on store. ``plan_*`` retu
 This module only plans and launches: which kernel runs is :mod:`quick_lab.core.dispatch`'s choice,
 what a launch of it needs is its family record in :mod:`quick_lab.core.registry`. Every call is
 validated once, before anything is chosen or allocated.
+
+Every op also takes a CUDA torch tensor or any array that speaks DLPack or ``__cuda_array_interface__``
+(weight fields included), viewed without a copy; it then launches on the caller's current stream (torch:
+``torch.cuda.current_stream()``) and returns the caller's kind (:mod:`quick_lab.core.interop`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from quick_lab.build import device, loader
-from quick_lab.core import configs, dispatch, registry, validation, variants
+from quick_lab.core import configs, dispatch, interop, registry, validation, variants
 from quick_lab.core.format import AWQWeight
 from quick_lab.core.interleave import QuickWeight
 
@@ -64,12 +68,15 @@ class GemmPlan:
     _grid: tuple
     _args: tuple
     _out: object
+    caller: interop.Caller | None = None  # a torch / array-API x: its stream, its kind back (None: CuPy)
+    given_out: object = None               # the caller's own ``out``, returned as given
 
     def run(self):
-        if self.M > 0:
-            self._kernel(self._grid, (self.config.threads,), self._args,
-                         shared_mem=self.family.shared_bytes(self.config))
-        return self._out
+        with interop.launch_context(self.caller):
+            if self.M > 0:
+                self._kernel(self._grid, (self.config.threads,), self._args,
+                             shared_mem=self.family.shared_bytes(self.config))
+            return interop.to_caller(self._out, self.caller, self.given_out)
 
     @property
     def out(self):
@@ -108,7 +115,30 @@ def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: in
     return GemmPlan(kind, cfg, split, M, K, N, fam, kernel, launch.grid, args, out)
 
 
+def _as_cupy_args(x, weight, out):
+    """CuPy views (no copy) of an op's arrays, the weight's fields first (validation's order)."""
+    weight = interop.weight_as_cupy(weight)
+    return interop.as_cupy(x, "x"), weight, None if out is None else interop.as_cupy(out, "out")
+
+
+def _caller_plan(make, x, weight, out):
+    """``make(x, weight, out)`` on CuPy views of the arguments, planned on the caller's device and
+    stream; the plan remembers the caller (its ``run`` launches there and returns the caller's kind)."""
+    caller = interop.caller_of(x)
+    with interop.launch_context(caller):
+        plan = make(*_as_cupy_args(x, weight, out))
+    plan.caller, plan.given_out = caller, out
+    return plan
+
+
 def _plan(kind: str, x, weight, config, split_k, out):
+    def make(x, weight, out):
+        return _plan_views(kind, x, weight, config, split_k, out)
+
+    return _caller_plan(make, x, weight, out)
+
+
+def _plan_views(kind: str, x, weight, config, split_k, out):
     K, N, G = validation.check_weight(weight, kind)
     M = validation.check_activations(x, K)
     if config is None and split_k is None:
@@ -180,14 +210,17 @@ class FallbackPlan:
     _weight: object
     _w_t: object
     _out: object
+    caller: interop.Caller | None = None  # as GemmPlan's
+    given_out: object = None
 
     def run(self):
-        if self.M == 0:
-            return self._out
-        _launch_dequantize_quick_t(self._weight, self._w_t)
         import cupy
 
-        return cupy.matmul(self._x, self._w_t.T, out=self._out)
+        with interop.launch_context(self.caller):
+            if self.M > 0:
+                _launch_dequantize_quick_t(self._weight, self._w_t)
+                cupy.matmul(self._x, self._w_t.T, out=self._out)
+            return interop.to_caller(self._out, self.caller, self.given_out)
 
     @property
     def label(self) -> tuple[str, str, int]:
@@ -201,9 +234,12 @@ class FallbackPlan:
 def plan_fallback(x, weight: QuickWeight, *, out=None) -> FallbackPlan:
     if not isinstance(weight, QuickWeight):
         raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
-    K, N, _ = validation.check_weight(weight, "quick")
-    M = validation.check_activations(x, K)
-    return _fallback_plan(x, weight, M, K, N, out)
+
+    def make(x, weight, out):
+        K, N, _ = validation.check_weight(weight, "quick")
+        return _fallback_plan(x, weight, validation.check_activations(x, K), K, N, out)
+
+    return _caller_plan(make, x, weight, out)
 
 
 def _fallback_plan(x, weight: QuickWeight, M: int, K: int, N: int, out) -> FallbackPlan:
@@ -226,10 +262,13 @@ def dequantize_quick_t(weight: QuickWeight):
 
     if not isinstance(weight, QuickWeight):
         raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
-    K, N, _ = validation.check_weight(weight, "quick")
-    out_t = cupy.empty((N, K), dtype=cupy.float16)
-    _launch_dequantize_quick_t(weight, out_t)
-    return out_t
+    caller = interop.caller_of(weight.qweight)
+    with interop.launch_context(caller):
+        weight = interop.weight_as_cupy(weight)
+        K, N, _ = validation.check_weight(weight, "quick")
+        out_t = cupy.empty((N, K), dtype=cupy.float16)
+        _launch_dequantize_quick_t(weight, out_t)
+        return interop.to_caller(out_t, caller)
 
 
 def dequantize(weight: AWQWeight):
@@ -238,14 +277,18 @@ def dequantize(weight: AWQWeight):
 
     if not isinstance(weight, AWQWeight):
         raise TypeError(f"weight must be an AWQWeight, got {type(weight).__name__}")
-    K, N, G = validation.check_weight(weight, "awq")
-    out = cupy.empty((K, N), dtype=cupy.float16)
-    words = K * N // 8
-    threads = 256
-    loader.support_kernel("dequantize_awq")((-(-words // threads),), (threads,),
-                                             (weight.qweight, weight.qzeros, weight.scales, out,
-                                              np.int32(K), np.int32(N), np.int32(G)))
-    return out
+    caller = interop.caller_of(weight.qweight)
+    with interop.launch_context(caller):
+        weight = interop.weight_as_cupy(weight)
+        K, N, G = validation.check_weight(weight, "awq")
+        out = cupy.empty((K, N), dtype=cupy.float16)
+        words = K * N // 8
+        threads = 256
+        loader.support_kernel("dequantize_awq")((-(-words // threads),), (threads,),
+                                                 (weight.qweight, weight.qzeros, weight.scales, out,
+                                                  np.int32(K), np.int32(N), np.int32(G)))
+        return interop.to_caller(out, caller)
+
 
 # ---------------------------------------------------------------- the interleave on the GPU
 
@@ -256,21 +299,26 @@ def interleave_gpu(awq) -> QuickWeight:
     """AutoAWQ-format weight on the GPU -> the QUICK layout on the GPU (kernels/interleave.cu), bit-exact
     with :func:`quick_lab.core.interleave.interleave` (qweight, qzeros and scales equal): one pass over
     the weight at memory speed, where the NumPy reordering runs at ~35 MB/s. ``awq`` holds CuPy arrays
-    (:func:`to_device`); the result is a new QuickWeight of CuPy arrays, ``awq`` is left as it is."""
+    (:func:`to_device`) or other CUDA arrays (torch tensors, ...: then the result's arrays are of that
+    kind); the result is a new QuickWeight, ``awq`` is left as it is."""
     import cupy
 
     if not isinstance(awq, AWQWeight):
         raise TypeError(f"awq must be an AWQWeight (AutoAWQ GEMM format, CuPy arrays), got {type(awq).__name__}")
-    K, N, G = validation.check_weight(awq, "awq")
-    tiles = -(-(N // 64) // INTERLEAVE_BLOCKS_PER_TILE)
-    if tiles > validation.MAX_GRID_Y:
-        raise ValueError(f"N = {N} needs {tiles} tiles of {64 * INTERLEAVE_BLOCKS_PER_TILE} columns; "
-                         f"the interleave grid allows at most {validation.MAX_GRID_Y}")
-    quick = QuickWeight(cupy.empty((K // 16, 2 * N), dtype=cupy.int32),
-                        cupy.empty((K // G, N // 8), dtype=cupy.int32),
-                        cupy.empty((K // G, N), dtype=cupy.float16), G)
-    if K and N:  # an empty weight launches nothing (a zero grid is a launch error)
-        loader.support_kernel("interleave_awq")((K // 16, tiles), (256,),
-                                                (awq.qweight, awq.qzeros, awq.scales, quick.qweight, quick.qzeros,
-                                                 quick.scales, np.int32(K), np.int32(N), np.int32(G)))
-    return quick
+    caller = interop.caller_of(awq.qweight)
+    with interop.launch_context(caller):
+        awq = interop.weight_as_cupy(awq)
+        K, N, G = validation.check_weight(awq, "awq")
+        tiles = -(-(N // 64) // INTERLEAVE_BLOCKS_PER_TILE)
+        if tiles > validation.MAX_GRID_Y:
+            raise ValueError(f"N = {N} needs {tiles} tiles of {64 * INTERLEAVE_BLOCKS_PER_TILE} columns; "
+                             f"the interleave grid allows at most {validation.MAX_GRID_Y}")
+        quick = QuickWeight(cupy.empty((K // 16, 2 * N), dtype=cupy.int32),
+                            cupy.empty((K // G, N // 8), dtype=cupy.int32),
+                            cupy.empty((K // G, N), dtype=cupy.float16), G)
+        if K and N:  # an empty weight launches nothing (a zero grid is a launch error)
+            loader.support_kernel("interleave_awq")((K // 16, tiles), (256,),
+                                                    (awq.qweight, awq.qzeros, awq.scales, quick.qweight,
+                                                     quick.qzeros, quick.scales, np.int32(K), np.int32(N),
+                                                     np.int32(G)))
+        return interop.weight_to_caller(quick, caller)
