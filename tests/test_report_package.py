@@ -9,7 +9,7 @@ from pathlib import Path
 import quick_lab.report
 
 REPORT_DIR = Path(quick_lab.report.__file__).resolve().parent
-MODULES = ("results", "style", "figures", "text", "reproduce")
+MODULES = ("results", "style", "figures", "text", "comparison", "reproduce")
 
 
 def test_the_modules_the_docstring_names_exist():

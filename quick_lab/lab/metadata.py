@@ -68,8 +68,11 @@ def gpu_info() -> dict:
 
 
 def metadata(**extra) -> dict:
+    """Date, commit, :func:`gpu_info` and ``gpu_slug``, the ``results/<gpu_slug>/`` directory of the GPU
+    measured on (so a CSV copied into another GPU's directory can be told apart)."""
+    info = gpu_info()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(), **gpu_info(), **extra}
+            "git_commit": git_commit(), **info, "gpu_slug": gpu_slug(info.get("gpu")), **extra}
 
 
 def write_metadata(path: Path, **extra) -> dict:

@@ -10,6 +10,8 @@ exists into ``results/<gpu>/figures/``):
 * ``fig3b_speedup_all_shapes`` time / cuBLAS fp16 vs batch for every measured shape.
 * ``fig4_e2e``             decode tokens/s vs batch per model (``e2e.csv``).
 * ``fig5_tiles_<K>x<N>``   tile-size heatmaps (``tiles.csv``).
+* ``comparison_quick_over_cublas`` across GPUs (``<results root>/figures/``, :func:`draw_comparison`):
+  cuBLAS fp16 time / QUICK time vs batch per shape, one line style per GPU (every ``throughput.csv``).
 
 The tables behind them come from :mod:`quick_lab.report.results`, labels and colours from
 :mod:`quick_lab.report.style`.
@@ -276,6 +278,42 @@ def fig5_tiles(tiles: pd.DataFrame, K: int, N: int):
     return fig
 
 
+def fig_gpu_comparison(kernels: pd.DataFrame):
+    """QUICK (dispatched) speedup over cuBLAS fp16 (cuBLAS time / QUICK time) vs batch, one panel per
+    shape and one line style per GPU, from :func:`quick_lab.report.results.shared_cases` of
+    :func:`quick_lab.report.results.quick_vs_cublas` (columns gpu, K, N, M, quick_us, fp16_us)."""
+    plt, sns = pyplot(), theme()
+    df = kernels.assign(speedup=kernels.fp16_us / kernels.quick_us)
+    shapes = sorted({(int(k), int(n)) for k, n in zip(df.K, df.N)})
+    gpus = list(dict.fromkeys(df.gpu))
+    cols = min(3, len(shapes))
+    rows = -(-len(shapes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    colors = dict(zip(gpus, sns.color_palette("colorblind", len(gpus))))
+    styles = dict(zip(gpus, [(ls, mk) for ls, mk in zip(["-", "--", ":", "-."] * 4, "osD^v<>ph*" * 2)]))
+    for ax, (K, N) in zip(axes.flat, shapes):
+        d = df[(df.K == K) & (df.N == N)]
+        for gpu in gpus:
+            g = d[d.gpu == gpu].sort_values("M")
+            ls, mk = styles[gpu]
+            ax.plot(g.M, g.speedup, linestyle=ls, marker=mk, color=colors[gpu], label=gpu)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_ylim(0, max(1.2, float(d.speedup.max()) * 1.1))
+        log2_batch_axis(ax, d.M)
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+        ax.set_title(f"M x {K} x {N}")
+        ax.set_xlabel("batch M (tokens)")
+        ax.set_ylabel("cuBLAS fp16 time / QUICK time")
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(gpus), bbox_to_anchor=(0.5, -0.02), frameon=False)
+    fig.suptitle("QUICK (dispatched) speedup over cuBLAS fp16 vs batch, per GPU (above 1: QUICK faster)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 # ---------------------------------------------------------------- every figure
 
 
@@ -308,6 +346,16 @@ def draw_all(results_dir, out_dir=None) -> dict:
     return out
 
 
+def draw_comparison(kernels: pd.DataFrame, out_dir) -> dict:
+    """``comparison_quick_over_cublas`` into ``out_dir`` when ``kernels`` (the shared cases of
+    :func:`quick_lab.report.results.quick_vs_cublas`) holds two GPUs or more; {} (nothing drawn) with
+    fewer. Returns {figure name: PNG path} (SVG beside it)."""
+    if kernels.empty or kernels.gpu.nunique() < 2:
+        return {}
+    name = "comparison_quick_over_cublas"
+    return {name: save(fig_gpu_comparison(kernels), out_dir, name)[0]}
 
-__all__ = ["draw_all", "fig1_compute_paths", "fig2_bank_conflicts", "fig3_tflops_vs_batch", "fig3b_speedup_all_shapes",
-           "fig4_e2e", "fig5_tiles", "save"]
+
+
+__all__ = ["draw_all", "draw_comparison", "fig1_compute_paths", "fig2_bank_conflicts", "fig3_tflops_vs_batch",
+           "fig3b_speedup_all_shapes", "fig4_e2e", "fig5_tiles", "fig_gpu_comparison", "save"]

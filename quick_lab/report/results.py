@@ -21,6 +21,7 @@ from quick_lab.lab import bank_model
 RESULTS_ENV = "QUICK_LAB_RESULTS"  # overrides default_results_dir() (notebooks, tests)
 FIGURES = "figures"
 REPORT = "REPORT.md"
+COMPARISON = "COMPARISON.md"  # <results root>/COMPARISON.md: every GPU directory side by side
 CSV_STEMS = ("throughput", "tiles", "conflicts", "e2e", "sanitizer")
 
 
@@ -62,6 +63,34 @@ def default_results_dir(results_root=None, strict: bool = True) -> Path | None:
         raise ValueError(f"no GPU and several results directories under {root} ({names}): pick one with --results")
     print(f"several results directories ({names}); using {found[0].name} (set ${RESULTS_ENV} to choose)")
     return found[0]
+
+
+def gpu_dirs(results_root=None) -> list[Path]:
+    """Every GPU's results directory under the results root (default :func:`quick_lab.build.paths.results_root`),
+    by name: a subdirectory holding at least one sweep CSV (``<stem>.csv`` of :data:`CSV_STEMS`)."""
+    root = Path(results_root) if results_root is not None else paths.results_root()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and any((p / f"{s}.csv").is_file() for s in CSV_STEMS))
+
+
+def find_gpu_dir(gpu: str, results_root=None) -> Path:
+    """The results directory of ``gpu`` under the results root: ``gpu`` is a directory name
+    (``"h100-80gb-hbm3"``) or a GPU name (``"NVIDIA H100 80GB HBM3"``, turned into its slug). A GPU
+    without one is a ValueError listing the GPUs present."""
+    if not isinstance(gpu, str):
+        raise TypeError(f"gpu must be a str (a results directory name or a GPU name), got {type(gpu).__name__}")
+    if not gpu.strip():
+        raise ValueError("gpu must not be empty (a results directory name or a GPU name)")
+    root = Path(results_root) if results_root is not None else paths.results_root()
+    present = gpu_dirs(root)
+    for name in (gpu.strip(), gpu_slug(gpu)):
+        for d in present:
+            if d.name == name:
+                return d
+    have = ", ".join(d.name for d in present) or "none"
+    raise ValueError(f"gpu {gpu!r}: no results directory {gpu_slug(gpu)!r} with measurements under {root}; "
+                     f"GPUs present: {have}")
 
 
 def load_csv(results_dir, stem: str, quiet: bool = False) -> pd.DataFrame | None:
@@ -196,6 +225,47 @@ def e2e_table(e2e: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-__all__ = ["CONFLICT_METRICS", "CSV_STEMS", "FIGURES", "REPORT", "RESULTS_ENV", "best_times", "compute_path_traffic",
-           "conflicts_long", "default_results_dir", "e2e_table", "gpu_results_dir", "load_csv", "load_meta",
-           "model_conflicts", "speedups", "tile_table"]
+# ---------------------------------------------------------------- across GPUs
+
+
+def quick_vs_cublas(throughput: pd.DataFrame) -> pd.DataFrame:
+    """K, N, M, quick_us, fp16_us, ratio (QUICK time / cuBLAS fp16 time: below 1 QUICK is faster) and
+    pct_of_floor (QUICK's % of the DRAM floor) from one ``throughput.csv``: the dispatched QUICK kernel's
+    fastest row of each case against cuBLAS fp16 of the same run."""
+    best = best_times(throughput).set_index(["K", "N", "M"])
+    quick, fp16 = best[best.kernel == "quick"], best[best.kernel == "fp16"]
+    out = pd.DataFrame({"quick_us": quick.time_us,
+                        "pct_of_floor": quick.pct_of_floor if "pct_of_floor" in quick else float("nan")})
+    out = out.join(fp16.time_us.rename("fp16_us"), how="inner")
+    out["ratio"] = out.quick_us / out.fp16_us
+    return out.reset_index()[["K", "N", "M", "quick_us", "fp16_us", "ratio", "pct_of_floor"]]
+
+
+def e2e_quick(e2e: pd.DataFrame) -> pd.DataFrame:
+    """model, layers, batch, quick_tokens_per_s and quick/fp16 (tokens/s ratio) from one ``e2e.csv``
+    (cases that failed, e.g. out of memory, dropped)."""
+    t = e2e_table(e2e)
+    if "quick" not in t:
+        return pd.DataFrame(columns=["model", "layers", "batch", "quick_tokens_per_s", "quick/fp16"])
+    out = pd.DataFrame({"quick_tokens_per_s": t["quick"],
+                        "quick/fp16": t["quick/fp16"] if "quick/fp16" in t else float("nan")})
+    return out.dropna(subset=["quick_tokens_per_s"]).reset_index()
+
+
+def shared_cases(tables: dict, keys) -> tuple[pd.DataFrame, int]:
+    """``{gpu: table}`` -> (one long table with a ``gpu`` column holding only the ``keys`` every GPU
+    measured, the number of cases left out because only some GPUs measured them)."""
+    if not tables:
+        return pd.DataFrame(columns=["gpu", *keys]), 0
+    indexed = {gpu: t.set_index(list(keys)) for gpu, t in tables.items()}
+    every = set.union(*(set(t.index) for t in indexed.values()))
+    shared = set.intersection(*(set(t.index) for t in indexed.values()))
+    parts = [t.loc[sorted(shared)].reset_index().assign(gpu=gpu) for gpu, t in indexed.items()]
+    out = pd.concat(parts, ignore_index=True) if shared else pd.DataFrame(columns=["gpu", *keys])
+    return out[["gpu", *[c for c in out.columns if c != "gpu"]]], len(every - shared)
+
+
+__all__ = ["COMPARISON", "CONFLICT_METRICS", "CSV_STEMS", "FIGURES", "REPORT", "RESULTS_ENV", "best_times",
+           "compute_path_traffic", "conflicts_long", "default_results_dir", "e2e_quick", "e2e_table", "find_gpu_dir",
+           "gpu_dirs", "gpu_results_dir", "load_csv", "load_meta", "model_conflicts", "quick_vs_cublas",
+           "shared_cases", "speedups", "tile_table"]
