@@ -1,4 +1,4 @@
-"""The ``quick-lab`` command line: info, compile, bench, tiles, conflicts, e2e, check, reproduce.
+"""The ``quick-lab`` command line: info, compile, bench, tiles, conflicts, e2e, generate, check, reproduce.
 
 The one module that builds argparse parsers. Each command parses its arguments, calls the library
 (``quick_lab.lab``, ``quick_lab.model``, ``quick_lab.report``) and prints; nothing below imports it.
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from quick_lab.build.device import cuda_device_status, gpu_slug
+from quick_lab.build.device import cuda_device_status
 
 
 # ---------------------------------------------------------------- argument types
@@ -24,6 +24,17 @@ def int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def positive_int(text: str) -> int:
+    """``"64"`` -> 64; positive integers only."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def shape_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -312,8 +323,9 @@ def cmd_generate(args) -> int:
         generate.encode_prompt(host.tokenizer, args.prompt, host.config.model.vocab)
     except ValueError as exc:  # CheckpointError is one
         return _fail(f"generate: {exc}")
-    if (msg := _need_gpu("generate")):
-        return _fail(msg)
+    ok, reason = cuda_device_status()
+    if not ok:
+        return _fail(f"generate runs the model on a GPU and none is usable: {reason}")
     model, host = generate.build_model(host, args.backend)
     cfg = host.config.model
     print(f"loaded {host.path} ({cfg.n_layers} layers, hidden {cfg.hidden}, group size {host.config.group_size}, "
@@ -368,35 +380,25 @@ def _measure(results_dir: Path) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    import os
-
-    from quick_lab.report import reproduce, results
+    from quick_lab.report import results
 
     rc = 0
     if args.measure:
         if cuda_device_status()[0]:
-            target = Path(args.results) if args.results else results.gpu_results_dir()
-            if args.gpu and target.name not in (args.gpu.strip(), gpu_slug(args.gpu)):
-                return _fail(f"reproduce --measure --gpu {args.gpu}: this machine's GPU writes {target.name}/; "
-                             f"measure on that GPU, or draw it without --measure")
-            rc = _measure(target)
+            rc = _measure(Path(args.results) if args.results else results.gpu_results_dir())
         else:
             print("no GPU: drawing from the committed data")
-    if not args.results and (args.gpu or not os.environ.get(results.RESULTS_ENV)):
-        # every GPU directory and COMPARISON.md, or the one --gpu names
-        try:
-            written = reproduce.reproduce_all(gpu=args.gpu)
-        except (FileNotFoundError, ValueError, TypeError) as exc:
-            print(f"quick-lab reproduce: {exc}", file=sys.stderr)
-            return 2
-        for path in written:
-            print(f"wrote {path}")
-        return rc
-    results_dir = Path(args.results) if args.results else results.default_results_dir()
+    try:
+        results_dir = Path(args.results) if args.results else results.default_results_dir()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"quick-lab reproduce: {exc}", file=sys.stderr)
+        return 2
     if not results_dir.is_dir():
         print(f"quick-lab reproduce: results directory {results_dir} does not exist "
               f"(measure with --measure on a GPU, or pass --results DIR)", file=sys.stderr)
         return 2
+    from quick_lab.report import reproduce
+
     for path in reproduce.reproduce(results_dir):
         print(f"wrote {path}")
     return rc
@@ -469,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default results/<gpu>/)")
     p.set_defaults(func=cmd_e2e)
 
+    p = sub.add_parser("generate", help="greedy text generation from an AutoAWQ checkpoint directory "
+                                        "(config.json, *.safetensors, tokenizer.json), streamed, with tokens/s")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="AutoAWQ checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--backend", choices=BACKENDS, default="quick",
+                   help="linear layers: quick (QUICK kernel), awq (AutoAWQ-style kernel) or fp16 (cuBLAS on "
+                        "the dequantized weights); default quick")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="most tokens to generate (fewer at an end-of-sequence token); default 128")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("check", help="every kernel variant under compute-sanitizer "
                                      "(memcheck, racecheck, initcheck, synccheck)")
     p.add_argument("--tools", type=choice_list(sanitizer.TOOLS, "tool"), default=sanitizer.TOOLS,
@@ -480,18 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md of every results/<gpu>/, "
-                                         "and results/COMPARISON.md setting the GPUs side by side")
-    pick = p.add_mutually_exclusive_group()
-    pick.add_argument("--gpu", metavar="GPU",
-                      help="draw only this GPU's directory (its name under results/, e.g. h100-80gb-hbm3, or "
-                           "the GPU's name); no COMPARISON.md")
-    pick.add_argument("--results", metavar="DIR",
-                      help="draw only this results directory (default: every results/<gpu>/ and "
-                           "results/COMPARISON.md; $QUICK_LAB_RESULTS also picks one directory)")
+    p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md from results/<gpu>/")
+    p.add_argument("--results", metavar="DIR",
+                   help="results directory (default results/<gpu-slug>; without a GPU the single results/* "
+                        "directory holding a throughput.csv)")
     p.add_argument("--measure", action="store_true",
-                   help="on a GPU, first re-run bench, tiles, conflicts and e2e into its results/<gpu>/ "
-                        "(or --results DIR)")
+                   help="on a GPU, first re-run bench, tiles, conflicts and e2e into the results directory")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

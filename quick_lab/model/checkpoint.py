@@ -1,5 +1,9 @@
 """AutoAWQ-format safetensors checkpoints (Llama / Mistral) -> :class:`quick_lab.model.weights.ModelWeights`.
 
+A checkpoint directory as AutoAWQ writes it holds ``config.json`` (the model's Hugging Face config with
+a ``quantization_config``), ``*.safetensors`` shards and ``tokenizer.json``; :func:`load_awq_directory`
+reads and validates all of it, :func:`load_tokenizer` the tokenizer.
+
 Tensor names follow Hugging Face: ``model.layers.{i}.self_attn.{q,k,v,o}_proj.{qweight,qzeros,scales}``,
 ``model.layers.{i}.mlp.{gate,up,down}_proj.*``, ``model.layers.{i}.{input,post_attention}_layernorm.weight``,
 ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``. NumPy only (no torch).
@@ -11,6 +15,7 @@ every part's N is a multiple of 8 (checked).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +28,24 @@ ATTN = "model.layers.{i}.self_attn.{name}_proj"
 MLP = "model.layers.{i}.mlp.{name}_proj"
 
 
+# The architectures ModelConfig describes exactly (no biases, plain RoPE, head_dim = hidden / n_heads).
+MODEL_TYPES = ("llama", "mistral")
+AWQ_CONFIG_EXAMPLE = ('"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, '
+                      '"zero_point": true, "version": "gemm"}')
+
+
 class CheckpointError(ValueError):
-    """A tensor is missing or inconsistent; the message names it."""
+    """A checkpoint file, config entry or tensor is missing or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What an AutoAWQ checkpoint's ``config.json`` (and ``generation_config.json``) say, validated."""
+
+    model: ModelConfig
+    group_size: int                  # quantization_config.group_size
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]   # empty when neither file names one
 
 
 def save_awq_checkpoint(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -56,13 +77,142 @@ def read_tensors(path) -> dict[str, np.ndarray]:
 
 
 def config_from_hf(hf: dict, name: str = "checkpoint") -> ModelConfig:
-    """ModelConfig from a Hugging Face ``config.json`` dict (Llama / Mistral keys)."""
-    return ModelConfig(hidden=hf["hidden_size"], intermediate=hf["intermediate_size"],
-                       n_heads=hf["num_attention_heads"],
-                       n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                       n_layers=hf["num_hidden_layers"], vocab=hf["vocab_size"],
-                       rope_theta=float(hf.get("rope_theta", 10000.0)), rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                       name=name)
+    """ModelConfig from a Hugging Face ``config.json`` dict (Llama / Mistral keys). CheckpointError for a
+    missing key or a model ModelConfig would describe wrongly (another ``model_type``, RoPE scaling, a
+    ``head_dim`` other than hidden / heads)."""
+    model_type = hf.get("model_type")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{name}: config.json model_type is {model_type!r}; only {', '.join(MODEL_TYPES)} "
+                              f"(the Llama architecture) load")
+    if hf.get("rope_scaling"):
+        raise CheckpointError(f"{name}: config.json sets rope_scaling = {hf['rope_scaling']!r}; only plain RoPE "
+                              f"(rope_scaling null) is implemented")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                           "vocab_size") if k not in hf]
+    if missing:
+        raise CheckpointError(f"{name}: config.json lacks {', '.join(missing)}")
+    try:
+        cfg = ModelConfig(hidden=int(hf["hidden_size"]), intermediate=int(hf["intermediate_size"]),
+                          n_heads=int(hf["num_attention_heads"]),
+                          n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+                          n_layers=int(hf["num_hidden_layers"]), vocab=int(hf["vocab_size"]),
+                          rope_theta=float(hf.get("rope_theta", 10000.0)),
+                          rms_eps=float(hf.get("rms_norm_eps", 1e-5)), name=name)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{name}: config.json does not describe a model: {exc}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise CheckpointError(f"{name}: config.json head_dim = {hf['head_dim']} differs from hidden_size / "
+                              f"num_attention_heads = {cfg.head_dim}; only the latter is implemented")
+    return cfg
+
+
+def awq_group_size(hf: dict, where: str = "config.json") -> int:
+    """The group size of the AutoAWQ 4-bit GEMM ``quantization_config`` in a ``config.json`` dict;
+    CheckpointError naming the entry for anything else (no quantization_config, another method, other
+    bits, another packing than GEMM, no zero points, a group size the kernels do not take). Older
+    AutoAWQ spellings ``w_bit`` / ``q_group_size`` are read too; a missing ``version`` means GEMM
+    (the Hugging Face default)."""
+    qc = hf.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where} has no quantization_config: not an AutoAWQ checkpoint (expected "
+                              f"{AWQ_CONFIG_EXAMPLE})")
+    method = qc.get("quant_method")
+    if str(method).lower() != "awq":
+        raise CheckpointError(f"{where}: quantization_config.quant_method is {method!r}; only AutoAWQ "
+                              f"checkpoints (\"awq\") load")
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise CheckpointError(f"{where}: quantization_config.bits is {bits!r}; the kernels take 4-bit weights only")
+    version = qc.get("version", "gemm")
+    if str(version).lower() != "gemm":
+        raise CheckpointError(f"{where}: quantization_config.version is {version!r}; only AutoAWQ's GEMM packing "
+                              f"(\"gemm\") loads (GEMV, Marlin and ExLlama checkpoints pack their words differently)")
+    if qc.get("zero_point", True) is not True:
+        raise CheckpointError(f"{where}: quantization_config.zero_point is {qc.get('zero_point')!r}; the kernels "
+                              f"need zero points (zero_point: true)")
+    group_size = qc.get("group_size", qc.get("q_group_size"))
+    if isinstance(group_size, bool) or group_size not in VALID_GROUP_SIZES:
+        raise CheckpointError(f"{where}: quantization_config.group_size is {group_size!r}; the kernels take "
+                              f"{', '.join(map(str, VALID_GROUP_SIZES))}")
+    return int(group_size)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_ids(value, where: str) -> tuple[int, ...]:
+    """``eos_token_id`` as Hugging Face writes it: null, an int or a list of ints."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CheckpointError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(values)
+
+
+def checkpoint_directory(path) -> Path:
+    """``path`` as an existing directory, or CheckpointError saying what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass the checkpoint directory (config.json, "
+                              f"*.safetensors, tokenizer.json)")
+    return path
+
+
+def read_checkpoint_config(path) -> CheckpointConfig:
+    """The validated ``config.json`` of the AutoAWQ checkpoint directory ``path`` (see :func:`awq_group_size`,
+    :func:`config_from_hf`), with the end-of-sequence ids of it and of ``generation_config.json``."""
+    path = checkpoint_directory(path)
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        raise CheckpointError(f"{path} has no config.json (the model's Hugging Face config with its "
+                              f"quantization_config)")
+    hf = _read_json(config_json)
+    group_size = awq_group_size(hf, str(config_json))
+    cfg = config_from_hf(hf, name=path.name)
+    eos = _token_ids(hf.get("eos_token_id"), str(config_json))
+    generation_json = path / "generation_config.json"
+    if generation_json.is_file():
+        eos += _token_ids(_read_json(generation_json).get("eos_token_id"), str(generation_json))
+    bad = [i for i in eos if i >= cfg.vocab]
+    if bad:
+        raise CheckpointError(f"{path}: eos_token_id {bad[0]} is not below vocab_size = {cfg.vocab}")
+    return CheckpointConfig(cfg, group_size, bool(hf.get("tie_word_embeddings", False)), tuple(dict.fromkeys(eos)))
+
+
+def load_awq_directory(path) -> tuple[ModelWeights, CheckpointConfig]:
+    """An AutoAWQ checkpoint directory -> (host ModelWeights, its CheckpointConfig): config.json validated
+    first, then every tensor against it (shapes, and the group size quantization_config states)."""
+    config = read_checkpoint_config(path)
+    weights = load_awq_checkpoint(path, config.model, tie_word_embeddings=config.tie_word_embeddings,
+                                  group_size=config.group_size)
+    return weights, config
+
+
+def load_tokenizer(path):
+    """The ``tokenizers.Tokenizer`` of ``<path>/tokenizer.json`` (the Hugging Face tokenizers library;
+    only ``quick-lab generate`` needs it)."""
+    path = checkpoint_directory(path)
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json (the Hugging Face tokenizers file)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise CheckpointError("reading tokenizer.json needs the tokenizers package: pip install tokenizers") from None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the library raises its own exception types for a malformed file
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
 
 
 def _get(tensors: dict, name: str) -> np.ndarray:
@@ -107,10 +257,13 @@ def fuse(parts: list[AWQWeight], names: list[str]) -> AWQWeight:
     return AWQWeight(cat("qweight"), cat("qzeros"), cat("scales"), first.group_size)
 
 
-def load_awq_checkpoint(path, cfg: ModelConfig | None = None, tie_word_embeddings: bool = False) -> ModelWeights:
+def load_awq_checkpoint(path, cfg: ModelConfig | None = None, tie_word_embeddings: bool = False,
+                        group_size: int | None = None) -> ModelWeights:
     """Read an AutoAWQ checkpoint (a file, or a directory of shards with its ``config.json``) into
-    host :class:`ModelWeights` with fused qkv / gate_up. Build the GPU model with
-    ``quick_lab.model.decoder.Model(weights, backends)``."""
+    host :class:`ModelWeights` with fused qkv / gate_up. ``group_size``: the one the tensors must have
+    (a config's quantization_config), else the first linear's. Build the GPU model with
+    ``quick_lab.model.decoder.Model(weights, backends)``; :func:`load_awq_directory` also validates
+    the directory's config.json."""
     path = Path(path)
     if cfg is None:
         config_json = (path if path.is_dir() else path.parent) / "config.json"
@@ -123,7 +276,7 @@ def load_awq_checkpoint(path, cfg: ModelConfig | None = None, tie_word_embedding
     expected = {"q": (H, cfg.n_heads * D), "k": (H, cfg.n_kv_heads * D), "v": (H, cfg.n_kv_heads * D),
                 "o": (cfg.n_heads * D, H), "gate": (H, cfg.intermediate), "up": (H, cfg.intermediate),
                 "down": (cfg.intermediate, H)}
-    group_size, first_linear = None, None
+    first_linear = None if group_size is None else "quantization_config.group_size in config.json"
     layers = []
     for i in range(cfg.n_layers):
         lin = {}
@@ -132,7 +285,7 @@ def load_awq_checkpoint(path, cfg: ModelConfig | None = None, tie_word_embedding
             awq = load_linear(tensors, prefix)
             if (awq.K, awq.N) != (K, N):
                 raise CheckpointError(f"{prefix}: shape (K, N) = {(awq.K, awq.N)}, config expects {(K, N)}")
-            if group_size is None:
+            if first_linear is None:
                 group_size, first_linear = awq.group_size, prefix
             elif awq.group_size != group_size:
                 raise CheckpointError(f"{prefix}.qzeros: group size {awq.group_size} differs from "
