@@ -110,6 +110,7 @@ def cmd_info(args) -> int:
         print(f"GPU: none ({reason})")
         print(f"NVRTC: {nv}")
         print(f"CuPy: {cupy_version}")
+        print("dispatch table: none (no GPU to dispatch for)")
         return 0
     from quick_lab.lab.metadata import gpu_info
 
@@ -117,7 +118,27 @@ def cmd_info(args) -> int:
     for key in ("gpu", "compute_capability", "sm_count", "driver_version", "driver", "runtime", "nvrtc",
                 "cupy", "clocks_mhz"):
         print(f"{key}: {info.get(key)}")
+    for line in _table_status_lines():
+        print(line)
     return 0
+
+
+def _table_status_lines() -> list[str]:
+    """Which dispatch table the current GPU uses and where it came from, and the lazy-tuning switch."""
+    import cupy
+
+    import quick_lab.lab.tune  # noqa: F401  registers the lazy tuner, as in any process that imports it
+    from quick_lab.core import dispatch
+
+    s = dispatch.table_status(cupy.cuda.Device().id)
+    committed = f"{s['committed']} ({s['committed_origin']})" if s["committed"] else "none for this GPU"
+    tuned = f"{s['tuned']} ({s['tuned_rows']} rows)" if s["tuned_rows"] else f"none yet (would be {s['tuned']})"
+    in_use = {"committed": "the committed table", "tuned": "the tuned table",
+              "heuristic": "the heuristic (no table)"}[s["in_use"]]
+    lazy = (f"on: a new shape x batch bucket is tuned within {s['budget_s']:g} s on first use "
+            f"(QUICK_LAB_AUTOTUNE=0 turns it off)" if s["autotune"] else "off")
+    return [f"dispatch table: {in_use}", f"committed table: {committed}", f"tuned table: {tuned}",
+            f"lazy tuning: {lazy}"]
 
 
 def cmd_compile(args) -> int:
@@ -142,6 +163,47 @@ def cmd_compile(args) -> int:
     if spilled:
         return _fail("register spills in: " + ", ".join(f"{r.kernel} ({r.arch})" for r in spilled), 1)
     print(f"{len(reports)} kernels compiled, no spills")
+    return 0
+
+
+# ---------------------------------------------------------------- tune
+
+
+def cmd_tune(args) -> int:
+    if (msg := _need_gpu("tune")):
+        return _fail(msg)
+    import json
+
+    import pandas as pd
+
+    from quick_lab.build.device import current_device, gpu_slug
+    from quick_lab.build.paths import dispatch_table_path
+    from quick_lab.core import dispatch
+    from quick_lab.lab import tune
+
+    try:
+        result = tune.tune(args.shapes, args.batches, group_size=args.group_size, budget_s=args.budget_s,
+                           reps=args.reps, progress=_progress)
+    except ValueError as exc:
+        return _fail(str(exc))
+    rows = result.rows
+    path = tune.store(rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print(pd.DataFrame(rows).drop(columns="group_size").to_string(index=False))
+    reference = Path(args.compare) if args.compare else dispatch_table_path(gpu_slug(dispatch.gpu(current_device()).name))
+    if reference is not None and reference.is_file():
+        agreement = tune.table_agreement(rows, json.loads(reference.read_text()))
+        if not agreement.empty:
+            worst = agreement.sort_values("ratio", ascending=False)
+            print(f"against {reference} (tuned / reference, ratio to cuBLAS fp16 of each run): median "
+                  f"{agreement.ratio.median():.3f}, worst {worst.ratio.iloc[0]:.3f}, "
+                  f"{int((agreement.ratio > 1.05).sum())} of {len(agreement)} cells beyond 1.05")
+            print(worst.head(5)[["K", "N", "M", "config", "split_k", "reference_config", "reference_split_k",
+                                 "ratio"]].round(3).to_string(index=False))
+    print(f"{len(rows)} cells, {result.timed} timings ({result.skipped} candidates left out) in "
+          f"{result.elapsed_s:.1f} s of a {args.budget_s:g} s budget")
+    print(f"wrote {path}" + (f" and {args.out}" if args.out else ""))
     return 0
 
 
@@ -416,7 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quick-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("info", help="GPU, driver, CUDA, NVRTC and CuPy versions").set_defaults(func=cmd_info)
+    sub.add_parser("info", help="GPU, driver, CUDA, NVRTC and CuPy versions; the dispatch table in use"
+                   ).set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tune", help="tune this GPU's dispatch table within a time budget (kept in the user "
+                                    "cache directory)")
+    p.add_argument("--shapes", type=shape_list, default=bench.SHAPES, help="K x N list, e.g. 8192x8192,4096x4096")
+    p.add_argument("--batches", type=int_list, default=tuple(2**i for i in range(13)),
+                   help="M list, each rounded up to its power-of-two bucket (default 1,2,4,...,4096)")
+    p.add_argument("--budget-s", type=float, default=120.0,
+                   help="seconds for the whole run (the heuristic's pick of every cell is timed regardless)")
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="quantization group size")
+    p.add_argument("--reps", type=int, default=15, help="timed launches per candidate (median kept)")
+    p.add_argument("--out", help="also write the tuned rows to this JSON file (dispatch.json format)")
+    p.add_argument("--compare", metavar="TABLE",
+                   help="a dispatch.json to compare the result with (default: this GPU's committed table)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("compile", help="compile every kernel variant through NVRTC (no GPU needed)")
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated, from sm_80,sm_86,sm_89,sm_90")

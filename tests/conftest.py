@@ -7,6 +7,7 @@ Tests that need the repository's own files (results/, notebooks/, kernels/) find
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ import quick_lab
 from quick_lab.build.device import cuda_device_status
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite never tunes behind a test's back (lazy tuning would time kernels on a first call and write the
+# user's cache); tests of tuning switch it on themselves. QUICK_LAB_AUTOTUNE set outside wins.
+os.environ.setdefault("QUICK_LAB_AUTOTUNE", "0")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -113,8 +113,10 @@ def test_a_new_family_is_one_record(monkeypatch):
 
 
 def test_dispatch_heuristic_uses_the_registry_for_stream_k():
-    wg = configs.QUICK_WGMMA_VARIANTS[0]
-    assert dispatch.default_split_k("quick", wg, 7, 4096, 4096, num_sms=132) == STREAM_K
+    wg = configs.QUICK_WGMMA_VARIANTS[0]  # 16x256x64, 4 warps: 2 resident blocks per SM at 255 registers
+    # stream-K once its column tiles fill the 264 resident blocks; 16 tiles: split-K, 16 k-tiles a block
+    assert dispatch.default_split_k("quick", wg, 7, 4096, 264 * 256, num_sms=132) == STREAM_K
+    assert dispatch.default_split_k("quick", wg, 7, 4096, 4096, num_sms=132) == 4
     assert dispatch.default_split_k("awq", configs.AWQ_DEFAULT, 7, 4096, 4096, num_sms=132) == 8
     # 32 column tiles: doubling until >= 2 blocks per SM (264) stops at 16 splits (512 blocks)
     assert dispatch.default_split_k("quick", configs.QUICK_DEFAULT, 1, 4096, 4096, num_sms=132) == 16

@@ -287,8 +287,17 @@ def test_wgmma_problem_rules_still_apply():
 
 
 @pytest.mark.parametrize("cfg", WGMMA, ids=lambda c: c.name)
-def test_default_split_of_a_wgmma_config_is_stream_k(cfg):
-    assert dispatch.default_split_k("quick", cfg, 7, 4096, 4096) == configs.STREAM_K
+def test_default_split_of_a_wgmma_config_fills_the_resident_blocks(cfg):
+    fam = registry.family("quick", cfg)
+    slots = 132 * registry.resident_blocks(fam, cfg, dispatch.WGMMA_REGISTERS_ASSUMED, 0)
+    wide = slots * cfg.tile_n  # one row of tiles fills every resident block: stream-K
+    assert dispatch.default_split_k("quick", cfg, 7, 4096, wide, num_sms=132) == configs.STREAM_K
+    split = dispatch.default_split_k("quick", cfg, 7, 4096, 4096, num_sms=132)
+    tiles, k_tiles = 4096 // cfg.tile_n, 4096 // cfg.tile_k
+    assert split >= 1 and split & (split - 1) == 0 and tiles * split <= slots
+    assert split == 1 or k_tiles >= dispatch.MIN_K_TILES_PER_BLOCK * split
+    # the largest such split: doubling it would break one of the two limits
+    assert tiles * split * 2 > slots or k_tiles < dispatch.MIN_K_TILES_PER_BLOCK * split * 2
 
 
 def _row(M, config, split_k, kernel="quick"):

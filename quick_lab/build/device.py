@@ -1,5 +1,6 @@
-"""The GPU at hand: whether one is usable, its name, slug and SM count. Never imports cupy at module
-import time, so every CPU-only path works without a driver."""
+"""The GPU at hand: whether one is usable, its name, slug, SM count, compute capability and the
+driver's CUDA version. Never imports cupy at module import time, so every CPU-only path works without
+a driver."""
 
 from __future__ import annotations
 
@@ -51,6 +52,32 @@ def num_sms(device: int) -> int:
         return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
     except Exception:
         return NUM_SMS_FALLBACK
+
+
+@lru_cache(maxsize=None)
+def compute_capability(device: int) -> str:
+    """'90' for an H100 (major and minor digits, as CuPy writes it)."""
+    import cupy
+
+    return cupy.cuda.Device(device).compute_capability
+
+
+@lru_cache(maxsize=1)
+def driver_version() -> int:
+    """The CUDA driver's API version, e.g. 13000 (cudaDriverGetVersion)."""
+    import cupy
+
+    return int(cupy.cuda.runtime.driverGetVersion())
+
+
+def stream_is_capturing() -> bool:
+    """Whether the current stream is being captured into a CUDA graph (nothing may synchronize then)."""
+    import cupy
+
+    try:
+        return bool(cupy.cuda.get_current_stream().is_capturing())
+    except Exception:  # cupy.cuda.runtime.CUDARuntimeError: a capture in an invalidated state
+        return True
 
 
 def gpu_slug(name: str | None) -> str:

@@ -7,7 +7,8 @@ validation -> ops.
 - ``registry``: one record per kernel family (source, template signature, name rule, shared-memory
   carve-up, validity rules, launch geometry).
 - ``variants``: registered variants built: loaded at run time, compiled offline, their PTX mix.
-- ``dispatch``: which path runs a problem (table lookup, heuristic, split-K).
+- ``dispatch``: which path runs a problem (committed table, tuned table, lazy tuning, heuristic, split-K).
+- ``tables``: tuned dispatch tables in the user cache, keyed by GPU, driver, version and kernel sources.
 - ``validation``: every input rule, checked once per call with a message naming the argument.
 - ``ops``: the public ops (plan, launch).
 """
