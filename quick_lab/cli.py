@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from quick_lab.build.device import cuda_device_status
+from quick_lab.build.device import cuda_device_status, gpu_slug
 
 
 # ---------------------------------------------------------------- argument types
@@ -442,25 +442,35 @@ def _measure(results_dir: Path) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from quick_lab.report import results
+    import os
+
+    from quick_lab.report import reproduce, results
 
     rc = 0
     if args.measure:
         if cuda_device_status()[0]:
-            rc = _measure(Path(args.results) if args.results else results.gpu_results_dir())
+            target = Path(args.results) if args.results else results.gpu_results_dir()
+            if args.gpu and target.name not in (args.gpu.strip(), gpu_slug(args.gpu)):
+                return _fail(f"reproduce --measure --gpu {args.gpu}: this machine's GPU writes {target.name}/; "
+                             f"measure on that GPU, or draw it without --measure")
+            rc = _measure(target)
         else:
             print("no GPU: drawing from the committed data")
-    try:
-        results_dir = Path(args.results) if args.results else results.default_results_dir()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"quick-lab reproduce: {exc}", file=sys.stderr)
-        return 2
+    if not args.results and (args.gpu or not os.environ.get(results.RESULTS_ENV)):
+        # every GPU directory and COMPARISON.md, or the one --gpu names
+        try:
+            written = reproduce.reproduce_all(gpu=args.gpu)
+        except (FileNotFoundError, ValueError, TypeError) as exc:
+            print(f"quick-lab reproduce: {exc}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(f"wrote {path}")
+        return rc
+    results_dir = Path(args.results) if args.results else results.default_results_dir()
     if not results_dir.is_dir():
         print(f"quick-lab reproduce: results directory {results_dir} does not exist "
               f"(measure with --measure on a GPU, or pass --results DIR)", file=sys.stderr)
         return 2
-    from quick_lab.report import reproduce
-
     for path in reproduce.reproduce(results_dir):
         print(f"wrote {path}")
     return rc
@@ -570,12 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md from results/<gpu>/")
-    p.add_argument("--results", metavar="DIR",
-                   help="results directory (default results/<gpu-slug>; without a GPU the single results/* "
-                        "directory holding a throughput.csv)")
+    p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md of every results/<gpu>/, "
+                                         "and results/COMPARISON.md setting the GPUs side by side")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--gpu", metavar="GPU",
+                      help="draw only this GPU's directory (its name under results/, e.g. h100-80gb-hbm3, or "
+                           "the GPU's name); no COMPARISON.md")
+    pick.add_argument("--results", metavar="DIR",
+                      help="draw only this results directory (default: every results/<gpu>/ and "
+                           "results/COMPARISON.md; $QUICK_LAB_RESULTS also picks one directory)")
     p.add_argument("--measure", action="store_true",
-                   help="on a GPU, first re-run bench, tiles, conflicts and e2e into the results directory")
+                   help="on a GPU, first re-run bench, tiles, conflicts and e2e into its results/<gpu>/ "
+                        "(or --results DIR)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 
