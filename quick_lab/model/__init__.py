@@ -9,9 +9,10 @@
                     attention over the cache, SiLU x up.
 * ``decoder``    -- the GPU model: Linear (fp16 / awq / quick backends, each holding only its forms),
                     KVCache, Model (a layer as a list of named ops).
-* ``generate``   -- greedy decoding with the KV cache.
+* ``checkpoint`` -- AutoAWQ checkpoint directories (config.json validated, safetensors shards,
+                    tokenizer.json) -> ModelWeights.
+* ``generate``   -- greedy decoding with the KV cache; text generation from a checkpoint, streamed.
 * ``sweep``      -- CUDA-graph capture and timing, decode_throughput, e2e_sweep, summary_table.
-* ``checkpoint`` -- AutoAWQ safetensors checkpoints -> ModelWeights.
 
 Nothing is imported here: ``config``, ``weights``, ``reference`` and ``checkpoint`` are NumPy-only, the
 rest import cupy only when called.
