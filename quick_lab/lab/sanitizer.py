@@ -10,10 +10,10 @@ partial row tiles), the smallest N the variant takes (tile_n or 2 * tile_n), K =
 split-K needs more k-tiles, so an uneven split with an empty slice occurs too) and every group size
 whose multiple tile_k is; plus the default (dispatched) ops, the dequantize + cuBLAS fallback, both
 standalone dequantizers, the GPU interleave and an empty-M call. About 200 launches: compute-sanitizer
-slows each launch by ~100x, so the case list is a covering design, not a cross product (each variant sees both splits
-and all its group sizes; M and N rotate through their values across cases). The target also checks
-every result against a float64 NumPy reference (outputs pre-filled with NaN, so an unwritten element
-fails) and exits 3 on a mismatch, so a clean sanitizer run is also a correct one.
+slows each launch by ~100x, so the case list is a covering design, not a cross product (each variant
+sees both splits and all its group sizes; M and N rotate through their values across cases). The
+target also checks every result against a float64 NumPy reference (outputs pre-filled with NaN, so an
+unwritten element fails) and exits 3 on a mismatch, so a clean sanitizer run is also a correct one.
 
 Two things keep the findings about *our* kernels and make them sharp:
 
@@ -23,7 +23,8 @@ Two things keep the findings about *our* kernels and make them sharp:
   block.
 * Every kernel the target launches is instrumented: ours (every registry family's template,
   ``awq_gemm``, ``quick_gemm``, ``quick_wgmma``, the two ``dequantize`` kernels and ``interleave_awq``)
-  and the few others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy issues only copies and memsets here).
+  and the few others (cuBLAS behind the fallback's ``cupy.matmul``; CuPy issues only copies and
+  memsets here).
   With the pool disabled, initcheck no longer reports CuPy pool memory, so no kernel filter is
   needed, and a filter does harm (seen with compute-sanitizer 2025.3.1 on an H100): initcheck does
   not track the writes of a filtered-out kernel, so reading cuBLAS's output was reported as ~400

@@ -64,7 +64,10 @@ def awq_tensors(prefix: str, awq: AWQWeight) -> dict[str, np.ndarray]:
 
 def read_tensors(path) -> dict[str, np.ndarray]:
     """All tensors of a ``.safetensors`` file, or of every ``*.safetensors`` file in a directory."""
-    from safetensors.numpy import load_file
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise CheckpointError("reading *.safetensors needs the safetensors package: pip install safetensors") from None
 
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
