@@ -52,6 +52,14 @@ def test_heuristic_is_within_1_15x_of_the_best_timed_row_in_every_committed_cell
                          "ratio"]].round(3).to_string(index=False))
 
 
+def test_the_shortlist_alone_holds_a_row_within_1_05x_of_the_best_in_every_committed_cell():
+    # what `quick-lab tune` can promise when its budget covers only the shortlists
+    regret = tune.shortlist_regret(_committed_sweep(), num_sms=132, compute_capability="90")
+    worst = regret.sort_values("ratio", ascending=False)
+    assert worst.ratio.notna().all() and worst.ratio.iloc[0] <= 1.05, (
+        "best shortlisted / best timed row beyond 1.05:\n" + worst.head(8).round(3).to_string(index=False))
+
+
 def test_regret_compares_the_pick_with_the_best_row_and_uses_the_nearest_timed_split():
     pick = dispatch.heuristic("quick", 64, 8192, 28672, 128, num_sms=132, compute_capability="90")
     assert pick.config is not None and pick.split_k != 8

@@ -10,8 +10,10 @@ Per cell (K, N, group size, batch bucket M; :func:`quick_lab.core.dispatch.batch
    more blocks than the GPU can hold (``registry.resident_blocks`` by shared memory and warps:
    more splits then add only reduction work); plus dequantize + cuBLAS.
 2. Order (:func:`ordered_candidates`): the shortlist first (:func:`shortlist`: the heuristic's pick,
-   its split-K neighbours, the wgmma variants of every batch range, the decode variants at M <= 16,
-   dequantize + cuBLAS from M = 128, the mma.sync default), then the rest, tile_m nearest M first.
+   its split-K neighbours, the heuristic's wgmma variants of every batch range and every wgmma variant
+   of the tile_m covering M and the next, each at its heuristic split and its neighbours; the decode
+   variants at every split at M <= 16; dequantize + cuBLAS from M = 128; the mma.sync default), then
+   the rest, tile_m nearest M first.
 3. Timing (:func:`run`, ``lab.timing``: device events, L2 flushed before every launch, the median): the
    heuristic's pick of every cell first, whatever the budget (a table always has a timed row per cell);
    then one candidate per cell in turn, skipping any whose expected cost (its launches at the cell's
@@ -126,9 +128,15 @@ def shortlist(M: int, K: int, N: int, group_size: int, *, num_sms: int,
         for _, wide, narrow in dispatch.HOPPER_TILES:
             for name in dict.fromkeys(wide + narrow):
                 add(TileConfig.parse(name))
-    if M <= dispatch.DECODE_MAX_M:
+        # every wgmma variant of the tile_m that covers M and of the next one up
+        tile_m = min(max(dispatch.batch_bucket(M), 16), 256)
+        for cfg in configs.QUICK_WGMMA_VARIANTS:
+            if cfg.tile_m in (tile_m, 2 * tile_m):
+                add(cfg)
+    if M <= dispatch.DECODE_MAX_M:  # the decode variants at every split (they are quick to time)
         for cfg in configs.QUICK_DECODE_VARIANTS:
-            add(cfg)
+            for split in SPLITS:
+                add(cfg, split, neighbours=False)
     if M >= FALLBACK_FROM_M:
         add(None)
     add(dispatch.default_config("quick", M, N, group_size), neighbours=False)
@@ -442,6 +450,23 @@ def heuristic_regret(tiles: pd.DataFrame, *, num_sms: int = 132, compute_capabil
         out.append(dict(K=int(K), N=int(N), group_size=int(G), M=int(M), config=name, split_k=pick.split_k,
                         timed_split=timed_split, time_us=t, best_config=best.config, best_split=int(best.split_k),
                         best_us=float(best.time_us), ratio=t / float(best.time_us)))
+    return pd.DataFrame(out)
+
+
+def shortlist_regret(tiles: pd.DataFrame, *, num_sms: int = 132, compute_capability: str | None = "90") -> pd.DataFrame:
+    """For every cell of a tile sweep, what a tuner that timed only the shortlist would lose: one row
+    per cell with ``ratio`` = the fastest shortlisted row / the fastest row (``listed``: shortlisted
+    candidates the sweep timed)."""
+    rows = tiles[tiles.kernel.isin(["quick", dispatch.FALLBACK])]
+    out = []
+    for (K, N, G, M), cell in rows.groupby(["K", "N", "group_size", "M"]):
+        listed = {(c.name, c.split_k) for c in shortlist(int(M), int(K), int(N), int(G), num_sms=num_sms,
+                                                         compute_capability=compute_capability)}
+        hit = cell[[(c, int(s)) in listed for c, s in zip(cell.config, cell.split_k)]]
+        best = cell.loc[cell.time_us.idxmin()]
+        out.append(dict(K=int(K), N=int(N), group_size=int(G), M=int(M), shortlisted=len(listed), listed=len(hit),
+                        best_config=best.config, best_split=int(best.split_k),
+                        ratio=float(hit.time_us.min()) / float(best.time_us) if len(hit) else float("nan")))
     return pd.DataFrame(out)
 
 
