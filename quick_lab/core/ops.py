@@ -297,8 +297,8 @@ INTERLEAVE_BLOCKS_PER_TILE = 4  # n64 blocks per thread block of kernels/interle
 
 def interleave_gpu(awq) -> QuickWeight:
     """AutoAWQ-format weight on the GPU -> the QUICK layout on the GPU (kernels/interleave.cu), bit-exact
-    with :func:`quick_lab.core.interleave.interleave` (qweight, qzeros and scales equal): one pass over
-    the weight at memory speed, where the NumPy reordering runs at ~35 MB/s. ``awq`` holds CuPy arrays
+    with :func:`quick_lab.core.interleave.interleave` (qweight, qzeros and scales equal), in one kernel
+    pass over the weight (the NumPy reordering runs at ~35 MB/s). ``awq`` holds CuPy arrays
     (:func:`to_device`) or other CUDA arrays (torch tensors, ...: then the result's arrays are of that
     kind); the result is a new QuickWeight, ``awq`` is left as it is."""
     import cupy
