@@ -135,8 +135,9 @@ def _table_status_lines() -> list[str]:
     tuned = f"{s['tuned']} ({s['tuned_rows']} rows)" if s["tuned_rows"] else f"none yet (would be {s['tuned']})"
     in_use = {"committed": "the committed table", "tuned": "the tuned table",
               "heuristic": "the heuristic (no table)"}[s["in_use"]]
-    lazy = (f"on: a new shape x batch bucket is tuned within {s['budget_s']:g} s on first use "
-            f"(QUICK_LAB_AUTOTUNE=0 turns it off)" if s["autotune"] else "off")
+    lazy = (f"on: in a process that imports quick_lab.lab.tune, a shape x batch bucket no table covers is "
+            f"tuned within {s['budget_s']:g} s on first use (QUICK_LAB_AUTOTUNE=0 turns it off)"
+            if s["autotune"] else "off")
     return [f"dispatch table: {in_use}", f"committed table: {committed}", f"tuned table: {tuned}",
             f"lazy tuning: {lazy}"]
 
@@ -187,6 +188,9 @@ def cmd_tune(args) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     rows = result.rows
+    if not rows:
+        why = "; ".join(f"{cell.label}: {next(iter(cell.failed.values()), 'nothing timed')}" for cell in result.cells)
+        return _fail(f"tune: no candidate ran ({why})", 1)
     path = tune.store(rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
