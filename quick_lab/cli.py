@@ -195,7 +195,8 @@ def cmd_tune(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(pd.DataFrame(rows).drop(columns="group_size").to_string(index=False))
-    reference = Path(args.compare) if args.compare else dispatch_table_path(gpu_slug(dispatch.gpu(current_device()).name))
+    reference = (Path(args.compare) if args.compare
+                 else dispatch_table_path(gpu_slug(dispatch.gpu(current_device()).name)))
     if reference is not None and reference.is_file():
         agreement = tune.table_agreement(rows, json.loads(reference.read_text()))
         if not agreement.empty:
