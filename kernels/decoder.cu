@@ -123,32 +123,29 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
 }
 
 // ---------------------------------------------------------------- RoPE + KV-cache write
-// Block = one token row of qkv [B*T, (Hq + 2 Hkv) D] (row = b * T + t, at position pos + t). Work item
-// = (head, j < D/2): q and k heads rotate the pair (j, j + D/2) with the table row of their position;
-// q goes to q_out [B*T, Hq D], k and v to the caches [B, Hkv, max_seq, D].
-extern "C" __global__ void __launch_bounds__(256)
-    rope_kv(const u16* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-            u16* __restrict__ q_out, u16* __restrict__ k_cache, u16* __restrict__ v_cache, int T, int Hq, int Hkv,
-            int D, int pos, int max_seq) {
-  const int row = blockIdx.x, b = row / T, t = row % T, half = D / 2, p = pos + t;
-  const u16* src = qkv + (long long)row * (Hq + 2 * Hkv) * D;
-  const float* c_row = cos_t + (long long)p * half;
-  const float* s_row = sin_t + (long long)p * half;
-  for (int item = threadIdx.x; item < (Hq + 2 * Hkv) * half; item += blockDim.x) {
-    const int head = item / half, j = item % half;
-    const float x1 = half_to_float(src[head * D + j]), x2 = half_to_float(src[head * D + j + half]);
-    if (head < Hq + Hkv) {
-      const float c = c_row[j], s = s_row[j];
-      const u16 y1 = float_to_half(x1 * c - x2 * s), y2 = float_to_half(x2 * c + x1 * s);
-      u16* dst = head < Hq ? q_out + (long long)row * Hq * D + head * D
-                           : k_cache + (((long long)b * Hkv + (head - Hq)) * max_seq + p) * D;
-      dst[j] = y1;
-      dst[j + half] = y2;
-    } else {
-      u16* dst = v_cache + (((long long)b * Hkv + (head - Hq - Hkv)) * max_seq + p) * D;
-      dst[j] = src[head * D + j];
-      dst[j + half] = src[head * D + j + half];
-    }
+// Grid (token rows of qkv [B*T, (Hq + 2 Hkv) D], heads Hq + 2 Hkv); block D/2 threads, one pair each
+// (row = b * T + t, at position pos + t). q and k heads rotate the pair (j, j + D/2) with the table row
+// of their position; q goes to q_out [B*T, Hq D], k and v to the caches [B, Hkv, max_seq, D]. One
+// block per (row, head) rather than per row: a decode step has a single row, and a block looping
+// over its 48 heads would wait on 48 dependent load latencies.
+extern "C" __global__ void rope_kv(const u16* __restrict__ qkv, const float* __restrict__ cos_t,
+                                   const float* __restrict__ sin_t, u16* __restrict__ q_out, u16* __restrict__ k_cache,
+                                   u16* __restrict__ v_cache, int T, int Hq, int Hkv, int D, int pos, int max_seq) {
+  const int row = blockIdx.x, head = blockIdx.y, j = threadIdx.x;
+  const int b = row / T, t = row % T, half = D / 2, p = pos + t;
+  const u16* src = qkv + (long long)row * (Hq + 2 * Hkv) * D + head * D;
+  const u16 h1 = src[j], h2 = src[j + half];
+  if (head < Hq + Hkv) {
+    const float c = cos_t[(long long)p * half + j], s = sin_t[(long long)p * half + j];
+    const float x1 = half_to_float(h1), x2 = half_to_float(h2);
+    u16* dst = head < Hq ? q_out + (long long)row * Hq * D + head * D
+                         : k_cache + (((long long)b * Hkv + (head - Hq)) * max_seq + p) * D;
+    dst[j] = float_to_half(x1 * c - x2 * s);
+    dst[j + half] = float_to_half(x2 * c + x1 * s);
+  } else {
+    u16* dst = v_cache + (((long long)b * Hkv + (head - Hq - Hkv)) * max_seq + p) * D;
+    dst[j] = h1;
+    dst[j + half] = h2;
   }
 }
 
@@ -183,7 +180,10 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 // warp reads row by row, coalesced. The 4 warps then merge (m, l, acc); with splits > 1 the block
 // stores its unnormalised partial and takes a ticket on its (sequence, query tile, KV head), and the
 // last block merges the splits in split order (deterministic) and writes fp16.
+// With `qkv` non-null (decode, T = 1) RoPE and the KV-cache write are fused in and `q` is unused:
+// one launch less per layer.
 constexpr int kAttnWarps = 4;
+constexpr int kVBatch = 8;  // V rows whose loads are in flight together
 
 template <int D, int R>
 struct AttentionSmem {
@@ -201,7 +201,8 @@ struct AttentionSmem {
 
 template <int D, int R>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-    attention(const u16* __restrict__ q, const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
+    attention(const u16* __restrict__ q, const u16* __restrict__ qkv, const float* __restrict__ cos_t,
+              const float* __restrict__ sin_t, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
               u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
               int pos, int max_seq, int chunk, float scale) {
   constexpr int kCols = D / 32;  // accumulator columns per lane
@@ -215,11 +216,37 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
   const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
 
-  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-    const int r = i / D, d = i % D, t = t0 + r / G;
-    sm.u.loop.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
-                                    scale * kLog2e
-                              : 0.f;
+  if (qkv == nullptr) {
+    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+      const int r = i / D, d = i % D, t = t0 + r / G;
+      sm.u.loop.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
+                                      scale * kLog2e
+                                : 0.f;
+    }
+  } else {
+    // Decode with RoPE fused in (T = 1, rope_kv's work for this KV head): q is rotated as it is
+    // loaded from the qkv row, and the one block whose chunk holds key `pos` rotates k and copies v
+    // of the new token into the cache before any of its warps reads them (__syncthreads below makes
+    // the block's global writes visible to the whole block); no other block reads key `pos`.
+    const int half = D / 2, row_width = (Hq + 2 * Hkv) * D;
+    const u16* src = qkv + (long long)b * row_width;
+    const float* c_row = cos_t + (long long)pos * half;
+    const float* s_row = sin_t + (long long)pos * half;
+    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+      const int r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
+      const float x = half_to_float(src[col + d]), partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
+      const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
+      sm.u.loop.q[r][d] = rotated * scale * kLog2e;
+    }
+    if (k_begin <= pos && pos < k_end) {
+      for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
+        const float x = half_to_float(src[k_col + d]), partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
+        const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
+        k_cache[kv_base + (long long)pos * D + d] = float_to_half(rotated);
+        v_cache[kv_base + (long long)pos * D + d] = src[v_col + d];
+      }
+    }
   }
   __syncthreads();
 
@@ -267,16 +294,29 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       sm.u.loop.p[warp][r][lane] = p;
     }
     __syncwarp();
+    // V rows in groups of kVBatch, their loads issued together (a loop with one load per key would
+    // wait out a DRAM latency per key). Keys past the chunk have p = 0 and are not read.
     const int keys = min(32, k_end - tile);
-    for (int j = 0; j < keys; ++j) {
-      const u16* v_row = v_cache + kv_base + (long long)(tile + j) * D + lane * kCols;
-      float v[kCols];
-      load_halves<kCols>(v_row, v);
+    const u16* v_tile = v_cache + kv_base + (long long)tile * D + lane * kCols;
+    for (int j0 = 0; j0 < keys; j0 += kVBatch) {
+      float v[kVBatch][kCols];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float p = sm.u.loop.p[warp][r][j];
+      for (int j = 0; j < kVBatch; ++j) {
+        if (j0 + j < keys) {
+          load_halves<kCols>(v_tile + (long long)(j0 + j) * D, v[j]);
+        } else {
 #pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[r][c] += p * v[c];
+          for (int c = 0; c < kCols; ++c) v[j][c] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kVBatch; ++j) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float p = sm.u.loop.p[warp][r][j0 + j];
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) acc[r][c] += p * v[j][c];
+        }
       }
     }
     __syncwarp();

@@ -424,6 +424,12 @@ def cmd_check(args) -> int:
                      "(e.g. export PATH=/usr/local/cuda/bin:$PATH)")
     if (msg := _need_gpu("check")):
         return _fail(msg)
+    if args.decoder:
+        from quick_lab.model import fused_check
+
+        return sanitizer.check(results_dir(args.out), tools=args.tools, timeout=args.timeout,
+                               command=" ".join(sys.argv[1:]) or "check --decoder", module=fused_check.MODULE,
+                               stem="sanitizer_decoder", kernels=fused_check.KERNELS)
     return sanitizer.check(results_dir(args.out), tools=args.tools, timeout=args.timeout, smoke=args.smoke,
                            wgmma=args.wgmma, command=" ".join(sys.argv[1:]) or "check")
 
@@ -583,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a reduced variant set (defaults, smallest, largest)")
     p.add_argument("--wgmma", action="store_true",
                    help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
+    p.add_argument("--decoder", action="store_true",
+                   help="the decoder's fused kernels (norm, RoPE + KV write, attention, SiLU); writes sanitizer_decoder.*")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md of every results/<gpu>/, "

@@ -175,6 +175,45 @@ def test_prefill_attention_is_causal_and_matches_reference(Hq, Hkv, D, T, pos):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (40, 40, 128), (64, 8, 128), (4, 2, 64)])
+@pytest.mark.parametrize("pos", [0, 31, 32, 200, 999])
+@pytest.mark.parametrize("splits", [None, 1, 3, 32])
+def test_rope_attention_fuses_rope_the_cache_write_and_decode_attention(Hq, Hkv, D, pos, splits):
+    # One decode step: the new token's q, k rotated at pos, k and v written at pos (the cache holds NaN
+    # there and beyond before the call), attention over keys 0 .. pos; against float64 NumPy.
+    import cupy
+
+    B, theta, max_seq = 3, 1e4, pos + 9
+    rng = np.random.default_rng(pos * 7 + Hq)
+    qkv = rng.standard_normal((B, (Hq + 2 * Hkv) * D)).astype(np.float16)
+    old_k = rng.standard_normal((B, Hkv, pos, D)).astype(np.float16)
+    old_v = rng.standard_normal((B, Hkv, pos, D)).astype(np.float16)
+    k_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
+    v_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
+    k_cache[:, :, :pos] = cupy.asarray(old_k)
+    v_cache[:, :, :pos] = cupy.asarray(old_v)
+    inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = np.outer(np.arange(max_seq, dtype=np.float64), inv)
+    cos, sin = cupy.asarray(np.cos(ang).astype(np.float32)), cupy.asarray(np.sin(ang).astype(np.float32))
+    ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
+    out = cupy.asnumpy(fused.rope_attention(cupy.asarray(qkv), cos, sin, k_cache, v_cache, Hq, pos, ws, splits=splits))
+
+    x = qkv.astype(np.float64).reshape(B, 1, Hq + 2 * Hkv, D)
+    q = _rope_ref(x[:, :, :Hq], pos, theta, D)
+    k_new = _rope_ref(x[:, :, Hq:Hq + Hkv], pos, theta, D).transpose(0, 2, 1, 3)
+    v_new = x[:, :, Hq + Hkv:].transpose(0, 2, 1, 3)
+    k_got, v_got = cupy.asnumpy(k_cache), cupy.asnumpy(v_cache)
+    assert _rel(k_got[:, :, pos:pos + 1], k_new) < 1e-3
+    np.testing.assert_array_equal(v_got[:, :, pos:pos + 1], v_new.astype(np.float16))
+    assert np.isnan(k_got[:, :, pos + 1:]).all() and np.isnan(v_got[:, :, pos + 1:]).all()
+    k = np.concatenate([old_k.astype(np.float64), k_new], axis=2)
+    v = np.concatenate([old_v.astype(np.float64), v_new], axis=2)
+    ref = _attention_ref(q, k, v, pos)
+    assert np.isfinite(out).all() and _rel(out.reshape(ref.shape), ref) < 2e-3
+    assert int(cupy.count_nonzero(ws.tickets)) == 0
+
+
+@pytest.mark.gpu
 def test_decode_attention_default_splits_and_repeat_launches_agree():
     # Same inputs, default split choice, launched twice on one workspace: identical bits (the split
     # merge is in split order, and the tickets were left at zero by the first launch).
@@ -211,3 +250,40 @@ def test_fused_ops_reject_bad_input():
         fused.attention(q, cache, cache, 4, 8, 1)
     with pytest.raises(ValueError, match="needs a workspace"):
         fused.attention(q, cache, cache, 4, 3, 1, splits=2)
+
+
+def test_check_decoder_runs_the_fused_target_module(monkeypatch, tmp_path):
+    # `quick-lab check --decoder` hands the sanitizer driver the model-level target program, its
+    # report stem and the kernels it launches (the driver itself is tested in test_sanitizer.py).
+    import quick_lab.cli
+    from quick_lab.lab import sanitizer
+    from quick_lab.model import fused_check
+
+    seen = {}
+    monkeypatch.setattr(quick_lab.cli, "cuda_device_status", lambda: (True, ""))
+    monkeypatch.setattr(sanitizer, "sanitizer_path", lambda: "/usr/bin/compute-sanitizer")
+    monkeypatch.setattr(sanitizer, "check", lambda out_dir, **kw: seen.update(kw) or 0)
+    assert quick_lab.cli.main(["check", "--decoder", "--out", str(tmp_path)]) == 0
+    assert seen["module"] == "quick_lab.model.fused_check" == fused_check.MODULE
+    assert seen["stem"] == "sanitizer_decoder" and set(seen["kernels"]) == {"add_rms_norm", "silu_mul", "rope_kv",
+                                                                             "attention"}
+    assert sanitizer._target(tmp_path, None, None, "py", fused_check.MODULE) == ["py", "-m", fused_check.MODULE]
+
+
+@pytest.mark.gpu
+def test_fused_check_target_passes_and_can_fail(monkeypatch, capsys):
+    from quick_lab.lab.sanitizer_target import TARGET_MISMATCH_EXIT
+    from quick_lab.model import fused_check
+
+    import cupy
+
+    allocator = cupy.cuda.get_allocator()
+    try:
+        assert fused_check.main([]) == 0
+        out = capsys.readouterr().out
+        assert f"QL-DONE {len(fused_check.cases())} cases, 0 mismatches" in out
+        monkeypatch.setattr(fused_check, "REL_TOL", 0.0)  # no result is exact: every case must now fail
+        assert fused_check.main([]) == TARGET_MISMATCH_EXIT
+        assert capsys.readouterr().out.count("QL-MISMATCH") == len(fused_check.cases())
+    finally:
+        cupy.cuda.set_allocator(allocator)

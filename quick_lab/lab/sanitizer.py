@@ -340,12 +340,16 @@ class SanitizerRun:
         return "\n".join(self.log.splitlines()[-lines:])
 
 
-def _target(workdir: Path, cases, script: str | None, python: str | None) -> list[str]:
-    """Writes the program's input into ``workdir``; returns the program's argv. ``script``: Python
-    source run as a file instead of the target module (a probe); else the case list ``cases``
-    (default :func:`all_cases`) for :mod:`quick_lab.lab.sanitizer_target`."""
+def _target(workdir: Path, cases, script: str | None, python: str | None, module: str | None = None) -> list[str]:
+    """Writes the program's input into ``workdir``; returns the program's argv. ``module``: a target
+    program of its own cases run as ``python -m module`` (a layer above this one, e.g. the decoder's
+    fused ops, brings its own); ``script``: Python source run as a file instead of the target module
+    (a probe); else the case list ``cases`` (default :func:`all_cases`) for
+    :mod:`quick_lab.lab.sanitizer_target`."""
     if isinstance(cases, (str, bytes)):
         raise TypeError("cases is a list of Case; pass Python source as script=...")
+    if module is not None:
+        return [python or sys.executable, "-m", module]
     if script is not None:
         path = workdir / "quick_lab_sanitizer_probe.py"
         path.write_text(script)
@@ -361,7 +365,7 @@ def _run(cmd: list[str], cwd: str, timeout: float) -> subprocess.CompletedProces
 
 
 def run_sanitizer_full(tool: str, cases=None, *, script: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                       kernel_names=None, python: str | None = None) -> SanitizerRun:
+                       kernel_names=None, python: str | None = None, module: str | None = None) -> SanitizerRun:
     """Runs ``compute-sanitizer --tool <tool>`` on the target module over ``cases`` (default
     :func:`all_cases`), or on ``script`` (Python source) when given.
 
@@ -372,7 +376,8 @@ def run_sanitizer_full(tool: str, cases=None, *, script: str | None = None, time
         raise SanitizerError("compute-sanitizer is not on PATH (it ships with the CUDA toolkit, "
                              "e.g. /usr/local/cuda/bin)")
     with tempfile.TemporaryDirectory(prefix="quick_lab_sanitizer_") as tmp:
-        cmd = sanitizer_command(tool, kernel_names=kernel_names, target=_target(Path(tmp), cases, script, python))
+        cmd = sanitizer_command(tool, kernel_names=kernel_names,
+                                target=_target(Path(tmp), cases, script, python, module))
         start = time.perf_counter()
         try:
             proc = _run(cmd, tmp, timeout)
@@ -402,11 +407,11 @@ def run_sanitizer(tool: str, cases=None, *, script: str | None = None, timeout: 
 
 
 def run_target_plain(cases=None, timeout: float = DEFAULT_TIMEOUT_S, *, script: str | None = None,
-                     python: str | None = None) -> tuple[int, str]:
+                     python: str | None = None, module: str | None = None) -> tuple[int, str]:
     """The target without a sanitizer: compiles every variant (CuPy's disk cache then serves the
     sanitized runs) and checks the numerics. ``(exit code, output)``."""
     with tempfile.TemporaryDirectory(prefix="quick_lab_sanitizer_") as tmp:
-        proc = _run(_target(Path(tmp), cases, script, python), tmp, timeout)
+        proc = _run(_target(Path(tmp), cases, script, python, module), tmp, timeout)
     return proc.returncode, proc.stdout
 
 
@@ -441,7 +446,8 @@ def format_table(rows: list[str], tools, runs: dict) -> str:
 
 
 def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool = False, wgmma: bool = False,
-          command: str = "check") -> int:
+          command: str = "check", module: str | None = None, stem: str | None = None,
+          kernels: tuple[str, ...] = ()) -> int:
     """``quick-lab check`` once the CLI has found compute-sanitizer and a GPU: a plain run of the
     target (compiles, checks the numerics), then each tool; prints the variants x tools table and
     writes ``<stem>.csv``, ``<stem>.<tool>.log`` and ``<stem>.meta.json`` into ``out_dir`` (stem
@@ -449,24 +455,33 @@ def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool 
     plain run failed or a tool found something or gave no verdict.
 
     ``wgmma``: only the Hopper-only variants (sm_90 GPU), stream-K and split-K (:func:`wgmma_cases`);
-    ``smoke``: the reduced set of :func:`smoke_variants`.
+    ``smoke``: the reduced set of :func:`smoke_variants`. ``module``: instead of the GEMM cases, a
+    target program with its own cases (``python -m module``, same protocol: QL-CASE / QL-MISMATCH /
+    QL-DONE, exit 3 on a mismatch), reported under ``stem`` with one row per name in ``kernels``.
     """
     from quick_lab.lab.metadata import write_metadata
 
     tools = tuple(tools)
-    if wgmma:
+    if module is not None:
+        if not stem or not kernels:
+            raise ValueError("check(module=...) needs the report's stem and the kernel names it launches")
+        cases = []
+    elif wgmma:
         cases, stem = wgmma_cases(), "sanitizer_wgmma"
     else:
         awq, quick = smoke_variants() if smoke else (None, None)
         cases, stem = all_cases(awq, quick), "sanitizer"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{len(cases)} cases, ~{launch_count(cases)} launches per tool; tools: {', '.join(tools)}",
-          file=sys.stderr)
+    if module is None:
+        print(f"{len(cases)} cases, ~{launch_count(cases)} launches per tool; tools: {', '.join(tools)}",
+              file=sys.stderr)
+    else:
+        print(f"python -m {module}; tools: {', '.join(tools)}", file=sys.stderr)
 
     # Plain run first: compiles every variant into CuPy's cache and checks the numerics.
     start = time.perf_counter()
-    code, output = run_target_plain(cases, timeout=timeout)
+    code, output = run_target_plain(cases, timeout=timeout, module=module)
     print(f"plain run: exit {code} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if code != 0:
         print("\n".join(output.splitlines()[-40:]), file=sys.stderr)
@@ -477,7 +492,7 @@ def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool 
     for tool in tools:
         print(f"{tool} ...", file=sys.stderr, flush=True)
         try:
-            run = run_sanitizer_full(tool, cases, timeout=timeout)
+            run = run_sanitizer_full(tool, cases, timeout=timeout, module=module)
         except SanitizerError as exc:
             runs[tool] = exc
             (out_dir / f"{stem}.{tool}.log").write_text(f"{exc}\n")
@@ -487,7 +502,7 @@ def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool 
         (out_dir / f"{stem}.{tool}.log").write_text(run.log)
         print(f"{tool}: {run.findings} findings in {run.seconds:.1f} s", file=sys.stderr)
 
-    kernels = _rows_of(cases)
+    kernels = list(kernels) if module is not None else _rows_of(cases)
     print(format_table(kernels, tools, runs))
     extra = sorted({k for r in runs.values() if isinstance(r, SanitizerRun) for k in r.reports} - set(kernels))
     rows = []
@@ -506,8 +521,10 @@ def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool 
         writer.writeheader()
         writer.writerows(rows)
     write_metadata(out_dir / f"{stem}.meta.json", command=command,
-                   compute_sanitizer=sanitizer_version(), tools=list(tools), cases=len(cases),
-                   launches_per_tool=launch_count(cases), kernel_filter="none (every kernel instrumented)",
+                   compute_sanitizer=sanitizer_version(), tools=list(tools),
+                   cases=len(cases) if module is None else f"the cases of python -m {module}",
+                   launches_per_tool=launch_count(cases) if module is None else None,
+                   kernel_filter="none (every kernel instrumented)",
                    memcheck_padding_bytes=MEMCHECK_PADDING, smoke=bool(smoke))
     print(f"wrote {out_dir / (stem + '.csv')}")
     failed = [t for t, r in runs.items() if not isinstance(r, SanitizerRun) or r.findings]

@@ -8,7 +8,8 @@ one CUDA graph: each layer has its own weights and cache, so nothing is served f
 step would read from DRAM. The graph launch is timed with CUDA events (median of ``reps``) and
 divided by the number of layers. ``layer`` is the whole step (every op of every layer, one graph)
 per layer; ``gemm`` the sum of the four GEMM classes; ``other`` = ``layer`` - ``gemm``, the non-GEMM
-cost as it shows in the step (launch gaps included), which the per-class rows itemise.
+cost as it shows in the step (launch gaps included), which the per-class rows itemise. In a decode
+step RoPE and the KV-cache write run inside the attention launch, so ``rope_kv`` is 0 there.
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ Every linear layer runs on one of three backends over the *same* int4 weights: `
 dequantized weight), ``awq`` (the AutoAWQ-style kernel) or ``quick`` (the QUICK kernel on the
 interleaved weight); a Linear holds only the forms its backends need. Everything else is fused and
 identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoPE writing k and v
-into the cache, attention over the cache (one launch), the o GEMM, add + RMSNorm, the gate_up GEMM,
-SiLU x up, the down GEMM (whose output the next layer's norm adds to the residual). A layer is a
+into the cache, attention over the cache (one launch; in a decode step RoPE and the cache write are
+inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up, the down GEMM (whose output
+the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. A layer is a
 list of named ops (:meth:`Model.layer_ops`), which ``forward`` runs under NVTX ranges and
 :mod:`quick_lab.model.breakdown` times one class at a time. Matmuls go through
 :func:`quick_lab.model.cublas.matmul` and no op allocates outside CuPy's pool, so a forward can be
@@ -189,7 +190,12 @@ class Model:
         def down():
             st.delta = layer.down(st.act, backend)
 
-        return [("norm", attn_norm), ("qkv", qkv), ("rope_kv", rope), ("attention", attention), ("o", o),
+        def rope_attention():  # decode: RoPE and the KV write inside the attention launch
+            st.attn = fused.rope_attention(st.qkv, cache.cos, cache.sin, k_cache, v_cache, Hq, st.pos,
+                                           cache.workspace)
+
+        attn_ops = [("attention", rope_attention)] if st.T == 1 else [("rope_kv", rope), ("attention", attention)]
+        return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
                 ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
 
     def start(self, tokens, cache: KVCache, pos: int) -> StepState:

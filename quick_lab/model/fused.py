@@ -16,7 +16,7 @@ import numpy as np
 from quick_lab.build import device, loader
 
 __all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows", "decode_splits",
-           "rope_kv", "silu_mul"]
+           "rope_attention", "rope_kv", "silu_mul"]
 
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
@@ -72,7 +72,7 @@ def rope_kv(qkv, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int, pos:
         raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
     q = cupy.empty((rows, n_heads * D), dtype=cupy.float16)
     if rows:
-        loader.support_kernel("rope_kv")((rows,), (256,), (qkv, cos, sin, q, k_cache, v_cache, np.int32(T),
+        loader.support_kernel("rope_kv")((rows, n_heads + 2 * n_kv_heads), (D // 2,), (qkv, cos, sin, q, k_cache, v_cache, np.int32(T),
                                                             np.int32(n_heads), np.int32(n_kv_heads), np.int32(D),
                                                             np.int32(pos), np.int32(max_seq)))
     return q
@@ -130,44 +130,79 @@ def _attention_kernel(head_dim: int, rows: int):
     return loader.load_function("decoder.cu", f"attention<{head_dim}, {rows}>")
 
 
-def attention(q, k_cache, v_cache, n_heads: int, pos: int, T: int, workspace: AttentionWorkspace | None = None,
-              splits: int | None = None):
-    """Causal attention of q [B*T, Hq D] (tokens at pos .. pos+T-1) over the cache, which holds keys
-    0 .. pos+T-1: returns [B*T, Hq D] fp16, heads in q's order (query head j uses KV head j // group).
-    ``splits`` > 1 (decode) needs a ``workspace``; default: :func:`decode_splits` for T = 1, else 1."""
+def _attention_splits(splits, T: int, slots: int, keys: int, workspace, rows: int, D: int) -> int:
     import cupy
 
-    _check_fp16(q, "q", 2)
-    B, Hkv, max_seq, D = k_cache.shape
-    if n_heads % Hkv or q.shape != (B * T, n_heads * D):
-        raise ValueError(f"q {q.shape} does not match batch {B} x {T} tokens of {n_heads} heads of {D} "
-                         f"over {Hkv} KV heads")
-    if D % 32 or D > 256:
-        raise ValueError(f"head_dim must be a multiple of 32, at most 256, got {D}")
-    if pos < 0 or pos + T > max_seq:
-        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
-    group = n_heads // Hkv
-    rows = attention_rows(group, D, T)
-    q_tiles = -(-T // (rows // group))
-    slots = B * q_tiles * Hkv
     if splits is None:
         splits = 1 if T > 1 or workspace is None else decode_splits(
-            slots, pos + T, device.num_sms(cupy.cuda.Device().id), workspace.max_splits)
+            slots, keys, device.num_sms(cupy.cuda.Device().id), workspace.max_splits)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     if splits > 1 and (workspace is None or workspace.slots < slots or workspace.max_splits < splits
                        or workspace.rows * workspace.head_dim < rows * D):
         raise ValueError(f"splits = {splits} needs a workspace of >= {slots} slots x {splits} splits x {rows} rows "
                          f"x head dim {D}")
+    return splits
+
+
+def _check_cache(k_cache, v_cache, pos: int, T: int):
+    _check_fp16(k_cache, "k_cache", 4)
+    _check_fp16(v_cache, "v_cache", 4)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache {v_cache.shape} must match k_cache {k_cache.shape}")
+    B, Hkv, max_seq, D = k_cache.shape
+    if D % 32 or D > 256:
+        raise ValueError(f"head_dim must be a multiple of 32, at most 256, got {D}")
+    if pos < 0 or pos + T > max_seq:
+        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
+    return B, Hkv, max_seq, D
+
+
+def _launch_attention(q, qkv, cos, sin, k_cache, v_cache, n_heads: int, pos: int, T: int, workspace, splits):
+    import cupy
+
+    B, Hkv, max_seq, D = k_cache.shape
+    group = n_heads // Hkv
+    rows = attention_rows(group, D, T)
+    q_tiles = -(-T // (rows // group))
+    slots = B * q_tiles * Hkv
     keys = pos + T
+    splits = _attention_splits(splits, T, slots, keys, workspace, rows, D)
     chunk = -(-keys // splits)
     chunk = -(-chunk // 32) * 32
-    out = cupy.empty_like(q)
-    if B * T == 0:
-        return out
+    out = cupy.empty((B * T, n_heads * D), dtype=cupy.float16)
     partial, tickets = (workspace.partial, workspace.tickets) if splits > 1 else (_NULL, _NULL)
     _attention_kernel(D, rows)((splits, Hkv, B * q_tiles), (ATTENTION_WARPS * 32,),
-                               (q, k_cache, v_cache, out, partial, tickets, np.int32(T), np.int32(n_heads),
-                                np.int32(Hkv), np.int32(pos), np.int32(max_seq), np.int32(chunk),
-                                np.float32(1.0 / math.sqrt(D))))
+                               (_NULL if q is None else q, _NULL if qkv is None else qkv,
+                                _NULL if cos is None else cos, _NULL if sin is None else sin, k_cache, v_cache, out,
+                                partial, tickets, np.int32(T), np.int32(n_heads), np.int32(Hkv), np.int32(pos),
+                                np.int32(max_seq), np.int32(chunk), np.float32(1.0 / math.sqrt(D))))
     return out
+
+
+def attention(q, k_cache, v_cache, n_heads: int, pos: int, T: int, workspace: AttentionWorkspace | None = None,
+              splits: int | None = None):
+    """Causal attention of q [B*T, Hq D] (tokens at pos .. pos+T-1) over the cache, which holds keys
+    0 .. pos+T-1: returns [B*T, Hq D] fp16, heads in q's order (query head j uses KV head j // group).
+    ``splits`` > 1 (decode) needs a ``workspace``; default: :func:`decode_splits` for T = 1, else 1."""
+    _check_fp16(q, "q", 2)
+    B, Hkv, max_seq, D = _check_cache(k_cache, v_cache, pos, T)
+    if n_heads % Hkv or q.shape != (B * T, n_heads * D):
+        raise ValueError(f"q {q.shape} does not match batch {B} x {T} tokens of {n_heads} heads of {D} "
+                         f"over {Hkv} KV heads")
+    return _launch_attention(q, None, None, None, k_cache, v_cache, n_heads, pos, T, workspace, splits)
+
+
+def rope_attention(qkv, cos, sin, k_cache, v_cache, n_heads: int, pos: int,
+                   workspace: AttentionWorkspace | None = None, splits: int | None = None):
+    """One decode step (T = 1) of :func:`rope_kv` + :func:`attention` in one launch: q and k of
+    ``qkv`` [B, (Hq + 2 Hkv) D] rotated at ``pos``, k and v written to the caches at ``pos``, then
+    attention over keys 0 .. pos. Returns [B, Hq D] fp16."""
+    _check_fp16(qkv, "qkv", 2)
+    B, Hkv, max_seq, D = _check_cache(k_cache, v_cache, pos, 1)
+    if n_heads % Hkv or qkv.shape != (B, (n_heads + 2 * Hkv) * D):
+        raise ValueError(f"qkv {qkv.shape} does not match batch {B} x 1 token of ({n_heads} + 2 x {Hkv}) heads "
+                         f"of {D}")
+    if cos.shape[0] <= pos or cos.shape != sin.shape or cos.shape[1] != D // 2:
+        raise ValueError(f"cos/sin tables {cos.shape} must have a row for position {pos} and {D // 2} columns")
+    return _launch_attention(None, qkv, cos, sin, k_cache, v_cache, n_heads, pos, 1, workspace, splits)
