@@ -319,9 +319,12 @@ def test_a_torch_caller_launches_on_torchs_current_stream_of_its_device(fake_tor
     assert fake_torch == []
 
 
-def test_torchs_default_stream_is_cupys_null_stream():
+def test_torch_streams_become_cupy_streams_on_the_same_pointer(monkeypatch):
     cupy = pytest.importorskip("cupy")
-    assert interop.cupy_stream(0, 0) is cupy.cuda.Stream.null
+    monkeypatch.setattr(interop, "_cupy_streams", {})
+    assert interop.cupy_stream(0, 0) is cupy.cuda.Stream.null  # torch's default stream is the legacy one
+    side = interop.cupy_stream(0x7F00BEEF, 1)  # wrapping a pointer needs no GPU
+    assert side.ptr == 0x7F00BEEF and interop.cupy_stream(0x7F00BEEF, 1) is side  # made once
 
 
 # ---------------------------------------------------------------- CPU: torch stays optional
@@ -682,7 +685,8 @@ def test_quick_linear_model_matches_its_fp16_reference(M):
     assert y.dtype == torch.float16 and tuple(y.shape) == (M, 256) and tuple(y3.shape) == (1, M, 256)
     assert torch.isfinite(y).all()
     assert _rel_err(y.cpu().numpy(), want.double().cpu().numpy()) < 3e-3
-    assert torch.equal(y3.reshape(M, 256), y)
+    # the same rows (a stream-K schedule may sum the k-tiles in another order: no bitwise claim)
+    assert _rel_err(y3.reshape(M, 256).cpu().numpy(), y.double().cpu().numpy()) < 1e-3
 
 
 @pytest.mark.gpu
@@ -701,7 +705,7 @@ def test_quick_linear_buffers_move_with_to():
         with pytest.raises(RuntimeError, match="move the layer to a CUDA device"):
             model(x.cpu())
         model.to("cuda")
-        assert torch.equal(model(x), y)
+        assert _rel_err(model(x).cpu().numpy(), y.double().cpu().numpy()) < 1e-3
 
 
 @pytest.mark.gpu

@@ -180,8 +180,7 @@ def cupy_stream(ptr: int, device_id: int):
         if ptr == 0:
             stream = cupy.cuda.Stream.null
         elif hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14 (ExternalStream is deprecated there)
-            with cupy.cuda.Device(device_id):
-                stream = cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+            stream = cupy.cuda.Stream.from_external(_StreamHandle(ptr))  # used only inside Device(device_id)
         else:
             stream = cupy.cuda.ExternalStream(ptr, device_id)
         _cupy_streams[key] = stream
