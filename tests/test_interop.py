@@ -248,7 +248,10 @@ def test_awq_weight_takes_torch_dtypes_by_name():
     host = random_awq(256, 128, 64, seed=2)
     cpu = FakeDevice("cpu")
     AWQWeight(Tensor(host.qweight, cpu), Tensor(host.qzeros, cpu), Tensor(host.scales, cpu), 64)
-    with pytest.raises(TypeError, match="scales has dtype torch.bfloat16, which has no NumPy equivalent"):
+    # NumPy without a bfloat16 type names the missing equivalent; with one registered (ml_dtypes, as on a
+    # machine with torch) the dtype converts and the float16 rule rejects it: both name scales and the rule
+    with pytest.raises(TypeError, match=r"scales (has dtype torch\.bfloat16, which has no NumPy equivalent"
+                                        r"|must have dtype float16, got bfloat16)"):
         AWQWeight(Tensor(host.qweight, cpu), Tensor(host.qzeros, cpu),
                   Tensor(host.scales, cpu, dtype=FakeDtype("torch.bfloat16")), 64)
     with pytest.raises(TypeError, match="qweight must have dtype int32, got int64"):

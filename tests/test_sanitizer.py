@@ -448,7 +448,7 @@ def test_run_sanitizer_without_a_verdict_raises(tmp_path, monkeypatch, output, c
 
 
 def _plain_ok(seen):
-    def plain(cases, timeout):
+    def plain(cases, timeout, module=None):
         seen.append(list(cases))
         return 0, "QL-DONE"
     return plain
