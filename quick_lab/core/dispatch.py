@@ -24,9 +24,10 @@ Sources, in order:
 Why a hook for the tuner: timing (events, the L2 flush, the sweep's candidates) is ``quick_lab.lab``,
 which sits above core, and core must not import lab (tests/test_import_order.py). Moving the timing
 path into core would give core two jobs and the project two timing paths, so the tuner stays in
-``quick_lab.lab.tune`` and registers itself here (:func:`register_tuner`) when imported; the command
-line imports it. A process that never imports it (the ops alone) goes from the tables straight to the
-heuristic, and ``quick-lab info`` / :func:`table_status` say which source is in use.
+``quick_lab.lab.tune`` and registers itself here (:func:`register_tuner`) when imported (``import
+quick_lab.lab.tune``; ``quick-lab tune`` and ``info`` do). The cost of the hook: a process that never
+imports it (the core ops alone) goes from the tables straight to the heuristic; ``quick-lab info`` and
+:func:`table_status` say which source is in use and whether a tuner is registered.
 
 :func:`choose` is memoized, and so are the tables and the tuned table's key (a second call, or a
 batch in a bucket already tuned, reads nothing); a table written outside this module (``quick-lab
