@@ -510,7 +510,7 @@ def test_check_wgmma_writes_its_own_files(tmp_path, monkeypatch, capsys):
 
 def test_check_stops_when_the_plain_run_fails(tmp_path, monkeypatch, capsys):
     _fake_sanitizer(tmp_path, monkeypatch, MEMCHECK_CLEAN, 0)
-    monkeypatch.setattr(sanitizer, "run_target_plain", lambda cases, timeout: (3, "QL-MISMATCH x\nQL-DONE"))
+    monkeypatch.setattr(sanitizer, "run_target_plain", lambda cases, timeout, module=None: (3, "QL-MISMATCH x\nQL-DONE"))
     monkeypatch.setattr(sanitizer, "run_sanitizer_full", _no_check)
     assert sanitizer.check(tmp_path / "p", tools=("memcheck",), smoke=True) == 1
     assert "the target failed without a sanitizer" in capsys.readouterr().err
