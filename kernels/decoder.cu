@@ -172,31 +172,29 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 // heads of one KV head times QT consecutive tokens (decode: QT = 1). Row r is token qt * QT + r / G,
 // head kvh * G + r % G; it sees keys 0 .. pos + t (causal).
 // Grid (splits, Hkv, B * q_tiles); block 4 warps. The keys a block's rows can see, [0, key_end), are cut
-// into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one. Each warp walks
-// 32-key tiles of the chunk with one key per lane: the lane reads its key's row (16-byte loads) and
-// forms R scores against q in shared memory; an online softmax per row (running max m, sum l, both
-// replicated over the warp) rescales the accumulator, whose D columns are spread over the lanes
-// (D/32 each), and the tile's probabilities go through shared memory to weight the V rows, which the
-// warp reads row by row, coalesced. The 4 warps then merge (m, l, acc); with splits > 1 the block
-// stores its unnormalised partial and takes a ticket on its (sequence, query tile, KV head), and the
-// last block merges the splits in split order (deterministic) and writes fp16.
+// into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one, 32 keys at a time,
+// one key per lane, and the 4 warps share each 32-key tile by splitting the head dim: warp w forms
+// partial scores over its D/4 dims (16-byte loads of its slice of the key's row) against q in shared
+// memory, the partials meet in shared memory, every warp runs the same online softmax on the full
+// scores (running max m and sum l per row, replicated, so no cross-warp merge is needed later), and
+// then weights the V rows' D/4 columns it owns (coalesced). Splitting D rather
+// than keys over the warps cuts each warp's serial chain per tile by 4: in a decode step a block has
+// only a few tiles, and one warp walking a whole 32 x D tile alone left the SM idle (latency-bound at
+// ~10 cycles per instruction with 1 warp per scheduler). With splits > 1 the block stores its
+// unnormalised partial and takes a ticket on its (sequence, query tile, KV head), and the last block
+// merges the splits in split order (deterministic) and writes fp16.
 // With `qkv` non-null (decode, T = 1) RoPE and the KV-cache write are fused in and `q` is unused:
 // one launch less per layer.
 constexpr int kAttnWarps = 4;
-constexpr int kVBatch = 8;  // V rows whose loads are in flight together
 
 template <int D, int R>
 struct AttentionSmem {
-  static_assert(D % 32 == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
-  static_assert(R * D <= 2048, "query rows x head dim: at most 2048 (48 KB of static shared memory)");
-  union {
-    struct {
-      float q[R][D];                 // pre-scaled by log2(e) / sqrt(D): scores in base 2
-      float p[kAttnWarps][R][32];    // one tile's probabilities, per warp
-    } loop;
-    float acc[kAttnWarps][R][D];     // the warps' accumulators, to merge
-  } u;
-  float m[kAttnWarps][R], l[kAttnWarps][R];
+  static_assert(D % (8 * kAttnWarps) == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
+  static_assert(R * D <= 2048, "query rows x head dim: at most 2048");
+  // the merge reuses s as [splits][R] and p as [R]: splits <= kAttnWarps * 32 = 128
+  float q[R][D];                     // pre-scaled by log2(e) / sqrt(D): scores in base 2
+  float s[kAttnWarps][R][32];        // each warp's partial scores over its D / 4 dims
+  float p[kAttnWarps][R][32];        // the tile's probabilities, a copy per warp
 };
 
 template <int D, int R>
@@ -205,12 +203,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
               const float* __restrict__ sin_t, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
               u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
               int pos, int max_seq, int chunk, float scale) {
-  constexpr int kCols = D / 32;  // accumulator columns per lane
+  constexpr int kDims = D / kAttnWarps;                 // this warp's slice of the head dim
+  constexpr int kCols = kDims >= 32 ? kDims / 32 : 1;   // V columns per lane
+  constexpr int kLanes = kDims / kCols;                 // lanes that own columns (all 32 for D >= 128)
   __shared__ AttentionSmem<D, R> sm;
   const int G = Hq / Hkv, QT = R / G;
   const int split = blockIdx.x, splits = gridDim.x, kvh = blockIdx.y;
   const int q_tiles = (T + QT - 1) / QT, b = blockIdx.z / q_tiles, qt = blockIdx.z % q_tiles;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d_warp = warp * kDims;
   const int t0 = qt * QT, rows_t = min(QT, T - t0);
   const int key_end = pos + t0 + rows_t;  // keys 0 .. key_end - 1 are visible to some row
   const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (qkv == nullptr) {
     for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
       const int r = i / D, d = i % D, t = t0 + r / G;
-      sm.u.loop.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
+      sm.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
                                       scale * kLog2e
                                 : 0.f;
     }
@@ -236,12 +236,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       const int r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
       const float x = half_to_float(src[col + d]), partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
       const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
-      sm.u.loop.q[r][d] = rotated * scale * kLog2e;
+      sm.q[r][d] = rotated * scale * kLog2e;
     }
     if (k_begin <= pos && pos < k_end) {
       for (int d = threadIdx.x; d < D; d += blockDim.x) {
         const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
-        const float x = half_to_float(src[k_col + d]), partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
+        const float x = half_to_float(src[k_col + d]);
+        const float partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
         const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
         k_cache[kv_base + (long long)pos * D + d] = float_to_half(rotated);
         v_cache[kv_base + (long long)pos * D + d] = src[v_col + d];
@@ -259,125 +260,155 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
   }
 
-  for (int tile = k_begin + warp * 32; tile < k_end; tile += kAttnWarps * 32) {
+  // One tile's loads, in flight together: this warp's slice of key (tile + lane)'s row, and the D/4
+  // columns it owns of the tile's V rows (up to 32). The next tile's loads are issued before the
+  // current tile is consumed, so DRAM latency overlaps the softmax and the FMAs.
+  struct TileLoads {
+    uint4 k[kDims / 8];
+    u32 v[16][kCols];  // V rows 2j (low half) and 2j + 1 (high half): two fp16 per register
+  };
+  const auto load_tile = [&](int tile, TileLoads& t) {
+    const int key = tile + lane;
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D + d_warp);
+#pragma unroll
+    for (int c = 0; c < kDims / 8; ++c) t.k[c] = key < k_end ? k_row[c] : make_uint4(0, 0, 0, 0);
+    const u16* v_col = v_cache + kv_base + (long long)tile * D + d_warp + lane * kCols;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const u32 lo = (tile + 2 * j < k_end && lane < kLanes) ? v_col[(long long)(2 * j) * D + c] : 0;
+        const u32 hi = (tile + 2 * j + 1 < k_end && lane < kLanes) ? v_col[(long long)(2 * j + 1) * D + c] : 0;
+        t.v[j][c] = lo | (hi << 16);
+      }
+  };
+
+  TileLoads cur;
+  if (k_begin < k_end) load_tile(k_begin, cur);
+  for (int tile = k_begin; tile < k_end; tile += 32) {
+    TileLoads next;
+    if (tile + 32 < k_end) load_tile(tile + 32, next);
     const int key = tile + lane;
     float s[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) s[r] = 0.f;
-    if (key < k_end) {
-      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D);
 #pragma unroll
-      for (int d0 = 0; d0 < D; d0 += 8) {
-        float kf[8];
-        halves8_to_float(k_row[d0 / 8], kf);
+    for (int c = 0; c < kDims / 8; ++c) {
+      float kf[8];
+      halves8_to_float(cur.k[c], kf);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float4 qa = *reinterpret_cast<const float4*>(&sm.u.loop.q[r][d0]);
-          const float4 qb = *reinterpret_cast<const float4*>(&sm.u.loop.q[r][d0 + 4]);
-          s[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
-                  qb.z * kf[6] + qb.w * kf[7];
-        }
+      for (int r = 0; r < R; ++r) {
+        const float4 qa = *reinterpret_cast<const float4*>(&sm.q[r][d_warp + 8 * c]);
+        const float4 qb = *reinterpret_cast<const float4*>(&sm.q[r][d_warp + 8 * c + 4]);
+        s[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                qb.z * kf[6] + qb.w * kf[7];
       }
     }
 #pragma unroll
+    for (int r = 0; r < R; ++r) sm.s[warp][r][lane] = s[r];
+    __syncthreads();  // the four partial scores of every key are in
+
+#pragma unroll
     for (int r = 0; r < R; ++r) {
+      float score = sm.s[0][r][lane];
+#pragma unroll
+      for (int w = 1; w < kAttnWarps; ++w) score += sm.s[w][r][lane];
       const int t = t0 + r / G;
-      if (key >= k_end || key > pos + t || t >= T) s[r] = QL_NEG_INF;  // past the chunk, or causal
-      const float m_new = fmaxf(m[r], warp_max(s[r]));
+      if (key >= k_end || key > pos + t || t >= T) score = QL_NEG_INF;  // past the chunk, or causal
+      const float m_new = fmaxf(m[r], warp_max(score));
       // A row that has seen no key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
       const float alpha = m_new == QL_NEG_INF ? 1.f : exp2f(m[r] - m_new);
-      const float p = m_new == QL_NEG_INF ? 0.f : exp2f(s[r] - m_new);
+      const float p = m_new == QL_NEG_INF ? 0.f : exp2f(score - m_new);
       l[r] = l[r] * alpha + warp_sum(p);
       m[r] = m_new;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
-      sm.u.loop.p[warp][r][lane] = p;
+      sm.p[warp][r][lane] = p;
     }
     __syncwarp();
-    // V rows in groups of kVBatch, their loads issued together (a loop with one load per key would
-    // wait out a DRAM latency per key). Keys past the chunk have p = 0 and are not read.
-    const int keys = min(32, k_end - tile);
-    const u16* v_tile = v_cache + kv_base + (long long)tile * D + lane * kCols;
-    for (int j0 = 0; j0 < keys; j0 += kVBatch) {
-      float v[kVBatch][kCols];
+
+    // Keys past the chunk have p = 0 and V = 0 (not loaded).
 #pragma unroll
-      for (int j = 0; j < kVBatch; ++j) {
-        if (j0 + j < keys) {
-          load_halves<kCols>(v_tile + (long long)(j0 + j) * D, v[j]);
-        } else {
+    for (int j = 0; j < 32; ++j) {
+      float v[kCols];
 #pragma unroll
-          for (int c = 0; c < kCols; ++c) v[j][c] = 0.f;
-        }
-      }
+      for (int c = 0; c < kCols; ++c)
+        v[c] = half_to_float(static_cast<u16>(j % 2 ? cur.v[j / 2][c] >> 16 : cur.v[j / 2][c] & 0xffffu));
 #pragma unroll
-      for (int j = 0; j < kVBatch; ++j) {
+      for (int r = 0; r < R; ++r) {
+        const float p = sm.p[warp][r][j];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float p = sm.u.loop.p[warp][r][j0 + j];
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) acc[r][c] += p * v[j][c];
-        }
+        for (int c = 0; c < kCols; ++c) acc[r][c] += p * v[c];
       }
     }
-    __syncwarp();
+    cur = next;
+    __syncthreads();  // every warp is done with this tile's partial scores before the next overwrites them
   }
 
-  // Merge the warps: (m, l) per warp and row, then the accumulators through shared memory.
-  __syncthreads();  // every warp is done with q and p: the union's other member takes over
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      sm.m[warp][r] = m[r];
-      sm.l[warp][r] = l[r];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) sm.u.acc[warp][r][lane * kCols + c] = acc[r][c];
-  __syncthreads();
-
+  // Each warp owns columns d_warp + lane * kCols + c; m and l are the same in every warp.
   const long long slot = ((long long)blockIdx.z * Hkv + kvh);  // (sequence, query tile, KV head)
   float* my_partial = partial + (slot * splits + split) * R * (D + 2);
-  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    float m_max = QL_NEG_INF;
+  if (lane < kLanes) {
 #pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) m_max = fmaxf(m_max, sm.m[w][r]);
-    float l_sum = 0.f, o = 0.f;
+    for (int r = 0; r < R; ++r) {
+      const int t = t0 + r / G;
 #pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
-      const float wgt = sm.m[w][r] == QL_NEG_INF ? 0.f : exp2f(sm.m[w][r] - m_max);
-      l_sum += sm.l[w][r] * wgt;
-      o += sm.u.acc[w][r][d] * wgt;
-    }
-    const int t = t0 + r / G;
-    if (splits == 1) {
-      if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o / l_sum);
-    } else {
-      my_partial[r * (D + 2) + d] = o;
-      if (d == 0) {
-        my_partial[r * (D + 2) + D] = m_max;
-        my_partial[r * (D + 2) + D + 1] = l_sum;
+      for (int c = 0; c < kCols; ++c) {
+        const int d = d_warp + lane * kCols + c;
+        if (splits == 1) {
+          if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(acc[r][c] / l[r]);
+        } else {
+          my_partial[r * (D + 2) + d] = acc[r][c];
+        }
+      }
+      if (splits > 1 && warp == 0 && lane == 0) {
+        my_partial[r * (D + 2) + D] = m[r];
+        my_partial[r * (D + 2) + D + 1] = l[r];
       }
     }
   }
   if (splits == 1 || !take_ticket(tickets + slot, splits)) return;
 
+  // The merge: every split's (m, l) into shared memory (the partial-score array is free now), the
+  // weights exp2(m_s - max) per split and row, then each thread's outputs from the splits' partials
+  // with 8 splits' loads in flight (a split at a time would wait out an L2 latency per split).
   const float* slot_partials = partial + slot * splits * R * (D + 2);
-  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-    const int r = i / D, d = i % D, t = t0 + r / G;
-    if (t >= T) continue;
+  float* weight = &sm.s[0][0][0];                 // [splits][R]: m_s, then its weight
+  float* row_sum = &sm.p[0][0][0];                // [R]: sum of l_s * weight
+  for (int i = threadIdx.x; i < splits * R; i += blockDim.x)
+    weight[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D);
+  __syncthreads();
+  if (threadIdx.x < R) {
+    const int r = threadIdx.x;
     float m_max = QL_NEG_INF;
-    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, load_l2_f32(slot_partials + (s * R + r) * (D + 2) + D));
-    float l_sum = 0.f, o = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float* p = slot_partials + (s * R + r) * (D + 2);
-      const float m_s = load_l2_f32(p + D);
+    for (int sp = 0; sp < splits; ++sp) m_max = fmaxf(m_max, weight[sp * R + r]);
+    float l_sum = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+      const float m_s = weight[sp * R + r];
       const float wgt = m_s == QL_NEG_INF ? 0.f : exp2f(m_s - m_max);
-      l_sum += load_l2_f32(p + D + 1) * wgt;
-      o += load_l2_f32(p + d) * wgt;
+      weight[sp * R + r] = wgt;
+      l_sum += load_l2_f32(slot_partials + (long long)(sp * R + r) * (D + 2) + D + 1) * wgt;
     }
-    out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o / l_sum);
+    row_sum[r] = l_sum;
+  }
+  __syncthreads();
+  constexpr int kThreads = kAttnWarps * 32, kElems = (R * D + kThreads - 1) / kThreads;
+  float o[kElems];
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) o[e] = 0.f;
+#pragma unroll 8
+  for (int sp = 0; sp < splits; ++sp) {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int i = threadIdx.x + e * kThreads, r = i / D;
+      if (i < R * D)
+        o[e] += load_l2_f32(slot_partials + (long long)(sp * R + r) * (D + 2) + i % D) * weight[sp * R + r];
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, t = t0 + r / G;
+    if (i < R * D && t < T)
+      out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o[e] / row_sum[r]);
   }
 }

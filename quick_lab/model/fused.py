@@ -21,7 +21,7 @@ __all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention",
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
 _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
-_MIN_KEYS_PER_SPLIT = 64
+_MIN_KEYS_PER_SPLIT = 32  # one tile
 _NULL = np.uint64(0)         # a null pointer argument (the unused workspace of an unsplit launch)
 
 
@@ -52,8 +52,8 @@ def add_rms_norm(h, weight, eps: float, delta=None, out=None):
             raise ValueError(f"delta must have h's shape {h.shape}, got {delta.shape}")
     out = cupy.empty_like(h) if out is None else out
     if rows:
-        loader.support_kernel("add_rms_norm")((rows,), (256,), (h, _NULL if delta is None else delta, weight, out, np.int32(H),
-                                                                np.float32(eps)))
+        args = (h, _NULL if delta is None else delta, weight, out, np.int32(H), np.float32(eps))
+        loader.support_kernel("add_rms_norm")((rows,), (256,), args)
     return out
 
 
@@ -72,9 +72,9 @@ def rope_kv(qkv, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int, pos:
         raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
     q = cupy.empty((rows, n_heads * D), dtype=cupy.float16)
     if rows:
-        loader.support_kernel("rope_kv")((rows, n_heads + 2 * n_kv_heads), (D // 2,), (qkv, cos, sin, q, k_cache, v_cache, np.int32(T),
-                                                            np.int32(n_heads), np.int32(n_kv_heads), np.int32(D),
-                                                            np.int32(pos), np.int32(max_seq)))
+        args = (qkv, cos, sin, q, k_cache, v_cache, np.int32(T), np.int32(n_heads), np.int32(n_kv_heads),
+                np.int32(D), np.int32(pos), np.int32(max_seq))
+        loader.support_kernel("rope_kv")((rows, n_heads + 2 * n_kv_heads), (D // 2,), args)
     return q
 
 
@@ -108,7 +108,8 @@ def attention_rows(group: int, head_dim: int, tokens: int) -> int:
 
 def decode_splits(blocks: int, keys: int, num_sms: int, max_splits: int) -> int:
     """Key-range splits for one decode step: enough blocks for two per SM (a full wave, latency hidden by
-    the second), at least 64 keys per split, at most ``max_splits`` (the workspace's size)."""
+    the second), at least one 32-key tile per split, at most ``max_splits`` (the workspace's size; the
+    last block's merge reads every split's partial, so more splits cost there)."""
     want = -(-2 * num_sms // max(blocks, 1))
     return max(1, min(want, -(-keys // _MIN_KEYS_PER_SPLIT), max_splits))
 
