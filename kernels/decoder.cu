@@ -188,7 +188,7 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 constexpr int kAttnWarps = 4;
 
 template <int D, int R>
-struct AttentionSmem {
+struct __align__(16) AttentionSmem {  // 16: q is read as float4
   static_assert(D % (8 * kAttnWarps) == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
   static_assert(R * D <= 2048, "query rows x head dim: at most 2048");
   // the merge reuses s as [splits][R] and p as [R]: splits <= kAttnWarps * 32 = 128
