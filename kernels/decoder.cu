@@ -175,9 +175,9 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 // into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one, 32 keys at a time,
 // one key per lane, and the 4 warps share each 32-key tile by splitting the head dim: warp w forms
 // partial scores over its D/4 dims (16-byte loads of its slice of the key's row) against q in shared
-// memory, the partials meet in shared memory, every warp runs the same online softmax on the full
-// scores (running max m and sum l per row, replicated, so no cross-warp merge is needed later), and
-// then weights the V rows' D/4 columns it owns (coalesced). Splitting D rather
+// memory, the partials meet in shared memory, the online softmax runs with the rows dealt over the
+// warps (running max m and sum l per row), and every warp then weights the V rows' D/4 columns it
+// owns (coalesced) with the probabilities from shared memory. Splitting D rather
 // than keys over the warps cuts each warp's serial chain per tile by 4: in a decode step a block has
 // only a few tiles, and one warp walking a whole 32 x D tile alone left the SM idle (latency-bound at
 // ~10 cycles per instruction with 1 warp per scheduler). With splits > 1 the block stores its
@@ -194,7 +194,9 @@ struct __align__(16) AttentionSmem {  // 16: q is read as float4
   // the merge reuses s as [splits][R] and p as [R]: splits <= kAttnWarps * 32 = 128
   float q[R][D];                     // pre-scaled by log2(e) / sqrt(D): scores in base 2
   float s[kAttnWarps][R][32];        // each warp's partial scores over its D / 4 dims
-  float p[kAttnWarps][R][32];        // the tile's probabilities, a copy per warp
+  float p[R][32];                    // the tile's probabilities
+  float alpha[R];                    // each row's rescale factor for this tile
+  float m[R], l[R];                  // each row's running max and sum, from the warp that owns it
 };
 
 template <int D, int R>
@@ -308,8 +310,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int r = 0; r < R; ++r) sm.s[warp][r][lane] = s[r];
     __syncthreads();  // the four partial scores of every key are in
 
+    // The online softmax, rows dealt round-robin over the warps (warp w owns rows w, w + 4, ...: its
+    // running m and l live only there); the probabilities and each row's rescale factor go through
+    // shared memory to every warp.
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+      if (r % kAttnWarps != warp) continue;
       float score = sm.s[0][r][lane];
 #pragma unroll
       for (int w = 1; w < kAttnWarps; ++w) score += sm.s[w][r][lane];
@@ -321,31 +327,48 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       const float p = m_new == QL_NEG_INF ? 0.f : exp2f(score - m_new);
       l[r] = l[r] * alpha + warp_sum(p);
       m[r] = m_new;
+      sm.p[r][lane] = p;
+      if (lane == 0) sm.alpha[r] = alpha;
+    }
+    __syncthreads();  // every row's probabilities and rescale factor are in
+
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float alpha = sm.alpha[r];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
-      sm.p[warp][r][lane] = p;
     }
-    __syncwarp();
-
-    // Keys past the chunk have p = 0 and V = 0 (not loaded).
+    // Keys past the chunk have p = 0 and V = 0 (not loaded). Four keys' probabilities per load.
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      float v[kCols];
+    for (int j4 = 0; j4 < 32; j4 += 4) {
+      float v[4][kCols];
 #pragma unroll
-      for (int c = 0; c < kCols; ++c)
-        v[c] = half_to_float(static_cast<u16>(j % 2 ? cur.v[j / 2][c] >> 16 : cur.v[j / 2][c] & 0xffffu));
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const u32 pair = cur.v[(j4 + j) / 2][c];
+          v[j][c] = half_to_float(static_cast<u16>((j4 + j) % 2 ? pair >> 16 : pair & 0xffffu));
+        }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float p = sm.p[warp][r][j];
+        const float4 p = *reinterpret_cast<const float4*>(&sm.p[r][j4]);
 #pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[r][c] += p * v[c];
+        for (int c = 0; c < kCols; ++c) acc[r][c] += p.x * v[0][c] + p.y * v[1][c] + p.z * v[2][c] + p.w * v[3][c];
       }
     }
     cur = next;
     __syncthreads();  // every warp is done with this tile's partial scores before the next overwrites them
   }
 
-  // Each warp owns columns d_warp + lane * kCols + c; m and l are the same in every warp.
+  // Each row's m and l, from the warp that owns the row, for every warp's columns.
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (r % kAttnWarps == warp && lane == 0) {
+      sm.m[r] = m[r];
+      sm.l[r] = l[r];
+    }
+  __syncthreads();
+  // Each warp owns columns d_warp + lane * kCols + c.
   const long long slot = ((long long)blockIdx.z * Hkv + kvh);  // (sequence, query tile, KV head)
   float* my_partial = partial + (slot * splits + split) * R * (D + 2);
   if (lane < kLanes) {
@@ -356,14 +379,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       for (int c = 0; c < kCols; ++c) {
         const int d = d_warp + lane * kCols + c;
         if (splits == 1) {
-          if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(acc[r][c] / l[r]);
+          if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] =
+                float_to_half(acc[r][c] / sm.l[r]);
         } else {
           my_partial[r * (D + 2) + d] = acc[r][c];
         }
       }
       if (splits > 1 && warp == 0 && lane == 0) {
-        my_partial[r * (D + 2) + D] = m[r];
-        my_partial[r * (D + 2) + D + 1] = l[r];
+        my_partial[r * (D + 2) + D] = sm.m[r];
+        my_partial[r * (D + 2) + D + 1] = sm.l[r];
       }
     }
   }
@@ -374,7 +398,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   // with 8 splits' loads in flight (a split at a time would wait out an L2 latency per split).
   const float* slot_partials = partial + slot * splits * R * (D + 2);
   float* weight = &sm.s[0][0][0];                 // [splits][R]: m_s, then its weight
-  float* row_sum = &sm.p[0][0][0];                // [R]: sum of l_s * weight
+  float* row_sum = &sm.p[0][0];                   // [R]: sum of l_s * weight
   for (int i = threadIdx.x; i < splits * R; i += blockDim.x)
     weight[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D);
   __syncthreads();
