@@ -191,7 +191,7 @@ template <int D, int R>
 struct __align__(16) AttentionSmem {  // 16: q is read as float4
   static_assert(D % (8 * kAttnWarps) == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
   static_assert(R * D <= 2048, "query rows x head dim: at most 2048");
-  // the merge reuses s as [splits][R] and p as [R]: splits <= kAttnWarps * 32 = 128
+  // the merge reuses s as 2 x [splits][R] and p as [R]: splits <= kAttnWarps * 32 / 2 = 64
   float q[R][D];                     // pre-scaled by log2(e) / sqrt(D): scores in base 2
   float s[kAttnWarps][R][32];        // each warp's partial scores over its D / 4 dims
   float p[R][32];                    // the tile's probabilities
@@ -208,6 +208,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   constexpr int kDims = D / kAttnWarps;                 // this warp's slice of the head dim
   constexpr int kCols = kDims >= 32 ? kDims / 32 : 1;   // V columns per lane
   constexpr int kLanes = kDims / kCols;                 // lanes that own columns (all 32 for D >= 128)
+  constexpr int kQIters = (R * D + kAttnWarps * 32 - 1) / (kAttnWarps * 32);
   __shared__ AttentionSmem<D, R> sm;
   const int G = Hq / Hkv, QT = R / G;
   const int split = blockIdx.x, splits = gridDim.x, kvh = blockIdx.y;
@@ -217,50 +218,6 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const int key_end = pos + t0 + rows_t;  // keys 0 .. key_end - 1 are visible to some row
   const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
   const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
-
-  if (qkv == nullptr) {
-    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-      const int r = i / D, d = i % D, t = t0 + r / G;
-      sm.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
-                                      scale * kLog2e
-                                : 0.f;
-    }
-  } else {
-    // Decode with RoPE fused in (T = 1, rope_kv's work for this KV head): q is rotated as it is
-    // loaded from the qkv row, and the one block whose chunk holds key `pos` rotates k and copies v
-    // of the new token into the cache before any of its warps reads them (__syncthreads below makes
-    // the block's global writes visible to the whole block); no other block reads key `pos`.
-    const int half = D / 2, row_width = (Hq + 2 * Hkv) * D;
-    const u16* src = qkv + (long long)b * row_width;
-    const float* c_row = cos_t + (long long)pos * half;
-    const float* s_row = sin_t + (long long)pos * half;
-    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-      const int r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
-      const float x = half_to_float(src[col + d]), partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
-      const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
-      sm.q[r][d] = rotated * scale * kLog2e;
-    }
-    if (k_begin <= pos && pos < k_end) {
-      for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
-        const float x = half_to_float(src[k_col + d]);
-        const float partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
-        const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
-        k_cache[kv_base + (long long)pos * D + d] = float_to_half(rotated);
-        v_cache[kv_base + (long long)pos * D + d] = src[v_col + d];
-      }
-    }
-  }
-  __syncthreads();
-
-  float m[R], l[R], acc[R][kCols];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    m[r] = QL_NEG_INF;
-    l[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
-  }
 
   // One tile's loads, in flight together: this warp's slice of key (tile + lane)'s row, and the D/4
   // columns it owns of the tile's V rows (up to 32). The next tile's loads are issued before the
@@ -285,8 +242,84 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       }
   };
 
+  // The first tile's loads go out before q is staged, so their latency overlaps it. (In a fused
+  // decode step the block holding key `pos` writes that row below and patches it in afterwards.)
   TileLoads cur;
   if (k_begin < k_end) load_tile(k_begin, cur);
+
+  if (qkv == nullptr) {
+#pragma unroll
+    for (int e = 0; e < kQIters; ++e) {  // unrolled: the loads of all iterations in flight together
+      const int i = threadIdx.x + e * kAttnWarps * 32, r = i / D, d = i % D, t = t0 + r / G;
+      if (i < R * D)
+        sm.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
+                                 scale * kLog2e
+                           : 0.f;
+    }
+  } else {
+    // Decode with RoPE fused in (T = 1, rope_kv's work for this KV head): q is rotated as it is
+    // loaded from the qkv row, and the one block whose chunk holds key `pos` rotates k and copies v
+    // of the new token into the cache before any of its warps reads them (__syncthreads below makes
+    // the block's global writes visible to the whole block); no other block reads key `pos`.
+    const int half = D / 2, row_width = (Hq + 2 * Hkv) * D;
+    const u16* src = qkv + (long long)b * row_width;
+    const float* c_row = cos_t + (long long)pos * half;
+    const float* s_row = sin_t + (long long)pos * half;
+#pragma unroll
+    for (int e = 0; e < kQIters; ++e) {
+      const int i = threadIdx.x + e * kAttnWarps * 32, r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
+      if (i >= R * D) continue;
+      const float x = half_to_float(src[col + d]);
+      const float partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
+      const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
+      sm.q[r][d] = rotated * scale * kLog2e;
+    }
+    if (k_begin <= pos && pos < k_end) {
+      for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
+        const float x = half_to_float(src[k_col + d]);
+        const float partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
+        const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
+        k_cache[kv_base + (long long)pos * D + d] = float_to_half(rotated);
+        v_cache[kv_base + (long long)pos * D + d] = src[v_col + d];
+      }
+    }
+  }
+  __syncthreads();
+  if (qkv != nullptr && k_begin <= pos && pos < k_end && pos < k_begin + 32) {
+    // The new row was loaded before this block wrote it: read it again (visible after the barrier).
+    const int j = pos - k_begin;
+    if (lane == j) {
+      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)pos * D + d_warp);
+#pragma unroll
+      for (int c = 0; c < kDims / 8; ++c) cur.k[c] = k_row[c];
+    }
+    if (lane < kLanes) {
+      const u16* v_new = v_cache + kv_base + (long long)pos * D + d_warp + lane * kCols;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        // Masks, not a branch on jj == j / 2: a branch lets the compiler index cur.v by j, which
+        // moves the whole tile to local memory.
+        const u32 half_mask = j % 2 ? 0xffff0000u : 0x0000ffffu;
+        const u32 bits = j % 2 ? u32(v_new[c]) << 16 : u32(v_new[c]);
+#pragma unroll
+        for (int jj = 0; jj < 16; ++jj) {
+          const u32 hit = 0u - u32(jj == j / 2);
+          cur.v[jj][c] = (cur.v[jj][c] & ~(hit & half_mask)) | (hit & bits);
+        }
+      }
+    }
+  }
+
+  float m[R], l[R], acc[R][kCols];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = QL_NEG_INF;
+    l[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
+  }
+
   for (int tile = k_begin; tile < k_end; tile += 32) {
     TileLoads next;
     if (tile + 32 < k_end) load_tile(tile + 32, next);
@@ -398,9 +431,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   // with 8 splits' loads in flight (a split at a time would wait out an L2 latency per split).
   const float* slot_partials = partial + slot * splits * R * (D + 2);
   float* weight = &sm.s[0][0][0];                 // [splits][R]: m_s, then its weight
+  float* split_sum = weight + splits * R;         // [splits][R]: l_s (splits <= 64: 2 x splits x R fit in s)
   float* row_sum = &sm.p[0][0];                   // [R]: sum of l_s * weight
-  for (int i = threadIdx.x; i < splits * R; i += blockDim.x)
+  for (int i = threadIdx.x; i < splits * R; i += blockDim.x) {
     weight[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D);
+    split_sum[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D + 1);
+  }
   __syncthreads();
   if (threadIdx.x < R) {
     const int r = threadIdx.x;
@@ -411,7 +447,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       const float m_s = weight[sp * R + r];
       const float wgt = m_s == QL_NEG_INF ? 0.f : exp2f(m_s - m_max);
       weight[sp * R + r] = wgt;
-      l_sum += load_l2_f32(slot_partials + (long long)(sp * R + r) * (D + 2) + D + 1) * wgt;
+      l_sum += split_sum[sp * R + r] * wgt;
     }
     row_sum[r] = l_sum;
   }
