@@ -175,6 +175,7 @@ def gpu(tmp_path, monkeypatch):
     monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "1")
     saved = dispatch._tuner
     dispatch.register_tuner(None)
+    monkeypatch.setattr(dispatch, "_default_tuner_tried", True)  # the tests install their own tuners
     dispatch.set_autotune(None, budget_s=dispatch.AUTOTUNE_BUDGET_S)
     dispatch._attempted.clear()
     yield tmp_path
@@ -285,6 +286,33 @@ def test_lazy_tuning_runs_once_per_shape_and_bucket_and_is_kept(gpu, monkeypatch
     dispatch.invalidate()
     assert dispatch.choose("quick", 6, 4096, 4096, 128) == first and len(tuner.calls) == 3
     assert len(json.loads(_tuned_path().read_text())) == 3
+
+
+def test_lazy_tuning_without_a_registered_tuner_imports_the_default_one(gpu, monkeypatch, tmp_path):
+    # The public op alone (no `import quick_lab.lab.tune`) still tunes lazily: the first need imports
+    # the tuner module by name, once; a module that cannot be imported leaves the heuristic, warned.
+    import sys
+
+    tuner = CountingTuner()
+    (tmp_path / "fake_tuner_plugin.py").write_text(
+        "from quick_lab.core import dispatch\nimport builtins\n"
+        "dispatch.register_tuner(builtins._quick_lab_test_tuner)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("builtins._quick_lab_test_tuner", tuner, raising=False)
+    monkeypatch.setattr(dispatch, "DEFAULT_TUNER_MODULE", "fake_tuner_plugin")
+    monkeypatch.setattr(dispatch, "_default_tuner_tried", False)
+    monkeypatch.delitem(sys.modules, "fake_tuner_plugin", raising=False)
+    dispatch.choose("quick", 5, 4096, 4096, 128)
+    assert dispatch.tuner_registered() and len(tuner.calls) == 1
+    dispatch.register_tuner(None)
+    monkeypatch.setattr(dispatch, "DEFAULT_TUNER_MODULE", "no_such_tuner_module_anywhere")
+    monkeypatch.setattr(dispatch, "_default_tuner_tried", False)
+    dispatch._attempted.clear()
+    dispatch.invalidate()
+    with pytest.warns(RuntimeWarning, match="lazy tuning unavailable"):
+        choice = dispatch.choose("quick", 5, 2048, 4096, 128)
+    assert choice == dispatch.heuristic("quick", 5, 2048, 4096, 128, num_sms=FAKE.sm_count,
+                                        compute_capability=FAKE.compute_capability)
 
 
 def test_lazy_tuning_takes_a_row_another_process_wrote_meanwhile(gpu):

@@ -24,9 +24,9 @@ Sources, in order:
 Why a hook for the tuner: timing (events, the L2 flush, the sweep's candidates) is ``quick_lab.lab``,
 which sits above core, and core must not import lab (tests/test_import_order.py). Moving the timing
 path into core would give core two jobs and the project two timing paths, so the tuner stays in
-``quick_lab.lab.tune`` and registers itself here (:func:`register_tuner`) when imported (``import
-quick_lab.lab.tune``; ``quick-lab tune`` and ``info`` do). The cost of the hook: a process that never
-imports it (the core ops alone) goes from the tables straight to the heuristic; ``quick-lab info`` and
+``quick_lab.lab.tune`` and registers itself here (:func:`register_tuner`) when imported. So that
+the public op alone tunes lazily, the first lazy-tuning need imports that module by name
+(:data:`DEFAULT_TUNER_MODULE`, a plugin lookup: core holds no import of lab). ``quick-lab info`` and
 :func:`table_status` say which source is in use and whether a tuner is registered.
 
 :func:`choose` is memoized, and so are the tables and the tuned table's key (a second call, or a
@@ -36,6 +36,7 @@ tune`` in this process: ``quick_lab.lab.tune.store``) calls :func:`invalidate`.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -284,6 +285,26 @@ def register_tuner(tuner: Tuner | None) -> None:
     invalidate()
 
 
+# The module that provides the default tuner, imported by name on the first lazy-tuning need (a
+# plugin lookup, not an import of a higher layer: core never names lab's code, lab registers itself).
+DEFAULT_TUNER_MODULE = "quick_lab.lab.tune"
+_default_tuner_tried = False
+
+
+def _load_default_tuner() -> None:
+    """Import :data:`DEFAULT_TUNER_MODULE` once, so the public op on its own tunes lazily as documented;
+    a failed import (an installation without it) leaves the heuristic in charge, with a warning."""
+    global _default_tuner_tried
+    if _default_tuner_tried:
+        return
+    _default_tuner_tried = True
+    try:
+        importlib.import_module(DEFAULT_TUNER_MODULE)
+    except ImportError as exc:
+        warnings.warn(f"lazy tuning unavailable ({DEFAULT_TUNER_MODULE}: {exc}); using the heuristic",
+                      RuntimeWarning, stacklevel=3)
+
+
 def tuner_registered() -> bool:
     return _tuner is not None
 
@@ -328,8 +349,12 @@ def _lazily_tuned(M: int, K: int, N: int, group_size: int, device_id: int, path:
     """Tune this (K, N, group size, batch bucket) once per process and table, within the budget, and
     merge the winner into the tuned table; None when off, without a tuner, inside a CUDA-graph
     capture (timing cannot be captured: tried again on a later call), or when tuning failed."""
-    if not autotune_enabled() or _tuner is None:
+    if not autotune_enabled():
         return None
+    if _tuner is None:
+        _load_default_tuner()
+        if _tuner is None:
+            return None
     bucket = batch_bucket(M)
     cell = (str(path), K, N, group_size, bucket)
     if cell in _attempted or device.stream_is_capturing():
