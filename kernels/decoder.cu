@@ -171,74 +171,57 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 // Template: D (head dim) and R, the query rows one block serves: R = G * QT, the G = Hq / Hkv query
 // heads of one KV head times QT consecutive tokens (decode: QT = 1). Row r is token qt * QT + r / G,
 // head kvh * G + r % G; it sees keys 0 .. pos + t (causal).
-// Grid (splits, Hkv, B * q_tiles). The keys a block's rows can see, [0, key_end), are cut into
-// `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one, in 32-key tiles.
-// Block = kGroups tile groups of 4 warps (kGroups = 4, 2, 1 for R <= 4, 8, 16: as many as the
-// registers allow); group g takes tiles g, g + kGroups, ... of the chunk with its own online softmax,
-// and the groups merge in shared memory at the end, so a short chunk is walked in few rounds without
-// a second block (and its ticket). Within a group the 4 warps share each tile by splitting the head
-// dim: one key per lane, warp w forms partial scores over its D/4 dims (16-byte loads of its slice
-// of the key's row) against q in shared memory, the partials meet in shared memory, the softmax runs
-// with the rows dealt over the warps (running max m, sum l per row), and every warp weights the V
-// rows' D/4 columns it owns (coalesced) with the probabilities from shared memory. The next tile's
-// K and V loads are issued before the current tile is used. (Nsight Compute on the first version,
-// one warp per 32 x D tile: 10.7 cycles per issued instruction at 1 warp per scheduler, latency-bound;
-// every step since cuts the serial chain a block walks.) With splits > 1 the block stores its
-// unnormalised partial and takes a ticket on its (sequence, query tile, KV head); the last block
+// Grid (splits, Hkv, B * q_tiles); block 4 warps. The keys a block's rows can see, [0, key_end), are cut
+// into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one, 32 keys at a time,
+// one key per lane, and the 4 warps share each 32-key tile by splitting the head dim: warp w forms
+// partial scores over its D/4 dims (16-byte loads of its slice of the key's row) against q in shared
+// memory, the partials meet in shared memory, the online softmax runs with the rows dealt over the
+// warps (running max m and sum l per row), and every warp then weights the V rows' D/4 columns it
+// owns (coalesced) with the probabilities from shared memory. Splitting D rather
+// than keys over the warps cuts each warp's serial chain per tile by 4: in a decode step a block has
+// only a few tiles, and one warp walking a whole 32 x D tile alone left the SM idle (latency-bound at
+// ~10 cycles per instruction with 1 warp per scheduler). With splits > 1 the block stores its
+// unnormalised partial and takes a ticket on its (sequence, query tile, KV head), and the last block
 // merges the splits in split order (deterministic) and writes fp16.
 // With `qkv` non-null (decode, T = 1) RoPE and the KV-cache write are fused in and `q` is unused:
 // one launch less per layer.
-constexpr int kAttnWarps = 4;  // warps of one tile group
+constexpr int kAttnWarps = 4;
 
 template <int D, int R>
-struct __align__(16) AttentionSmem {  // 16: q and p are read as float4
+struct __align__(16) AttentionSmem {  // 16: q is read as float4
   static_assert(D % (8 * kAttnWarps) == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
   static_assert(R * D <= 2048, "query rows x head dim: at most 2048");
-  static constexpr int kGroups = R <= 4 ? 4 : (R <= 8 ? 2 : 1);  // quick_lab/model/fused.py mirrors this
-  static constexpr int kThreads = kGroups * kAttnWarps * 32;
-  float q[R][D];                              // pre-scaled by log2(e) / sqrt(D): scores in base 2
-  union {
-    float s[kGroups][kAttnWarps][R][32];      // the loop: each warp's partial scores over its D / 4 dims
-    float acc[kGroups][R][D];                 // the end: each group's accumulators, to merge
-    float merge[2][kGroups * kAttnWarps * 32];  // the split merge: (m, l) per split and row, splits <= 64
-  } u;
-  float p[kGroups][R][32];                    // a tile's probabilities
-  float alpha[kGroups][R];                    // each row's rescale factor for the tile
-  float m[kGroups][R], l[kGroups][R];         // each row's running max and sum, from the warp that owns it
+  // the merge reuses s as 2 x [splits][R] and p as [R]: splits <= kAttnWarps * 32 / 2 = 64
+  float q[R][D];                     // pre-scaled by log2(e) / sqrt(D): scores in base 2
+  float s[kAttnWarps][R][32];        // each warp's partial scores over its D / 4 dims
+  float p[R][32];                    // the tile's probabilities
+  float alpha[R];                    // each row's rescale factor for this tile
+  float m[R], l[R];                  // each row's running max and sum, from the warp that owns it
 };
 
-// Named barrier of one tile group (PTX ISA 9.7.13.1, bar.sync a, b: barrier a, b threads): only the
-// group's warps wait; barrier 0 stays __syncthreads.
-__device__ __forceinline__ void group_barrier(int group) {
-  asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "n"(kAttnWarps * 32) : "memory");
-}
-
 template <int D, int R>
-__global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
+__global__ void __launch_bounds__(kAttnWarps * 32)
     attention(const u16* __restrict__ q, const u16* __restrict__ qkv, const float* __restrict__ cos_t,
               const float* __restrict__ sin_t, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
               u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
               int pos, int max_seq, int chunk, float scale) {
-  using Smem = AttentionSmem<D, R>;
-  constexpr int kGroups = Smem::kGroups, kThreads = Smem::kThreads;
   constexpr int kDims = D / kAttnWarps;                 // this warp's slice of the head dim
   constexpr int kCols = kDims >= 32 ? kDims / 32 : 1;   // V columns per lane
   constexpr int kLanes = kDims / kCols;                 // lanes that own columns (all 32 for D >= 128)
-  constexpr int kQIters = (R * D + kThreads - 1) / kThreads;
-  __shared__ Smem sm;
+  constexpr int kQIters = (R * D + kAttnWarps * 32 - 1) / (kAttnWarps * 32);
+  __shared__ AttentionSmem<D, R> sm;
   const int G = Hq / Hkv, QT = R / G;
   const int split = blockIdx.x, splits = gridDim.x, kvh = blockIdx.y;
   const int q_tiles = (T + QT - 1) / QT, b = blockIdx.z / q_tiles, qt = blockIdx.z % q_tiles;
-  const int group = threadIdx.x / (kAttnWarps * 32), warp = (threadIdx.x >> 5) % kAttnWarps, lane = threadIdx.x & 31;
-  const int d_warp = warp * kDims;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d_warp = warp * kDims;
   const int t0 = qt * QT, rows_t = min(QT, T - t0);
   const int key_end = pos + t0 + rows_t;  // keys 0 .. key_end - 1 are visible to some row
   const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
-  const int g_begin = k_begin + 32 * group;  // this group's first tile; it steps kGroups tiles
   const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
 
   // One tile's loads, in flight together: this warp's slice of key (tile + lane)'s row, and the D/4
-  // columns it owns of the tile's V rows (up to 32).
+  // columns it owns of the tile's V rows (up to 32). The next tile's loads are issued before the
+  // current tile is consumed, so DRAM latency overlaps the softmax and the FMAs.
   struct TileLoads {
     uint4 k[kDims / 8];
     u32 v[16][kCols];  // V rows 2j (low half) and 2j + 1 (high half): two fp16 per register
@@ -260,14 +243,14 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
   };
 
   // The first tile's loads go out before q is staged, so their latency overlaps it. (In a fused
-  // decode step the group whose first tile holds key `pos` patches that row in after it is written.)
+  // decode step the block holding key `pos` writes that row below and patches it in afterwards.)
   TileLoads cur;
-  if (g_begin < k_end) load_tile(g_begin, cur);
+  if (k_begin < k_end) load_tile(k_begin, cur);
 
   if (qkv == nullptr) {
 #pragma unroll
     for (int e = 0; e < kQIters; ++e) {  // unrolled: the loads of all iterations in flight together
-      const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, t = t0 + r / G;
+      const int i = threadIdx.x + e * kAttnWarps * 32, r = i / D, d = i % D, t = t0 + r / G;
       if (i < R * D)
         sm.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
                                  scale * kLog2e
@@ -284,7 +267,7 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
     const float* s_row = sin_t + (long long)pos * half;
 #pragma unroll
     for (int e = 0; e < kQIters; ++e) {
-      const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
+      const int i = threadIdx.x + e * kAttnWarps * 32, r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
       if (i >= R * D) continue;
       const float x = half_to_float(src[col + d]);
       const float partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
@@ -292,7 +275,7 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
       sm.q[r][d] = rotated * scale * kLog2e;
     }
     if (k_begin <= pos && pos < k_end) {
-      for (int d = threadIdx.x; d < D; d += kThreads) {
+      for (int d = threadIdx.x; d < D; d += blockDim.x) {
         const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
         const float x = half_to_float(src[k_col + d]);
         const float partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
@@ -303,9 +286,9 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
     }
   }
   __syncthreads();
-  if (qkv != nullptr && g_begin <= pos && pos < g_begin + 32 && pos < k_end) {
+  if (qkv != nullptr && k_begin <= pos && pos < k_end && pos < k_begin + 32) {
     // The new row was loaded before this block wrote it: read it again (visible after the barrier).
-    const int j = pos - g_begin;
+    const int j = pos - k_begin;
     if (lane == j) {
       const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)pos * D + d_warp);
 #pragma unroll
@@ -337,9 +320,9 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
     for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
   }
 
-  for (int tile = g_begin; tile < k_end; tile += 32 * kGroups) {
+  for (int tile = k_begin; tile < k_end; tile += 32) {
     TileLoads next;
-    if (tile + 32 * kGroups < k_end) load_tile(tile + 32 * kGroups, next);
+    if (tile + 32 < k_end) load_tile(tile + 32, next);
     const int key = tile + lane;
     float s[R];
 #pragma unroll
@@ -357,18 +340,18 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
       }
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) sm.u.s[group][warp][r][lane] = s[r];
-    group_barrier(group);  // the four partial scores of every key are in
+    for (int r = 0; r < R; ++r) sm.s[warp][r][lane] = s[r];
+    __syncthreads();  // the four partial scores of every key are in
 
-    // The online softmax, rows dealt round-robin over the group's warps (warp w owns rows w, w + 4,
-    // ...: its running m and l live only there); the probabilities and each row's rescale factor go
-    // through shared memory to every warp of the group.
+    // The online softmax, rows dealt round-robin over the warps (warp w owns rows w, w + 4, ...: its
+    // running m and l live only there); the probabilities and each row's rescale factor go through
+    // shared memory to every warp.
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r % kAttnWarps != warp) continue;
-      float score = sm.u.s[group][0][r][lane];
+      float score = sm.s[0][r][lane];
 #pragma unroll
-      for (int w = 1; w < kAttnWarps; ++w) score += sm.u.s[group][w][r][lane];
+      for (int w = 1; w < kAttnWarps; ++w) score += sm.s[w][r][lane];
       const int t = t0 + r / G;
       if (key >= k_end || key > pos + t || t >= T) score = QL_NEG_INF;  // past the chunk, or causal
       const float m_new = fmaxf(m[r], warp_max(score));
@@ -377,14 +360,14 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
       const float p = m_new == QL_NEG_INF ? 0.f : exp2f(score - m_new);
       l[r] = l[r] * alpha + warp_sum(p);
       m[r] = m_new;
-      sm.p[group][r][lane] = p;
-      if (lane == 0) sm.alpha[group][r] = alpha;
+      sm.p[r][lane] = p;
+      if (lane == 0) sm.alpha[r] = alpha;
     }
-    group_barrier(group);  // every row's probabilities and rescale factor are in
+    __syncthreads();  // every row's probabilities and rescale factor are in
 
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float alpha = sm.alpha[group][r];
+      const float alpha = sm.alpha[r];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
     }
@@ -401,64 +384,56 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
         }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float4 p = *reinterpret_cast<const float4*>(&sm.p[group][r][j4]);
+        const float4 p = *reinterpret_cast<const float4*>(&sm.p[r][j4]);
 #pragma unroll
         for (int c = 0; c < kCols; ++c) acc[r][c] += p.x * v[0][c] + p.y * v[1][c] + p.z * v[2][c] + p.w * v[3][c];
       }
     }
     cur = next;
-    group_barrier(group);  // the group is done with this tile's scores before the next overwrites them
+    __syncthreads();  // every warp is done with this tile's partial scores before the next overwrites them
   }
 
-  // Merge the groups: (m, l) from each row's owner warp, each warp's accumulator columns, all into
-  // shared memory (the score array is free once every group has left the loop).
-  __syncthreads();
+  // Each row's m and l, from the warp that owns the row, for every warp's columns.
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < R; ++r)
     if (r % kAttnWarps == warp && lane == 0) {
-      sm.m[group][r] = m[r];
-      sm.l[group][r] = l[r];
+      sm.m[r] = m[r];
+      sm.l[r] = l[r];
     }
-    if (lane < kLanes)
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) sm.u.acc[group][r][d_warp + lane * kCols + c] = acc[r][c];
-  }
   __syncthreads();
-
+  // Each warp owns columns d_warp + lane * kCols + c.
   const long long slot = ((long long)blockIdx.z * Hkv + kvh);  // (sequence, query tile, KV head)
   float* my_partial = partial + (slot * splits + split) * R * (D + 2);
-  for (int i = threadIdx.x; i < R * D; i += kThreads) {
-    const int r = i / D, d = i % D, t = t0 + r / G;
-    float m_max = QL_NEG_INF;
+  if (lane < kLanes) {
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) m_max = fmaxf(m_max, sm.m[g][r]);
-    float l_sum = 0.f, o = 0.f;
+    for (int r = 0; r < R; ++r) {
+      const int t = t0 + r / G;
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      const float wgt = sm.m[g][r] == QL_NEG_INF ? 0.f : exp2f(sm.m[g][r] - m_max);
-      l_sum += sm.l[g][r] * wgt;
-      o += sm.u.acc[g][r][d] * wgt;
-    }
-    if (splits == 1) {
-      if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o / l_sum);
-    } else {
-      my_partial[r * (D + 2) + d] = o;
-      if (d == 0) {
-        my_partial[r * (D + 2) + D] = m_max;
-        my_partial[r * (D + 2) + D + 1] = l_sum;
+      for (int c = 0; c < kCols; ++c) {
+        const int d = d_warp + lane * kCols + c;
+        if (splits == 1) {
+          if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] =
+                float_to_half(acc[r][c] / sm.l[r]);
+        } else {
+          my_partial[r * (D + 2) + d] = acc[r][c];
+        }
+      }
+      if (splits > 1 && warp == 0 && lane == 0) {
+        my_partial[r * (D + 2) + D] = sm.m[r];
+        my_partial[r * (D + 2) + D + 1] = sm.l[r];
       }
     }
   }
   if (splits == 1 || !take_ticket(tickets + slot, splits)) return;
 
-  // The split merge: every split's (m, l) into shared memory, the weights exp2(m_s - max) per split
-  // and row, then each thread's outputs from the splits' partials with 8 splits' loads in flight (a
-  // split at a time would wait out an L2 latency per split).
+  // The merge: every split's (m, l) into shared memory (the partial-score array is free now), the
+  // weights exp2(m_s - max) per split and row, then each thread's outputs from the splits' partials
+  // with 8 splits' loads in flight (a split at a time would wait out an L2 latency per split).
   const float* slot_partials = partial + slot * splits * R * (D + 2);
-  float* weight = sm.u.merge[0];     // [splits][R]: m_s, then its weight
-  float* split_sum = sm.u.merge[1];  // [splits][R]: l_s
-  float* row_sum = &sm.alpha[0][0];  // [R]: sum of l_s * weight
-  for (int i = threadIdx.x; i < splits * R; i += kThreads) {
+  float* weight = &sm.s[0][0][0];                 // [splits][R]: m_s, then its weight
+  float* split_sum = weight + splits * R;         // [splits][R]: l_s (splits <= 64: 2 x splits x R fit in s)
+  float* row_sum = &sm.p[0][0];                   // [R]: sum of l_s * weight
+  for (int i = threadIdx.x; i < splits * R; i += blockDim.x) {
     weight[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D);
     split_sum[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D + 1);
   }
@@ -477,7 +452,7 @@ __global__ void __launch_bounds__(AttentionSmem<D, R>::kThreads)
     row_sum[r] = l_sum;
   }
   __syncthreads();
-  constexpr int kElems = (R * D + kThreads - 1) / kThreads;
+  constexpr int kThreads = kAttnWarps * 32, kElems = (R * D + kThreads - 1) / kThreads;
   float o[kElems];
 #pragma unroll
   for (int e = 0; e < kElems; ++e) o[e] = 0.f;

@@ -15,14 +15,13 @@ import numpy as np
 
 from quick_lab.build import device, loader
 
-__all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_groups", "attention_rows",
-           "decode_splits",
+__all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows", "decode_splits",
            "rope_attention", "rope_kv", "silu_mul"]
 
-ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps: the warps of one tile group
+ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
 _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
-_MIN_KEYS_PER_SPLIT = 128  # a tile for each of a block's (up to) four tile groups
+_MIN_KEYS_PER_SPLIT = 32  # one tile
 _NULL = np.uint64(0)         # a null pointer argument (the unused workspace of an unsplit launch)
 
 
@@ -107,17 +106,11 @@ def attention_rows(group: int, head_dim: int, tokens: int) -> int:
     return group * min(per_block, tokens)
 
 
-def attention_groups(rows: int) -> int:
-    """Tile groups of 4 warps in one attention block (kernels/decoder.cu AttentionSmem::kGroups): as
-    many as the registers allow, 4 / 2 / 1 for rows <= 4 / 8 / 16."""
-    return 4 if rows <= 4 else 2 if rows <= 8 else 1
-
-
 def decode_splits(blocks: int, keys: int, num_sms: int, max_splits: int) -> int:
-    """Key-range splits for one decode step: about one block per SM (a block of four tile groups fills
-    an SM's registers), at least 128 keys per split (a tile for each group), at most ``max_splits``
-    (the workspace's size; the last block's merge reads every split's partial, so more cost there)."""
-    want = -(-num_sms // max(blocks, 1))
+    """Key-range splits for one decode step: enough blocks for two per SM (a full wave, latency hidden by
+    the second), at least one 32-key tile per split, at most ``max_splits`` (the workspace's size; the
+    last block's merge reads every split's partial, so more splits cost there)."""
+    want = -(-2 * num_sms // max(blocks, 1))
     return max(1, min(want, -(-keys // _MIN_KEYS_PER_SPLIT), max_splits))
 
 
@@ -146,9 +139,6 @@ def _attention_splits(splits, T: int, slots: int, keys: int, workspace, rows: in
             slots, keys, device.num_sms(cupy.cuda.Device().id), workspace.max_splits)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    if splits * rows > attention_groups(rows) * ATTENTION_WARPS * 32:
-        raise ValueError(f"splits = {splits} with {rows} query rows per block: the merge holds at most "
-                         f"{attention_groups(rows) * ATTENTION_WARPS * 32} (split, row) pairs")
     if splits > 1 and (workspace is None or workspace.slots < slots or workspace.max_splits < splits
                        or workspace.rows * workspace.head_dim < rows * D):
         raise ValueError(f"splits = {splits} needs a workspace of >= {slots} slots x {splits} splits x {rows} rows "
@@ -183,7 +173,7 @@ def _launch_attention(q, qkv, cos, sin, k_cache, v_cache, n_heads: int, pos: int
     chunk = -(-chunk // 32) * 32
     out = cupy.empty((B * T, n_heads * D), dtype=cupy.float16)
     partial, tickets = (workspace.partial, workspace.tickets) if splits > 1 else (_NULL, _NULL)
-    _attention_kernel(D, rows)((splits, Hkv, B * q_tiles), (attention_groups(rows) * ATTENTION_WARPS * 32,),
+    _attention_kernel(D, rows)((splits, Hkv, B * q_tiles), (ATTENTION_WARPS * 32,),
                                (_NULL if q is None else q, _NULL if qkv is None else qkv,
                                 _NULL if cos is None else cos, _NULL if sin is None else sin, k_cache, v_cache, out,
                                 partial, tickets, np.int32(T), np.int32(n_heads), np.int32(Hkv), np.int32(pos),
