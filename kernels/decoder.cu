@@ -24,12 +24,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // 8 fp16 (one 16-byte load) -> 8 floats.
 __device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) {
   const u32 words[4] = {w.x, w.y, w.z, w.w};
@@ -37,27 +31,6 @@ __device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) 
   for (int i = 0; i < 4; ++i) {
     f[2 * i] = half_to_float(static_cast<u16>(words[i] & 0xffffu));
     f[2 * i + 1] = half_to_float(static_cast<u16>(words[i] >> 16));
-  }
-}
-
-// N consecutive fp16 (N = 1, 2, 4 or 8; 2N-byte aligned) -> floats, in one load.
-template <int N>
-__device__ __forceinline__ void load_halves(const u16* p, float (&f)[N]) {
-  if constexpr (N == 8) {
-    halves8_to_float(*reinterpret_cast<const uint4*>(p), f);
-  } else if constexpr (N == 4) {
-    const uint2 w = *reinterpret_cast<const uint2*>(p);
-    f[0] = half_to_float(static_cast<u16>(w.x & 0xffffu));
-    f[1] = half_to_float(static_cast<u16>(w.x >> 16));
-    f[2] = half_to_float(static_cast<u16>(w.y & 0xffffu));
-    f[3] = half_to_float(static_cast<u16>(w.y >> 16));
-  } else if constexpr (N == 2) {
-    const u32 w = *reinterpret_cast<const u32*>(p);
-    f[0] = half_to_float(static_cast<u16>(w & 0xffffu));
-    f[1] = half_to_float(static_cast<u16>(w >> 16));
-  } else {
-    static_assert(N == 1, "1, 2, 4 or 8 halves");
-    f[0] = half_to_float(*p);
   }
 }
 
@@ -172,15 +145,25 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 // heads of one KV head times QT consecutive tokens (decode: QT = 1). Row r is token qt * QT + r / G,
 // head kvh * G + r % G; it sees keys 0 .. pos + t (causal).
 // Grid (splits, Hkv, B * q_tiles); block 4 warps. The keys a block's rows can see, [0, key_end), are cut
-// into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one, 32 keys at a time,
-// one key per lane, and the 4 warps share each 32-key tile by splitting the head dim: warp w forms
-// partial scores over its D/4 dims (16-byte loads of its slice of the key's row) against q in shared
-// memory, the partials meet in shared memory, the online softmax runs with the rows dealt over the
-// warps (running max m and sum l per row), and every warp then weights the V rows' D/4 columns it
-// owns (coalesced) with the probabilities from shared memory. Splitting D rather
-// than keys over the warps cuts each warp's serial chain per tile by 4: in a decode step a block has
-// only a few tiles, and one warp walking a whole 32 x D tile alone left the SM idle (latency-bound at
-// ~10 cycles per instruction with 1 warp per scheduler). With splits > 1 the block stores its
+// into `splits` chunks of `chunk` keys (a multiple of 32); block `split` takes one, and its warps take
+// turns at its 32-key tiles. Per tile, one warp does the whole head dim on the tensor cores
+// (mma.sync m16n8k16, PTX ISA 9.7.14.5.8), FlashAttention-2 style: S = Q K^T with the R query rows
+// padded to 16, an online softmax on S's accumulator fragments (running max m and sum l of each row
+// in the lane quad that holds it), the probabilities repacked in registers as the A operand of
+// O += P V. (A scalar version, one lane per key, was instruction-bound: ~900 warp-instructions per
+// warp per tile, 4 warps a tile; this one issues ~64 mma and ~100 other instructions per tile.)
+// Layout choices, made where the fragments are built below:
+//  * K rows are read straight from global memory into B fragments: for S the head dim is the k index,
+//    and any permutation of it applied to both Q and K leaves Q K^T unchanged, so lane (g, t) takes
+//    the 16 bytes at dims 32j + 8t .. 32j + 8t + 7 of key g of an 8-key n-tile (one 16-byte load) as
+//    its b0/b1 of k-steps 2j and 2j + 1; Q's A fragments are built in the same permuted order.
+//  * V needs the key index down the fragment's k and the head dim across n, so a warp's V tile goes
+//    through shared memory (cp.async, rows past the chunk zero-filled) and comes back transposed by
+//    ldmatrix.trans (PTX ISA 9.7.14.5.15); rows padded by 16 bytes so the 8 rows of a matrix fall in
+//    different banks.
+//  * P is S's accumulator layout converted to fp16 pairs: the C fragments of n-tiles 2kk and 2kk + 1
+//    are exactly the A fragment of k-step kk (keys 16kk .. 16kk + 15).
+// The 4 warps then merge (m, l, O) in shared memory; with splits > 1 the block stores its
 // unnormalised partial and takes a ticket on its (sequence, query tile, KV head), and the last block
 // merges the splits in split order (deterministic) and writes fp16.
 // With `qkv` non-null (decode, T = 1) RoPE and the KV-cache write are fused in and `q` is unused:
@@ -188,15 +171,17 @@ extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __rest
 constexpr int kAttnWarps = 4;
 
 template <int D, int R>
-struct __align__(16) AttentionSmem {  // 16: q is read as float4
-  static_assert(D % (8 * kAttnWarps) == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
-  static_assert(R * D <= 2048, "query rows x head dim: at most 2048");
-  // the merge reuses s as 2 x [splits][R] and p as [R]: splits <= kAttnWarps * 32 / 2 = 64
-  float q[R][D];                     // pre-scaled by log2(e) / sqrt(D): scores in base 2
-  float s[kAttnWarps][R][32];        // each warp's partial scores over its D / 4 dims
-  float p[R][32];                    // the tile's probabilities
-  float alpha[R];                    // each row's rescale factor for this tile
-  float m[R], l[R];                  // each row's running max and sum, from the warp that owns it
+struct __align__(16) AttentionSmem {  // 16: cp.async and ldmatrix rows
+  static_assert(D % 32 == 0 && D <= 128, "head dim: a multiple of 32, at most 128");
+  static_assert(R >= 1 && R <= 16, "query rows: 1 .. 16 (one m16 tile)");
+  static constexpr int kVStride = D + 8;  // halves per V row in shared memory: +16 bytes against bank conflicts
+  float q[R][D];                          // pre-scaled by log2(e) / sqrt(D): scores in base 2
+  union {
+    u16 v[kAttnWarps][32][kVStride];      // each warp's V tile
+    float acc[kAttnWarps][R][D];          // the end: each warp's O rows, to merge
+    float merge[2][64 * 16];              // the split merge: (m, l) per split and row, splits <= 64
+  } u;
+  float m[kAttnWarps][R], l[kAttnWarps][R];
 };
 
 template <int D, int R>
@@ -205,52 +190,23 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
               const float* __restrict__ sin_t, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
               u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
               int pos, int max_seq, int chunk, float scale) {
-  constexpr int kDims = D / kAttnWarps;                 // this warp's slice of the head dim
-  constexpr int kCols = kDims >= 32 ? kDims / 32 : 1;   // V columns per lane
-  constexpr int kLanes = kDims / kCols;                 // lanes that own columns (all 32 for D >= 128)
-  constexpr int kQIters = (R * D + kAttnWarps * 32 - 1) / (kAttnWarps * 32);
-  __shared__ AttentionSmem<D, R> sm;
+  using Smem = AttentionSmem<D, R>;
+  constexpr int kKSteps = D / 16, kNd = D / 8, kVStride = Smem::kVStride;
+  constexpr int kThreads = kAttnWarps * 32, kQIters = (R * D + kThreads - 1) / kThreads;
+  __shared__ Smem sm;
   const int G = Hq / Hkv, QT = R / G;
   const int split = blockIdx.x, splits = gridDim.x, kvh = blockIdx.y;
   const int q_tiles = (T + QT - 1) / QT, b = blockIdx.z / q_tiles, qt = blockIdx.z % q_tiles;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d_warp = warp * kDims;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const int t0 = qt * QT, rows_t = min(QT, T - t0);
   const int key_end = pos + t0 + rows_t;  // keys 0 .. key_end - 1 are visible to some row
   const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
   const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
 
-  // One tile's loads, in flight together: this warp's slice of key (tile + lane)'s row, and the D/4
-  // columns it owns of the tile's V rows (up to 32). The next tile's loads are issued before the
-  // current tile is consumed, so DRAM latency overlaps the softmax and the FMAs.
-  struct TileLoads {
-    uint4 k[kDims / 8];
-    u32 v[16][kCols];  // V rows 2j (low half) and 2j + 1 (high half): two fp16 per register
-  };
-  const auto load_tile = [&](int tile, TileLoads& t) {
-    const int key = tile + lane;
-    const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D + d_warp);
-#pragma unroll
-    for (int c = 0; c < kDims / 8; ++c) t.k[c] = key < k_end ? k_row[c] : make_uint4(0, 0, 0, 0);
-    const u16* v_col = v_cache + kv_base + (long long)tile * D + d_warp + lane * kCols;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        const u32 lo = (tile + 2 * j < k_end && lane < kLanes) ? v_col[(long long)(2 * j) * D + c] : 0;
-        const u32 hi = (tile + 2 * j + 1 < k_end && lane < kLanes) ? v_col[(long long)(2 * j + 1) * D + c] : 0;
-        t.v[j][c] = lo | (hi << 16);
-      }
-  };
-
-  // The first tile's loads go out before q is staged, so their latency overlaps it. (In a fused
-  // decode step the block holding key `pos` writes that row below and patches it in afterwards.)
-  TileLoads cur;
-  if (k_begin < k_end) load_tile(k_begin, cur);
-
   if (qkv == nullptr) {
 #pragma unroll
     for (int e = 0; e < kQIters; ++e) {  // unrolled: the loads of all iterations in flight together
-      const int i = threadIdx.x + e * kAttnWarps * 32, r = i / D, d = i % D, t = t0 + r / G;
+      const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, t = t0 + r / G;
       if (i < R * D)
         sm.q[r][d] = t < T ? half_to_float(q[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d]) *
                                  scale * kLog2e
@@ -267,7 +223,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     const float* s_row = sin_t + (long long)pos * half;
 #pragma unroll
     for (int e = 0; e < kQIters; ++e) {
-      const int i = threadIdx.x + e * kAttnWarps * 32, r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
+      const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
       if (i >= R * D) continue;
       const float x = half_to_float(src[col + d]);
       const float partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
@@ -275,7 +231,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       sm.q[r][d] = rotated * scale * kLog2e;
     }
     if (k_begin <= pos && pos < k_end) {
-      for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      for (int d = threadIdx.x; d < D; d += kThreads) {
         const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
         const float x = half_to_float(src[k_col + d]);
         const float partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
@@ -286,153 +242,194 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     }
   }
   __syncthreads();
-  if (qkv != nullptr && k_begin <= pos && pos < k_end && pos < k_begin + 32) {
-    // The new row was loaded before this block wrote it: read it again (visible after the barrier).
-    const int j = pos - k_begin;
-    if (lane == j) {
-      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)pos * D + d_warp);
+
+  // Q's A fragments, once: rows g and g + 8 (zero past R), the head dim in the permuted order of the
+  // K loads: k-step 2j takes dims 32j + 8t + {0,1} (a0/a1) and {2,3} (a2/a3), k-step 2j + 1 dims
+  // 32j + 8t + {4,5} and {6,7}.
+  u32 qa[kKSteps][4];
 #pragma unroll
-      for (int c = 0; c < kDims / 8; ++c) cur.k[c] = k_row[c];
+  for (int s = 0; s < kKSteps; ++s) {
+    const int d0 = 32 * (s / 2) + 8 * t4 + 4 * (s % 2);
+    const float* r0 = g < R ? sm.q[g] : nullptr;
+    const float* r1 = g + 8 < R ? sm.q[g + 8] : nullptr;
+    qa[s][0] = r0 ? float2_to_half2(r0[d0], r0[d0 + 1]) : 0u;
+    qa[s][1] = r1 ? float2_to_half2(r1[d0], r1[d0 + 1]) : 0u;
+    qa[s][2] = r0 ? float2_to_half2(r0[d0 + 2], r0[d0 + 3]) : 0u;
+    qa[s][3] = r1 ? float2_to_half2(r1[d0 + 2], r1[d0 + 3]) : 0u;
+  }
+  // Rows g and g + 8: their token (causal limit) and whether they exist.
+  const int t_lo = t0 + g / G, t_hi = t0 + (g + 8) / G;
+  const bool row_lo = g < R && t_lo < T, row_hi = g + 8 < R && t_hi < T;
+
+  float o[kNd][4];
+#pragma unroll
+  for (int nd = 0; nd < kNd; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  float m_lo = QL_NEG_INF, m_hi = QL_NEG_INF, l_lo = 0.f, l_hi = 0.f;
+  u16* v_s = &sm.u.v[warp][0][0];
+
+  for (int tile = k_begin + 32 * warp; tile < k_end; tile += 32 * kAttnWarps) {
+    // V tile -> shared memory (asynchronous; rows past the chunk zero-filled, so 0 * NaN never occurs)
+#pragma unroll
+    for (int c = lane; c < 32 * (D / 8); c += 32) {
+      const int row = c / (D / 8), col = 8 * (c % (D / 8));
+      const bool valid = tile + row < k_end;
+      cp_async16(smem_addr(v_s + row * kVStride + col),
+                 v_cache + kv_base + (long long)(valid ? tile + row : k_begin) * D + col, valid ? 16 : 0);
     }
-    if (lane < kLanes) {
-      const u16* v_new = v_cache + kv_base + (long long)pos * D + d_warp + lane * kCols;
+    cp_async_commit();
+    // K rows -> B fragments: n-tile nt holds keys tile + 8nt .. +7, this lane loads key tile + 8nt + g.
+    uint4 kb[4][D / 32];
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        // Masks, not a branch on jj == j / 2: a branch lets the compiler index cur.v by j, which
-        // moves the whole tile to local memory.
-        const u32 half_mask = j % 2 ? 0xffff0000u : 0x0000ffffu;
-        const u32 bits = j % 2 ? u32(v_new[c]) << 16 : u32(v_new[c]);
+    for (int nt = 0; nt < 4; ++nt) {
+      const int key = tile + 8 * nt + g;
+      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D) + t4;
 #pragma unroll
-        for (int jj = 0; jj < 16; ++jj) {
-          const u32 hit = 0u - u32(jj == j / 2);
-          cur.v[jj][c] = (cur.v[jj][c] & ~(hit & half_mask)) | (hit & bits);
-        }
+      for (int j = 0; j < D / 32; ++j) kb[nt][j] = key < k_end ? k_row[4 * j] : make_uint4(0, 0, 0, 0);
+    }
+    float sc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+      for (int j = 0; j < D / 32; ++j) {
+        mma_m16n8k16(sc[nt], qa[2 * j], kb[nt][j].x, kb[nt][j].y);
+        mma_m16n8k16(sc[nt], qa[2 * j + 1], kb[nt][j].z, kb[nt][j].w);
       }
     }
-  }
-
-  float m[R], l[R], acc[R][kCols];
+    // Online softmax on the fragments: lane holds rows g (c0, c1) and g + 8 (c2, c3) at keys
+    // tile + 8nt + 2t4 + {0, 1}; a row's 32 keys live in its lane quad (shuffles over lanes ^1, ^2).
+    float tmax_lo = QL_NEG_INF, tmax_hi = QL_NEG_INF;
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    m[r] = QL_NEG_INF;
-    l[r] = 0.f;
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.f;
-  }
-
-  for (int tile = k_begin; tile < k_end; tile += 32) {
-    TileLoads next;
-    if (tile + 32 < k_end) load_tile(tile + 32, next);
-    const int key = tile + lane;
-    float s[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) s[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < kDims / 8; ++c) {
-      float kf[8];
-      halves8_to_float(cur.k[c], kf);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float4 qa = *reinterpret_cast<const float4*>(&sm.q[r][d_warp + 8 * c]);
-        const float4 qb = *reinterpret_cast<const float4*>(&sm.q[r][d_warp + 8 * c + 4]);
-        s[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
-                qb.z * kf[6] + qb.w * kf[7];
+      for (int e = 0; e < 2; ++e) {
+        const int key = tile + 8 * nt + 2 * t4 + e;
+        const bool in = key < k_end;
+        if (!(in && row_lo && key <= pos + t_lo)) sc[nt][e] = QL_NEG_INF;
+        if (!(in && row_hi && key <= pos + t_hi)) sc[nt][2 + e] = QL_NEG_INF;
+        tmax_lo = fmaxf(tmax_lo, sc[nt][e]);
+        tmax_hi = fmaxf(tmax_hi, sc[nt][2 + e]);
       }
+#pragma unroll
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, o2));
+      tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, o2));
     }
+    const float mn_lo = fmaxf(m_lo, tmax_lo), mn_hi = fmaxf(m_hi, tmax_hi);
+    // A row that has seen no key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
+    const float al_lo = mn_lo == QL_NEG_INF ? 1.f : exp2f(m_lo - mn_lo);
+    const float al_hi = mn_hi == QL_NEG_INF ? 1.f : exp2f(m_hi - mn_hi);
+    float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) sm.s[warp][r][lane] = s[r];
-    __syncthreads();  // the four partial scores of every key are in
-
-    // The online softmax, rows dealt round-robin over the warps (warp w owns rows w, w + 4, ...: its
-    // running m and l live only there); the probabilities and each row's rescale factor go through
-    // shared memory to every warp.
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r % kAttnWarps != warp) continue;
-      float score = sm.s[0][r][lane];
-#pragma unroll
-      for (int w = 1; w < kAttnWarps; ++w) score += sm.s[w][r][lane];
-      const int t = t0 + r / G;
-      if (key >= k_end || key > pos + t || t >= T) score = QL_NEG_INF;  // past the chunk, or causal
-      const float m_new = fmaxf(m[r], warp_max(score));
-      // A row that has seen no key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
-      const float alpha = m_new == QL_NEG_INF ? 1.f : exp2f(m[r] - m_new);
-      const float p = m_new == QL_NEG_INF ? 0.f : exp2f(score - m_new);
-      l[r] = l[r] * alpha + warp_sum(p);
-      m[r] = m_new;
-      sm.p[r][lane] = p;
-      if (lane == 0) sm.alpha[r] = alpha;
-    }
-    __syncthreads();  // every row's probabilities and rescale factor are in
-
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float alpha = sm.alpha[r];
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
-    }
-    // Keys past the chunk have p = 0 and V = 0 (not loaded). Four keys' probabilities per load.
-#pragma unroll
-    for (int j4 = 0; j4 < 32; j4 += 4) {
-      float v[4][kCols];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          const u32 pair = cur.v[(j4 + j) / 2][c];
-          v[j][c] = half_to_float(static_cast<u16>((j4 + j) % 2 ? pair >> 16 : pair & 0xffffu));
-        }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float4 p = *reinterpret_cast<const float4*>(&sm.p[r][j4]);
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[r][c] += p.x * v[0][c] + p.y * v[1][c] + p.z * v[2][c] + p.w * v[3][c];
+      for (int e = 0; e < 2; ++e) {
+        sc[nt][e] = mn_lo == QL_NEG_INF ? 0.f : exp2f(sc[nt][e] - mn_lo);
+        sc[nt][2 + e] = mn_hi == QL_NEG_INF ? 0.f : exp2f(sc[nt][2 + e] - mn_hi);
+        sum_lo += sc[nt][e];
+        sum_hi += sc[nt][2 + e];
       }
+#pragma unroll
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, o2);
+      sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, o2);
     }
-    cur = next;
-    __syncthreads();  // every warp is done with this tile's partial scores before the next overwrites them
+    l_lo = l_lo * al_lo + sum_lo;
+    l_hi = l_hi * al_hi + sum_hi;
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+#pragma unroll
+    for (int nd = 0; nd < kNd; ++nd) {
+      o[nd][0] *= al_lo;
+      o[nd][1] *= al_lo;
+      o[nd][2] *= al_hi;
+      o[nd][3] *= al_hi;
+    }
+    // P's A fragments: k-step kk (keys 16kk ..) = C fragments of n-tiles 2kk and 2kk + 1.
+    u32 pa[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      pa[kk][0] = float2_to_half2(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[kk][1] = float2_to_half2(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[kk][2] = float2_to_half2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[kk][3] = float2_to_half2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+    cp_async_wait<0>();
+    __syncwarp();  // every lane's V rows have landed
+    // O += P V: ldmatrix.trans of matrices (keys 16kk + 0..7 | 8..15) x (columns 8nd | 8nd + 8) gives
+    // b0, b1 of n-tiles nd and nd + 1; lane 8i + r addresses row r of matrix i.
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int nd = 0; nd < kNd; nd += 2) {
+        const int mat = lane >> 3, row = 16 * kk + 8 * (mat & 1) + (lane & 7), col = 8 * (nd + (mat >> 1));
+        u32 vb[4];
+        ldmatrix_x4_trans(vb, smem_addr(v_s + row * kVStride + col));
+        mma_m16n8k16(o[nd], pa[kk], vb[0], vb[1]);
+        mma_m16n8k16(o[nd + 1], pa[kk], vb[2], vb[3]);
+      }
+    __syncwarp();  // the V tile is consumed before the next cp.async overwrites it
   }
 
-  // Each row's m and l, from the warp that owns the row, for every warp's columns.
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-    if (r % kAttnWarps == warp && lane == 0) {
-      sm.m[r] = m[r];
-      sm.l[r] = l[r];
+  // Merge the warps: (m, l) per warp and row, then the O rows through shared memory.
+  __syncthreads();  // every warp is done with its V tile: the union's other member takes over
+  if (t4 == 0) {
+    if (g < R) {
+      sm.m[warp][g] = m_lo;
+      sm.l[warp][g] = l_lo;
     }
+    if (g + 8 < R) {
+      sm.m[warp][g + 8] = m_hi;
+      sm.l[warp][g + 8] = l_hi;
+    }
+  }
+#pragma unroll
+  for (int nd = 0; nd < kNd; ++nd) {
+    const int col = 8 * nd + 2 * t4;
+    if (g < R) {
+      sm.u.acc[warp][g][col] = o[nd][0];
+      sm.u.acc[warp][g][col + 1] = o[nd][1];
+    }
+    if (g + 8 < R) {
+      sm.u.acc[warp][g + 8][col] = o[nd][2];
+      sm.u.acc[warp][g + 8][col + 1] = o[nd][3];
+    }
+  }
   __syncthreads();
-  // Each warp owns columns d_warp + lane * kCols + c.
+
   const long long slot = ((long long)blockIdx.z * Hkv + kvh);  // (sequence, query tile, KV head)
   float* my_partial = partial + (slot * splits + split) * R * (D + 2);
-  if (lane < kLanes) {
+  for (int i = threadIdx.x; i < R * D; i += kThreads) {
+    const int r = i / D, d = i % D, t = t0 + r / G;
+    float m_max = QL_NEG_INF;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int t = t0 + r / G;
+    for (int w = 0; w < kAttnWarps; ++w) m_max = fmaxf(m_max, sm.m[w][r]);
+    float l_sum = 0.f, acc = 0.f;
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        const int d = d_warp + lane * kCols + c;
-        if (splits == 1) {
-          if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] =
-                float_to_half(acc[r][c] / sm.l[r]);
-        } else {
-          my_partial[r * (D + 2) + d] = acc[r][c];
-        }
-      }
-      if (splits > 1 && warp == 0 && lane == 0) {
-        my_partial[r * (D + 2) + D] = sm.m[r];
-        my_partial[r * (D + 2) + D + 1] = sm.l[r];
+    for (int w = 0; w < kAttnWarps; ++w) {
+      const float wgt = sm.m[w][r] == QL_NEG_INF ? 0.f : exp2f(sm.m[w][r] - m_max);
+      l_sum += sm.l[w][r] * wgt;
+      acc += sm.u.acc[w][r][d] * wgt;
+    }
+    if (splits == 1) {
+      if (t < T) out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(acc / l_sum);
+    } else {
+      my_partial[r * (D + 2) + d] = acc;
+      if (d == 0) {
+        my_partial[r * (D + 2) + D] = m_max;
+        my_partial[r * (D + 2) + D + 1] = l_sum;
       }
     }
   }
   if (splits == 1 || !take_ticket(tickets + slot, splits)) return;
 
-  // The merge: every split's (m, l) into shared memory (the partial-score array is free now), the
+  // The split merge: every split's (m, l) into shared memory, the
   // weights exp2(m_s - max) per split and row, then each thread's outputs from the splits' partials
   // with 8 splits' loads in flight (a split at a time would wait out an L2 latency per split).
   const float* slot_partials = partial + slot * splits * R * (D + 2);
-  float* weight = &sm.s[0][0][0];                 // [splits][R]: m_s, then its weight
-  float* split_sum = weight + splits * R;         // [splits][R]: l_s (splits <= 64: 2 x splits x R fit in s)
-  float* row_sum = &sm.p[0][0];                   // [R]: sum of l_s * weight
+  float* weight = sm.u.merge[0];     // [splits][R]: m_s, then its weight (splits <= 64, R <= 16)
+  float* split_sum = sm.u.merge[1];  // [splits][R]: l_s
+  float* row_sum = &sm.l[0][0];      // [R]: sum of l_s * weight (the warps' l are merged already)
   for (int i = threadIdx.x; i < splits * R; i += blockDim.x) {
     weight[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D);
     split_sum[i] = load_l2_f32(slot_partials + (long long)i * (D + 2) + D + 1);
@@ -452,23 +449,23 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     row_sum[r] = l_sum;
   }
   __syncthreads();
-  constexpr int kThreads = kAttnWarps * 32, kElems = (R * D + kThreads - 1) / kThreads;
-  float o[kElems];
+  constexpr int kElems = (R * D + kThreads - 1) / kThreads;
+  float merged[kElems];
 #pragma unroll
-  for (int e = 0; e < kElems; ++e) o[e] = 0.f;
+  for (int e = 0; e < kElems; ++e) merged[e] = 0.f;
 #pragma unroll 8
   for (int sp = 0; sp < splits; ++sp) {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {
       const int i = threadIdx.x + e * kThreads, r = i / D;
       if (i < R * D)
-        o[e] += load_l2_f32(slot_partials + (long long)(sp * R + r) * (D + 2) + i % D) * weight[sp * R + r];
+        merged[e] += load_l2_f32(slot_partials + (long long)(sp * R + r) * (D + 2) + i % D) * weight[sp * R + r];
     }
   }
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
     const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, t = t0 + r / G;
     if (i < R * D && t < T)
-      out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(o[e] / row_sum[r]);
+      out[((long long)b * T + t) * Hq * D + (kvh * G + r % G) * D + d] = float_to_half(merged[e] / row_sum[r]);
   }
 }

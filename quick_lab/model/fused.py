@@ -22,6 +22,7 @@ ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
 _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
 _MIN_KEYS_PER_SPLIT = 32  # one tile
+_MAX_MERGE_PAIRS = 64 * 16    # AttentionSmem::merge: (split, row) pairs of the last block's merge
 _NULL = np.uint64(0)         # a null pointer argument (the unused workspace of an unsplit launch)
 
 
@@ -139,6 +140,9 @@ def _attention_splits(splits, T: int, slots: int, keys: int, workspace, rows: in
             slots, keys, device.num_sms(cupy.cuda.Device().id), workspace.max_splits)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
+    if splits * rows > _MAX_MERGE_PAIRS:
+        raise ValueError(f"splits = {splits} with {rows} query rows per block: the split merge holds at most "
+                         f"{_MAX_MERGE_PAIRS} (split, row) pairs")
     if splits > 1 and (workspace is None or workspace.slots < slots or workspace.max_splits < splits
                        or workspace.rows * workspace.head_dim < rows * D):
         raise ValueError(f"splits = {splits} needs a workspace of >= {slots} slots x {splits} splits x {rows} rows "
@@ -152,8 +156,8 @@ def _check_cache(k_cache, v_cache, pos: int, T: int):
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache {v_cache.shape} must match k_cache {k_cache.shape}")
     B, Hkv, max_seq, D = k_cache.shape
-    if D % 32 or D > 256:
-        raise ValueError(f"head_dim must be a multiple of 32, at most 256, got {D}")
+    if D % 32 or D > 128:
+        raise ValueError(f"head_dim must be a multiple of 32, at most 128 (the attention kernel's tiles), got {D}")
     if pos < 0 or pos + T > max_seq:
         raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the cache of {max_seq}")
     return B, Hkv, max_seq, D
