@@ -37,9 +37,10 @@ def test_attention_rows_rules():
 
 
 def test_decode_splits_fill_the_machine_within_limits():
-    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=32) == 32   # capped by workspace
-    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=64) == 33   # two blocks per SM
-    assert fused.decode_splits(blocks=8, keys=129, num_sms=132, max_splits=32) == 5     # >= 32 keys a split
+    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=32) == 16    # 256 keys a split
+    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=8) == 8      # capped by workspace
+    assert fused.decode_splits(blocks=8, keys=129, num_sms=132, max_splits=32) == 1      # short: unsplit
+    assert fused.decode_splits(blocks=128, keys=4096, num_sms=132, max_splits=32) == 3   # two blocks per SM
     assert fused.decode_splits(blocks=2048, keys=4096, num_sms=132, max_splits=32) == 1  # batch fills it
 
 
