@@ -316,6 +316,31 @@ def test_decode_with_cache_matches_full_sequence(tiny_model):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_kv_heads", [4, 1], ids=["mha", "gqa4"])
+def test_long_context_decode_crosses_attention_splits(n_kv_heads):
+    # A prompt past the attention kernel's split threshold (256 keys a split): prefill 520 tokens in
+    # one forward (tiled, causal), then decode steps whose attention runs in 2 splits merged by the
+    # ticket, with RoPE and the cache write inside; every step's logits equal the NumPy reference's.
+    import cupy
+
+    from quick_lab.model import fused
+
+    cfg = dataclasses.replace(TINY, n_kv_heads=n_kv_heads, name=f"tiny-kv{n_kv_heads}")
+    weights = random_weights(cfg, seed=11)
+    model = Model(weights, backends=("quick", "fp16"))
+    tokens = np.random.default_rng(12).integers(0, cfg.vocab, (2, 523), dtype=np.int32)
+    ref = reference_forward(weights, tokens)
+    assert fused.decode_splits(2 * n_kv_heads, 521, 132, 32) == 2  # the steps below are split
+    for backend in ("quick", "fp16"):
+        cache = model.new_cache(2, 528)
+        first = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, :520]), cache, 0, backend))
+        assert rel(first, ref[:, 519]) < 2e-2, backend
+        for t in range(520, 523):
+            step = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, t:t + 1]), cache, t, backend))
+            assert np.isfinite(step).all() and rel(step, ref[:, t]) < 2e-2, (backend, t)
+
+
+@pytest.mark.gpu
 def test_greedy_decode_no_nan_and_graph_replay_matches_eager(tiny_model):
     import cupy
 
