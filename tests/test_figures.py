@@ -111,11 +111,13 @@ def sanitizer_frame() -> pd.DataFrame:
 
 
 def write_synthetic_results(path, speedup: float = 2.0, stems=("throughput", "tiles", "conflicts", "e2e",
-                                                                 "sanitizer")):
+                                                                 "e2e_breakdown", "sanitizer")):
     """A results/<gpu>/ directory of synthetic CSVs (with .meta.json) under ``path``; returns it."""
+    from test_e2e_report import breakdown_frame
+
     path.mkdir(parents=True, exist_ok=True)
     frames = {"throughput": lambda: throughput_frame(speedup), "tiles": tiles_frame, "conflicts": conflicts_frame,
-              "e2e": e2e_frame, "sanitizer": sanitizer_frame}
+              "e2e": e2e_frame, "e2e_breakdown": breakdown_frame, "sanitizer": sanitizer_frame}
     for stem in stems:
         frames[stem]().to_csv(path / f"{stem}.csv", index=False)
         (path / f"{stem}.meta.json").write_text(json.dumps({"gpu": "Synthetic GPU", "date": "2000-01-01",
@@ -124,7 +126,7 @@ def write_synthetic_results(path, speedup: float = 2.0, stems=("throughput", "ti
 
 
 ALL_FIGURES = ("fig1_compute_paths", "fig2_bank_conflicts", "fig3_tflops_vs_batch", "fig3b_speedup_all_shapes",
-               "fig4_e2e", "fig5_tiles_4096x4096")
+               "fig4_e2e", "fig_e2e_breakdown", "fig5_tiles_4096x4096")
 
 
 @pytest.fixture(scope="module")

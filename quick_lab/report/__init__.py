@@ -5,7 +5,8 @@
   speedups, tile and e2e tables, bank-conflict counts measured and modelled, cases shared across GPUs).
 - ``style``: kernel order, labels and colours, the paper's claims (``PAPER``), matplotlib / seaborn
   setup and shared axis helpers.
-- ``figures``: the plots, ``fig1_compute_paths`` .. ``fig5_tiles``; ``save`` (PNG + SVG) and ``draw_all``.
+- ``figures``: the plots, ``fig1_compute_paths`` .. ``fig5_tiles`` and ``fig_e2e_breakdown``; ``save`` (PNG +
+  SVG) and ``draw_all``.
 - ``text``: ``REPORT.md``, each figure beside the paper's claim and our numbers (``write_report``).
 - ``comparison``: ``COMPARISON.md`` beside the GPU directories, every GPU present side by side
   (``write_comparison``; the tables it reads from ``results``, its figure from ``figures``).

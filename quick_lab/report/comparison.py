@@ -7,8 +7,8 @@ What it holds, all read from the CSVs when it is written (never typed in):
 * the kernel: for the (shape, batch) cases every GPU with a ``throughput.csv`` measured, the
   dispatched QUICK path's time / cuBLAS fp16 time of the same run and its % of the DRAM floor, per GPU,
   with the figure ``figures/comparison_quick_over_cublas`` when two GPUs or more have one;
-* end to end: for the (model, layers, batch) cases every GPU with an ``e2e.csv`` measured, QUICK's
-  decode tokens/s and QUICK / fp16, per GPU.
+* end to end: for the (model, context, layers, batch) cases every GPU with an ``e2e.csv`` measured,
+  QUICK's decode tokens/s and QUICK / fp16, per GPU.
 
 A GPU without a CSV is named as missing that measurement and left out of its table; a case only some
 GPUs measured is left out (and counted). With one GPU present it says so and draws no figure.
@@ -31,7 +31,7 @@ from quick_lab.report.results import (COMPARISON, CSV_STEMS, FIGURES, REPORT, e2
 from quick_lab.report.style import LARGE_BATCH, SMALL_BATCH
 
 KERNEL_KEYS = ("K", "N", "M")
-E2E_KEYS = ("model", "layers", "batch")
+E2E_KEYS = ("model", "context", "layers", "batch")
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -165,7 +165,8 @@ def _e2e_section(dirs) -> list[str]:
     shared, left_out, missing = e2e_comparison(dirs)
     out = _missing(missing, "e2e")
     if shared.empty:
-        return out + ["_No (model, layers, batch) case measured in `e2e.csv` by every GPU that has one._", ""]
+        return out + ["_No (model, context, layers, batch) case measured in `e2e.csv` by every GPU that has one._",
+                      ""]
     gpus = list(dict.fromkeys(shared.gpu))
     out += [f"QUICK's decode tokens/s on the layers built (`layers`; see each `e2e.meta.json`) and QUICK / fp16 "
             f"tokens/s of the same run. {shared[shared.gpu == gpus[0]].shape[0]} cases measured on every GPU with "

@@ -8,7 +8,9 @@ exists into ``results/<gpu>/figures/``):
 * ``fig2_bank_conflicts``  Nsight Compute vs the bank model (``conflicts.csv``; model only without it).
 * ``fig3_tflops_vs_batch`` kernel TFLOPS vs batch on M x 8192 x 8192 (``throughput.csv``).
 * ``fig3b_speedup_all_shapes`` time / cuBLAS fp16 vs batch for every measured shape.
-* ``fig4_e2e``             decode tokens/s vs batch per model (``e2e.csv``).
+* ``fig4_e2e``             decode tokens/s vs batch per model at context 128, long contexts beside
+  (``e2e.csv``; estimates from fewer layers drawn hollow).
+* ``fig_e2e_breakdown``    one decode step by op class, µs per layer (``e2e_breakdown.csv``).
 * ``fig5_tiles_<K>x<N>``   tile-size heatmaps (``tiles.csv``).
 * ``comparison_quick_over_cublas`` across GPUs (``<results root>/figures/``, :func:`draw_comparison`):
   cuBLAS fp16 time / QUICK time vs batch per shape, one line style per GPU (every ``throughput.csv``).
@@ -24,8 +26,11 @@ import numpy as np
 import pandas as pd
 
 from quick_lab.core import configs
-from quick_lab.report.results import (CONFLICT_METRICS, FIGURES, best_times, compute_path_traffic, conflicts_long,
-                                      e2e_table, load_csv, model_conflicts, speedups, tile_table)
+from quick_lab.model.breakdown import OP_CLASSES
+from quick_lab.model.decoder import GEMM_OPS
+from quick_lab.report.results import (CONFLICT_METRICS, E2E_CONTEXT, FIGURES, best_times, breakdown_table,
+                                      compute_path_traffic, conflicts_long, e2e_estimates, e2e_rows, e2e_table,
+                                      load_csv, model_conflicts, speedups, tile_table)
 from quick_lab.report.style import (E2E_LABELS, FIG3_MAX_BATCH, FIG3_SHAPE, KERNEL_LABELS, PALETTE,
                                     TILE_KERNEL_LABELS, count_axis, human, log2_batch_axis, log_y_ticks, ordered,
                                     pyplot, theme)
@@ -191,44 +196,172 @@ def fig3b_speedup_all_shapes(throughput: pd.DataFrame):
     return g.figure
 
 
+ESTIMATE_LABEL = "hollow / hatched: estimate (measured on fewer layers, scaled to full depth)"
+
+
+def _estimated_depths(rows: pd.DataFrame) -> str:
+    """'fp16 from 20 layers' per backend of ``rows`` (one model) measured below full depth; '' when none."""
+    est = rows[rows.estimate]
+    return ", ".join(f"{b} from {'/'.join(str(int(n)) for n in sorted(set(est[est.backend == b].layers)))} layers"
+                     for b in ordered(est.backend))
+
+
+def _long_context_bars(ax, rows: pd.DataFrame):
+    """Grouped bars of full-depth tokens/s per (context, batch) and backend; hatched where estimated."""
+    cases = sorted({(int(c), int(b)) for c, b in zip(rows.context, rows.batch)})
+    backends = ordered(rows.backend)
+    width = 0.8 / len(backends)
+    for j, b in enumerate(backends):
+        for i, (c, m) in enumerate(cases):
+            r = rows[(rows.backend == b) & (rows.context == c) & (rows.batch == m)]
+            if r.empty:
+                continue
+            v, est = float(r.full_depth_tokens_per_s.iloc[0]), bool(r.estimate.iloc[0])
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, v, width, color="white" if est else PALETTE.get(b), edgecolor=PALETTE.get(b),
+                   hatch="//" if est else None, linewidth=1.2)
+            ax.annotate(f"{v:.0f}", (x, v), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"context {c}\nbatch {m}" for c, m in cases], fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("long context: cache filled, decode only", fontsize=9)
+
+
 def fig4_e2e(e2e: pd.DataFrame):
-    """Decode tokens/s vs batch per model (top) and QUICK / AWQ, QUICK / fp16 (bottom)."""
+    """Decode tokens/s vs batch per model and backend at the paper's context (:data:`E2E_CONTEXT`: a
+    128-token prompt, 128 decode steps; top), QUICK / AWQ and QUICK / fp16 (middle) and, when the CSV
+    has rows at other contexts, their tokens/s as bars (bottom). Every number is the full-depth one
+    (``full_depth_tokens_per_s_estimate``; ``tokens_per_s`` in files without it): a point measured on
+    fewer layers than the model has (``layers < full_layers``) is drawn hollow (a bar hatched) and the
+    legend says it is an estimate. An old ``e2e.csv`` without ``context`` / ``full_layers`` draws as
+    context = its prefill and full depth = the layers built (:func:`quick_lab.report.results.e2e_rows`)."""
     plt = pyplot()
     theme()
-    ok = e2e.dropna(subset=["tokens_per_s"])
-    models = list(dict.fromkeys(ok.model))
-    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False,
-                             gridspec_kw={"height_ratios": [2, 1]})
+    from matplotlib.lines import Line2D
+
+    rows = e2e_rows(e2e)
+    models = list(dict.fromkeys(rows.model))
+    paper, long = rows[rows.context == E2E_CONTEXT], rows[rows.context != E2E_CONTEXT]
+    n_rows = 3 if len(long) else 2
+    fig, axes = plt.subplots(n_rows, len(models), figsize=(5 * len(models), 7 + 2.8 * (n_rows - 2)), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1, 1.3][:n_rows]})
+    any_estimate = bool(rows.estimate.any())
     for j, model in enumerate(models):
-        d = ok[ok.model == model]
-        ax, ax2 = axes[0, j], axes[1, j]
-        for b in ordered(d.backend):
-            s = d[d.backend == b].sort_values("batch")
-            ax.plot(s.batch, s.tokens_per_s, marker="o", color=PALETTE.get(b), label=E2E_LABELS.get(b, b))
-        layers = sorted(set(d.layers)) if "layers" in d else []
-        full = sorted(set(d.full_layers)) if "full_layers" in d else []
-        depth = f" ({'/'.join(map(str, layers))} of {'/'.join(map(str, full))} layers)" if layers and full else ""
-        ax.set_title(f"{model}{depth}")
-        ax.set_yscale("log")
-        log_y_ticks(ax, d.tokens_per_s)
+        d, ax, ax2 = paper[paper.model == model], axes[0, j], axes[1, j]
+        full = "/".join(str(int(n)) for n in sorted(set(rows[rows.model == model].full_layers)))
+        depths = _estimated_depths(rows[rows.model == model])
+        ax.set_title(f"{model} ({full} layers)" + (f"\nestimates: {depths}" if depths else ""), fontsize=10)
+        if d.empty:
+            ax.text(0.5, 0.5, f"no context-{E2E_CONTEXT} rows", transform=ax.transAxes, ha="center")
+            ax2.set_visible(False)
+        else:
+            for b in ordered(d.backend):
+                s = d[d.backend == b].sort_values("batch")
+                ax.plot(s.batch, s.full_depth_tokens_per_s, color=PALETTE.get(b), label=E2E_LABELS.get(b, b))
+                for est, marker_face in ((False, PALETTE.get(b)), (True, "white")):
+                    m = s[s.estimate == est]
+                    ax.plot(m.batch, m.full_depth_tokens_per_s, linestyle="", marker="o", markersize=6,
+                            markerfacecolor=marker_face, markeredgecolor=PALETTE.get(b), markeredgewidth=1.4)
+            ax.set_yscale("log")
+            log_y_ticks(ax, d.full_depth_tokens_per_s)
+            log2_batch_axis(ax, d.batch)
+            handles, labels = ax.get_legend_handles_labels()
+            if d.estimate.any():
+                handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="white",
+                                      markeredgecolor="black", markeredgewidth=1.4))
+                labels.append("hollow: estimate (scaled to full depth)")
+            ax.legend(handles, labels, fontsize=8)
+            t = e2e_table(d).reset_index()
+            est = e2e_estimates(d).reset_index()
+            for col, color in (("quick/awq", PALETTE["quick"]), ("quick/fp16", PALETTE["fp16"])):
+                if col not in t:
+                    continue
+                other = col.split("/")[1]
+                hollow = est["quick"] | est[other]
+                ax2.plot(t.batch, t[col], color=color, label=col)
+                for face, sel in ((color, ~hollow), ("white", hollow)):
+                    ax2.plot(t.batch[sel], t[col][sel], linestyle="", marker="o", markerfacecolor=face,
+                             markeredgecolor=color, markeredgewidth=1.4)
+                for b, v in zip(t.batch, t[col]):
+                    if pd.notna(v):
+                        ax2.annotate(f"{v:.2f}", (b, v), textcoords="offset points", xytext=(0, 5), ha="center",
+                                     fontsize=7)
+            ax2.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+            ax2.set_ylabel("tokens/s ratio (x)")
+            ax2.set_xlabel("batch (sequences)")
+            log2_batch_axis(ax2, d.batch)
+            if ax2.get_legend_handles_labels()[0]:
+                ax2.legend(fontsize=8)
         ax.set_ylabel("decode throughput (tokens/s)")
-        log2_batch_axis(ax, d.batch)
-        ax.legend(fontsize=8)
-        t = e2e_table(d).reset_index()
-        for col, color in (("quick/awq", PALETTE["quick"]), ("quick/fp16", PALETTE["fp16"])):
-            if col in t:
-                s = t.groupby("batch")[col].mean()
-                ax2.plot(s.index, s.values, marker="o", color=color, label=col)
-                for b, v in s.items():
-                    ax2.annotate(f"{v:.2f}", (b, v), textcoords="offset points", xytext=(0, 5), ha="center",
-                                 fontsize=7)
-        ax2.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
-        ax2.set_ylabel("tokens/s ratio (x)")
-        ax2.set_xlabel("batch (sequences)")
-        log2_batch_axis(ax2, d.batch)
-        if ax2.lines[:-1]:
-            ax2.legend(fontsize=8)
-    fig.suptitle("Fig. 4: end-to-end decode throughput vs batch (same int4 weights per backend)", fontsize=11)
+        if n_rows == 3:
+            lm = long[long.model == model]
+            if lm.empty:
+                axes[2, j].set_visible(False)
+            else:
+                _long_context_bars(axes[2, j], lm)
+    if n_rows == 3:  # one legend for the bar panels: backends, and the hatch meaning when used
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=PALETTE.get(b), label=E2E_LABELS.get(b, b)) for b in ordered(long.backend)]
+        if long.estimate.any():
+            handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="hatched: estimate"))
+        visible = [ax for ax in axes[2] if ax.get_visible()]
+        visible[0].legend(handles=handles, fontsize=7)
+    steps = "/".join(str(int(v)) for v in sorted(set(paper.decode))) if "decode" in paper and len(paper) else "?"
+    fig.suptitle(f"Fig. 4: end-to-end decode throughput vs batch at context {E2E_CONTEXT} (prompt {E2E_CONTEXT}, "
+                 f"{steps} decode steps; same int4 weights per backend), full-depth tokens/s"
+                 + (f"\n{ESTIMATE_LABEL}" if any_estimate else ""), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def fig_e2e_breakdown(breakdown: pd.DataFrame):
+    """One decode step by op class (``e2e_breakdown.csv``): per model, stacked bars of µs per layer for
+    each (backend, batch, context): the GEMM classes (blues) at the bottom, then the rest (oranges);
+    the whole step per layer (``layer``) marked by a black bar across each stack (above the stack: time
+    the classes alone do not account for, e.g. launch gaps)."""
+    plt, sns = pyplot(), theme()
+    t = breakdown_table(breakdown).reset_index()
+    models = list(dict.fromkeys(t.model))
+    gemm = [c for c in GEMM_OPS if c in t]
+    rest = [c for c in OP_CLASSES if c in t and c not in GEMM_OPS]
+    colors = dict(zip(gemm, sns.color_palette("Blues", len(gemm) + 1)[1:]))
+    colors.update(zip(rest, sns.color_palette("Oranges", len(rest) + 1)[1:]))
+    widest = max(len(t[t.model == m]) for m in models)
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(7.0, 3 + 0.55 * widest * 1.3), 4.2 * len(models)),
+                             squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        d = t[t.model == model]
+        groups = sorted({(int(c), int(b)) for c, b in zip(d.context, d.batch)})
+        backends = ordered(d.backend)
+        xs, labels = [], []
+        for gi, (c, m) in enumerate(groups):
+            for bj, b in enumerate(backends):
+                r = d[(d.context == c) & (d.batch == m) & (d.backend == b)]
+                if r.empty:
+                    continue
+                r = r.iloc[0]
+                x = gi * (len(backends) + 1) + bj
+                bottom = 0.0
+                for op in gemm + rest:
+                    v = float(r[op]) if pd.notna(r[op]) else 0.0
+                    ax.bar(x, v, 0.8, bottom=bottom, color=colors[op], label=op if not xs else None)
+                    bottom += v
+                if "layer" in r and pd.notna(r["layer"]):
+                    ax.hlines(r["layer"], x - 0.45, x + 0.45, color="black", linewidth=2.2,
+                              label="whole layer (one step)" if not xs else None)
+                    ax.annotate(f"{r['layer']:.0f}", (x, max(r["layer"], bottom)), textcoords="offset points",
+                                xytext=(0, 3), ha="center", fontsize=7)
+                xs.append(x)
+                labels.append(f"{b}\nM={m}\nctx {c}")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=7)
+        layers = "/".join(str(int(n)) for n in sorted(set(d.layers)))
+        ax.set_title(f"{model}: one decode step per layer by op class ({layers} layers built)", fontsize=10)
+        ax.set_ylabel("µs per layer")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("End-to-end decode step by op class (GEMM classes blue, the rest orange; black: whole layer)",
+                 fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -321,7 +454,8 @@ def draw_all(results_dir, out_dir=None) -> dict:
     """Draws every figure whose data exists; returns {figure name: PNG path} (SVG beside it)."""
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir else results_dir / FIGURES
-    data = {stem: load_csv(results_dir, stem, quiet=True) for stem in ("throughput", "tiles", "conflicts", "e2e")}
+    data = {stem: load_csv(results_dir, stem, quiet=True)
+            for stem in ("throughput", "tiles", "conflicts", "e2e", "e2e_breakdown")}
     jobs = [("fig1_compute_paths", lambda: fig1_compute_paths()),
             ("fig2_bank_conflicts", lambda: fig2_bank_conflicts(data["conflicts"]))]
     if data["conflicts"] is None:
@@ -335,6 +469,10 @@ def draw_all(results_dir, out_dir=None) -> dict:
         jobs.append(("fig4_e2e", lambda: fig4_e2e(data["e2e"])))
     else:
         print("note: no e2e.csv measurements: skipping fig4_e2e")
+    if data["e2e_breakdown"] is not None:
+        jobs.append(("fig_e2e_breakdown", lambda: fig_e2e_breakdown(data["e2e_breakdown"])))
+    else:
+        print("note: e2e_breakdown.csv missing: skipping fig_e2e_breakdown")
     if data["tiles"] is not None:
         for K, N in sorted({(int(k), int(n)) for k, n in zip(data["tiles"].K, data["tiles"].N)}):
             jobs.append((f"fig5_tiles_{K}x{N}", lambda K=K, N=N: fig5_tiles(data["tiles"], K, N)))
@@ -358,4 +496,4 @@ def draw_comparison(kernels: pd.DataFrame, out_dir) -> dict:
 
 
 __all__ = ["draw_all", "draw_comparison", "fig1_compute_paths", "fig2_bank_conflicts", "fig3_tflops_vs_batch",
-           "fig3b_speedup_all_shapes", "fig4_e2e", "fig5_tiles", "fig_gpu_comparison", "save"]
+           "fig3b_speedup_all_shapes", "fig4_e2e", "fig5_tiles", "fig_e2e_breakdown", "fig_gpu_comparison", "save"]

@@ -17,12 +17,15 @@ from quick_lab.build import paths
 from quick_lab.build.device import cuda_device_status, gpu_slug
 from quick_lab.core import configs
 from quick_lab.lab import bank_model
+from quick_lab.model.breakdown import OP_CLASSES
+from quick_lab.model.decoder import GEMM_OPS
 
 RESULTS_ENV = "QUICK_LAB_RESULTS"  # overrides default_results_dir() (notebooks, tests)
 FIGURES = "figures"
 REPORT = "REPORT.md"
 COMPARISON = "COMPARISON.md"  # <results root>/COMPARISON.md: every GPU directory side by side
-CSV_STEMS = ("throughput", "tiles", "conflicts", "e2e", "sanitizer")
+CSV_STEMS = ("throughput", "tiles", "conflicts", "e2e", "e2e_breakdown", "sanitizer")
+E2E_CONTEXT = 128  # the paper's end-to-end setting: a 128-token prompt, then 128 decode steps
 
 
 # ---------------------------------------------------------------- finding and loading results
@@ -213,16 +216,73 @@ def tile_table(tiles: pd.DataFrame, K: int, N: int, kernel: str) -> pd.DataFrame
     return sub.pivot_table(index="config", columns="M", values="ratio_to_fp16", aggfunc="min")
 
 
-def e2e_table(e2e: pd.DataFrame) -> pd.DataFrame:
-    """tokens/s per (model, layers, batch) x backend plus quick/awq and quick/fp16 ratios."""
-    ok = e2e.dropna(subset=["tokens_per_s"]) if "tokens_per_s" in e2e else e2e.iloc[0:0]
-    index = [c for c in ("model", "layers", "batch") if c in ok]
-    t = ok.pivot_table(index=index, columns="backend", values="tokens_per_s")
+def e2e_rows(e2e: pd.DataFrame) -> pd.DataFrame:
+    """The measured rows of an ``e2e.csv`` (failed cases, e.g. out of memory, dropped) in the current
+    layout whatever the file's age: ``context`` (missing: the ``prefill``, else :data:`E2E_CONTEXT`),
+    ``full_layers`` (missing: ``layers``), ``full_depth_tokens_per_s`` (``full_depth_tokens_per_s_estimate``;
+    missing: ``tokens_per_s``) and ``estimate``: True where the row was measured on fewer layers than
+    the model has (``layers < full_layers``), so its full-depth number is scaled, not measured."""
+    if "tokens_per_s" not in e2e:
+        return e2e.iloc[0:0].assign(context=[], full_layers=[], full_depth_tokens_per_s=[], estimate=[])
+    df = e2e.dropna(subset=["tokens_per_s"]).copy()
+    if "context" not in df:
+        df["context"] = df["prefill"] if "prefill" in df else E2E_CONTEXT
+    df["context"] = df["context"].fillna(df["prefill"] if "prefill" in df else E2E_CONTEXT).astype(int)
+    if "full_layers" not in df:
+        df["full_layers"] = df["layers"]
+    df["full_depth_tokens_per_s"] = (df["full_depth_tokens_per_s_estimate"].fillna(df["tokens_per_s"])
+                                     if "full_depth_tokens_per_s_estimate" in df else df["tokens_per_s"])
+    df["estimate"] = df["layers"].astype(int) < df["full_layers"].astype(int)
+    return df.reset_index(drop=True)
+
+
+def _in_order(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows by model (in order of appearance), context, batch: the order of the tables built from them."""
+    first = {m: i for i, m in enumerate(dict.fromkeys(rows["model"]))}
+    return rows.sort_values(["context", "batch"], kind="stable").sort_values(
+        "model", key=lambda m: m.map(first), kind="stable")
+
+
+def _with_ratios(t: pd.DataFrame) -> pd.DataFrame:
     if {"awq", "quick"} <= set(t.columns):
         t["quick/awq"] = t["quick"] / t["awq"]
     if {"fp16", "quick"} <= set(t.columns):
         t["quick/fp16"] = t["quick"] / t["fp16"]
     return t
+
+
+def e2e_table(e2e: pd.DataFrame) -> pd.DataFrame:
+    """Full-depth decode tokens/s (measured at full depth, scaled from fewer layers where the model did
+    not fit: :func:`e2e_estimates` says where) per (model, context, batch) x backend, plus the
+    quick/awq and quick/fp16 ratios. Backends of one model may have been built at different depths
+    (70B fp16 on an 80 GB GPU): the full-depth number is the one they share."""
+    t = _in_order(e2e_rows(e2e)).pivot_table(index=["model", "context", "batch"], columns="backend",
+                                              values="full_depth_tokens_per_s", sort=False)
+    return _with_ratios(t)
+
+
+def e2e_estimates(e2e: pd.DataFrame) -> pd.DataFrame:
+    """True per (model, context, batch) x backend of :func:`e2e_table` where that number is an estimate
+    (measured on ``layers < full_layers`` and scaled to the full depth)."""
+    t = _in_order(e2e_rows(e2e)).pivot_table(index=["model", "context", "batch"], columns="backend",
+                                              values="estimate", aggfunc="max", sort=False)
+    return t.astype(bool)
+
+
+def breakdown_table(breakdown: pd.DataFrame) -> pd.DataFrame:
+    """``e2e_breakdown.csv`` wide: µs per layer per (model, layers, backend, batch, context) x op: the op
+    classes of one decode step (:data:`quick_lab.model.breakdown.OP_CLASSES`), then ``layer`` (the whole
+    step per layer), ``gemm`` (the GEMM classes) and ``other`` (``layer - gemm``: the non-GEMM time as it
+    shows in the step, launch gaps included) as the CSV has them; computed from the classes and ``layer``
+    only where the CSV lacks them."""
+    keys = ["model", "layers", "backend", "batch", "context"]
+    t = breakdown.pivot_table(index=keys, columns="op", values="us_per_layer", sort=False)
+    if "gemm" not in t:
+        t["gemm"] = t[[c for c in GEMM_OPS if c in t]].sum(axis=1)
+    if "other" not in t and "layer" in t:
+        t["other"] = t["layer"] - t["gemm"]
+    ops = [c for c in OP_CLASSES if c in t] + [c for c in ("layer", "gemm", "other") if c in t]
+    return t[ops + [c for c in t.columns if c not in ops]]
 
 
 # ---------------------------------------------------------------- across GPUs
@@ -242,11 +302,12 @@ def quick_vs_cublas(throughput: pd.DataFrame) -> pd.DataFrame:
 
 
 def e2e_quick(e2e: pd.DataFrame) -> pd.DataFrame:
-    """model, layers, batch, quick_tokens_per_s and quick/fp16 (tokens/s ratio) from one ``e2e.csv``
-    (cases that failed, e.g. out of memory, dropped)."""
-    t = e2e_table(e2e)
+    """model, context, layers, batch, quick_tokens_per_s and quick/fp16 (tokens/s ratio) from one
+    ``e2e.csv``, as measured on the layers built (cases that failed, e.g. out of memory, dropped)."""
+    t = _with_ratios(_in_order(e2e_rows(e2e)).pivot_table(index=["model", "context", "layers", "batch"],
+                                                          columns="backend", values="tokens_per_s", sort=False))
     if "quick" not in t:
-        return pd.DataFrame(columns=["model", "layers", "batch", "quick_tokens_per_s", "quick/fp16"])
+        return pd.DataFrame(columns=["model", "context", "layers", "batch", "quick_tokens_per_s", "quick/fp16"])
     out = pd.DataFrame({"quick_tokens_per_s": t["quick"],
                         "quick/fp16": t["quick/fp16"] if "quick/fp16" in t else float("nan")})
     return out.dropna(subset=["quick_tokens_per_s"]).reset_index()
@@ -265,7 +326,7 @@ def shared_cases(tables: dict, keys) -> tuple[pd.DataFrame, int]:
     return out[["gpu", *[c for c in out.columns if c != "gpu"]]], len(every - shared)
 
 
-__all__ = ["COMPARISON", "CONFLICT_METRICS", "CSV_STEMS", "FIGURES", "REPORT", "RESULTS_ENV", "best_times",
-           "compute_path_traffic", "conflicts_long", "default_results_dir", "e2e_quick", "e2e_table", "find_gpu_dir",
-           "gpu_dirs", "gpu_results_dir", "load_csv", "load_meta", "model_conflicts", "quick_vs_cublas",
-           "shared_cases", "speedups", "tile_table"]
+__all__ = ["COMPARISON", "CONFLICT_METRICS", "CSV_STEMS", "E2E_CONTEXT", "FIGURES", "REPORT", "RESULTS_ENV",
+           "best_times", "breakdown_table", "compute_path_traffic", "conflicts_long", "default_results_dir",
+           "e2e_estimates", "e2e_quick", "e2e_rows", "e2e_table", "find_gpu_dir", "gpu_dirs", "gpu_results_dir",
+           "load_csv", "load_meta", "model_conflicts", "quick_vs_cublas", "shared_cases", "speedups", "tile_table"]

@@ -3,8 +3,9 @@
 directory when the report is written (never typed in).
 
 :func:`write_report` assembles it: a provenance table (rows, date and commit of each CSV), one
-section per figure (``_report_fig1`` .. ``_report_fig5``; a section whose CSV is missing says so, one
-that cannot be computed says why without costing the rest) and the compute-sanitizer summary.
+section per figure (``_report_fig1`` .. ``_report_fig5``, and ``_report_e2e_breakdown`` after Fig. 4; a
+section whose CSV is missing says so, one that cannot be computed says why without costing the rest) and
+the compute-sanitizer summary.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pandas as pd
 
 from quick_lab.core import configs
 from quick_lab.lab import bank_model
-from quick_lab.report.results import (CONFLICT_METRICS, CSV_STEMS, FIGURES, REPORT, best_times, compute_path_traffic,
-                                      e2e_table, load_csv, load_meta, model_conflicts, speedups)
+from quick_lab.model.decoder import GEMM_OPS
+from quick_lab.report.results import (CONFLICT_METRICS, CSV_STEMS, E2E_CONTEXT, FIGURES, REPORT, best_times,
+                                      breakdown_table, compute_path_traffic, e2e_estimates, e2e_rows, e2e_table,
+                                      load_csv, load_meta, model_conflicts, speedups)
 from quick_lab.report.style import FIG3_SHAPE, LARGE_BATCH, PAPER, SMALL_BATCH, ordered
 
 
@@ -157,25 +160,107 @@ def _report_fig3b(throughput: pd.DataFrame) -> list[str]:
     return out
 
 
+ESTIMATE_MARK = "est."  # beside a full-depth number scaled from fewer layers (layers < full_layers)
+
+
+def _e2e_cases_table(rows: pd.DataFrame, with_context: bool) -> pd.DataFrame:
+    """One markdown row per (model[, context], batch): full-depth tokens/s per backend and the QUICK
+    ratios, each marked :data:`ESTIMATE_MARK` where it rests on a row measured below full depth."""
+    t, est = e2e_table(rows), e2e_estimates(rows)
+    backends = ordered(est.columns)
+    ratios = [r for r in ("quick/awq", "quick/fp16") if r in t]
+    out = []
+    for key in t.index:
+        model, context, batch = key
+        cells = [model] + ([int(context)] if with_context else []) + [int(batch)]
+        for b in backends:
+            v = t.loc[key, b]
+            cells.append("n/a" if pd.isna(v) else f"{v:.0f}" + (f" {ESTIMATE_MARK}" if est.loc[key, b] else ""))
+        for ratio in ratios:
+            v, other = t.loc[key, ratio], ratio.split("/")[1]
+            marked = pd.notna(v) and bool(est.loc[key, "quick"] or est.loc[key, other])
+            cells.append(_x(v) + (f" {ESTIMATE_MARK}" if marked else ""))
+        out.append(cells)
+    columns = ["model"] + (["context"] if with_context else []) + ["batch"] + [f"{b} tokens/s" for b in backends]
+    return pd.DataFrame(out, columns=columns + ratios)
+
+
 def _report_fig4(e2e: pd.DataFrame) -> list[str]:
     out = [f"**Paper.** {PAPER['fig4']}", ""]
-    t = e2e_table(e2e)
-    if "quick/awq" not in t:
-        return out + ["**Ours**: `e2e.csv` has no awq and quick rows to compare.", ""]
-    t = t.reset_index()
-    rows = []
-    for model, d in t.groupby("model", sort=False):
-        best = d.loc[d["quick/awq"].idxmax()]
-        layers = f"{int(best.layers)}" if "layers" in d else "n/a"
-        rows.append([model, layers, _x(best["quick/awq"]), int(best.batch),
-                     _x(best["quick/fp16"]) if "quick/fp16" in d else "n/a",
-                     _x(d["quick/awq"].iloc[0]) + f" (batch {int(d.batch.iloc[0])})"])
-    overall = t.loc[t["quick/awq"].idxmax()]
-    out += [f"**Ours**: up to **{_x(overall['quick/awq'])}** decode tokens/s over awq ({overall.model}, batch "
-            f"{int(overall.batch)}); tokens/s measured on the layers built (see `e2e.meta.json`).", "",
-            _md_table(pd.DataFrame(rows, columns=["model", "layers measured", "max quick/awq", "at batch",
-                                                  "quick/fp16 there", "quick/awq at smallest batch"])), ""]
+    rows = e2e_rows(e2e)
+    paper, long = rows[rows.context == E2E_CONTEXT], rows[rows.context != E2E_CONTEXT]
+    t = e2e_table(paper)
+    if "quick/awq" in t and t["quick/awq"].notna().any():
+        est = e2e_estimates(paper)
+        d = t.reset_index()
+        overall = d.loc[d["quick/awq"].idxmax()]
+        key = (overall.model, overall.context, overall.batch)
+        scaled = bool(est.loc[key, "quick"] or est.loc[key, "awq"])
+        out += [f"**Ours**: up to **{_x(overall['quick/awq'])}** decode tokens/s over awq ({overall.model}, batch "
+                f"{int(overall.batch)}, context {E2E_CONTEXT}{', an estimate' if scaled else ''}); full-depth "
+                f"tokens/s (`full_depth_tokens_per_s_estimate`; see `e2e.meta.json`).", ""]
+        summary = []
+        for model, m in d.groupby("model", sort=False):
+            best = m.loc[m["quick/awq"].idxmax()]
+            mr = paper[paper.model == model]
+            depth = ", ".join(f"{b} {'/'.join(str(int(n)) for n in sorted(set(mr[mr.backend == b].layers)))}"
+                              for b in ordered(mr.backend))
+            summary.append([model, int(mr.full_layers.max()), depth, _x(best["quick/awq"]), int(best.batch),
+                            _x(best["quick/fp16"]) if "quick/fp16" in m else "n/a",
+                            _x(m["quick/awq"].iloc[0]) + f" (batch {int(m.batch.iloc[0])})"])
+        out += [_md_table(pd.DataFrame(summary, columns=["model", "layers", "layers measured per backend",
+                                                         "max quick/awq", "at batch", "quick/fp16 there",
+                                                         "quick/awq at smallest batch"])), ""]
+    elif paper.empty:
+        out += [f"**Ours**: `e2e.csv` has no rows at context {E2E_CONTEXT}.", ""]
+    else:
+        out += ["**Ours**: `e2e.csv` has no awq and quick rows to compare.", ""]
+    note = (f"`{ESTIMATE_MARK}`: that backend was built with fewer layers than the model has (`layers < "
+            f"full_layers`: the model did not fit the GPU at full depth, or the sweep capped the depth) and its "
+            f"decode time per layer scaled to the full depth, "
+            f"(decode - lm_head) x full_layers / layers + lm_head; a ratio is marked when either side is.")
+    if len(paper):
+        out += [f"Decode tokens/s at context {E2E_CONTEXT} (prompt {E2E_CONTEXT}, then the decode steps), full depth. "
+                + (note if paper.estimate.any() else "Every number measured at full depth."), "",
+                _md_table(_e2e_cases_table(paper, with_context=False)), ""]
+    if len(long):
+        out += ["Decode tokens/s at longer contexts (the KV cache filled with random K/V up to the context, then "
+                "the decode steps; prefill not timed), full depth."
+                + (" " + note if long.estimate.any() and not paper.estimate.any() else ""), "",
+                _md_table(_e2e_cases_table(long, with_context=True)), ""]
     return out
+
+
+def _report_e2e_breakdown(breakdown: pd.DataFrame) -> list[str]:
+    t = breakdown_table(breakdown)
+    wide = t.reset_index()
+    ops = ["layer", "gemm", "other"] + [c for c in t.columns if c not in ("layer", "gemm", "other")]
+    ops = [c for c in ops if c in wide]
+    out = [f"One decode step by op class, µs per layer (`e2e_breakdown.csv`, `quick-lab e2e --breakdown`): each "
+           f"class's ops of every layer back to back in one CUDA graph, divided by the layers built; `layer` is "
+           f"the whole step, `gemm` = {' + '.join(GEMM_OPS)}, `other` = layer - gemm (the non-GEMM time as it "
+           f"shows in the step, launch gaps included)."
+           + (" RoPE and the KV-cache write run inside the attention launch in a decode step: `rope_kv` is 0."
+              if "rope_kv" in wide and (wide.rope_kv == 0).all() else ""), ""]
+    lines = []
+    for model, m in wide.groupby("model", sort=False):
+        parts = []
+        for b in ordered(m.backend):
+            at = []
+            for batch in (1, SMALL_BATCH):
+                r = m[(m.backend == b) & (m.batch == batch) & (m.context == E2E_CONTEXT)]
+                if r.empty:
+                    at.append(f"not measured at batch {batch}")
+                else:
+                    r = r.iloc[0]
+                    share = f" ({100 * r.other / r.layer:.0f}% of the layer)" if r.layer > 0 else ""
+                    at.append(f"{r.other:.1f} µs at batch {batch}{share}")
+            parts.append(f"{b} " + ", ".join(at))
+        lines.append(f"- {model}: " + "; ".join(parts) + ".")
+    out += [f"**Non-GEMM time per layer** (`other`), context {E2E_CONTEXT}:", "", *lines, ""]
+    shown = wide[["model", "backend", "batch", "context", "layers"] + ops]
+    shown = shown.assign(**{c: shown[c].map(lambda v: _f(v, 1)) for c in ops})
+    return out + [_md_table(shown), ""]
 
 
 def _report_fig5(tiles: pd.DataFrame) -> list[str]:
@@ -263,6 +348,8 @@ def write_report(results_dir, figures: dict) -> Path:
         ("Fig. 3b: every shape against cuBLAS fp16", ["fig3b_speedup_all_shapes"], "throughput",
          lambda: _report_fig3b(data["throughput"])),
         ("Fig. 4: end-to-end decode throughput", ["fig4_e2e"], "e2e", lambda: _report_fig4(data["e2e"])),
+        ("End to end: one decode step by op class", ["fig_e2e_breakdown"], "e2e_breakdown",
+         lambda: _report_e2e_breakdown(data["e2e_breakdown"])),
         ("Fig. 5: tile sizes", [n for n in figures if n.startswith("fig5_")], "tiles",
          lambda: _report_fig5(data["tiles"])),
     ]
