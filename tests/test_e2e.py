@@ -185,6 +185,32 @@ def test_e2e_sweep_signature_is_what_cli_passes():
         assert name in params, name
 
 
+def test_a_prefill_that_does_not_fit_is_retried_with_the_cache_filled(monkeypatch):
+    import cupy
+
+    from quick_lab.model import sweep
+
+    calls = []
+
+    def fake(cfg, batch, backend, context, decode_steps, *, model, graph, reps, fill_cache):
+        calls.append(fill_cache)
+        if not fill_cache or batch == 512:
+            raise cupy.cuda.memory.OutOfMemoryError(3 << 30, 1 << 30, 80 << 30)
+        return dict(model=cfg.name, batch=batch, prefill_timed=False, tokens_per_s=1.0)
+
+    monkeypatch.setattr(sweep, "decode_throughput", fake)
+    monkeypatch.setattr(cupy, "get_default_memory_pool", lambda: type("P", (), {"free_all_blocks": lambda s: None})())
+    row = sweep._run_case(LLAMA2_70B, 256, "quick", 128, 128, None, True, 1, False, 80)
+    assert calls == [False, True] and row["prefill_timed"] is False and row["tokens_per_s"] == 1.0
+    assert row["note"].startswith("prefill did not fit") and "cache filled instead" in row["note"]
+    calls.clear()
+    row = sweep._run_case(LLAMA2_70B, 512, "quick", 128, 128, None, True, 1, False, 80)  # decode does not fit
+    assert calls == [False, True] and "error" in row and "tokens_per_s" not in row
+    calls.clear()
+    row = sweep._run_case(LLAMA2_70B, 16, "quick", 4096, 128, None, True, 1, True, 80)   # already filled: no retry
+    assert calls == [True] and row["tokens_per_s"] == 1.0
+
+
 def test_sweep_plan_is_full_depth_where_it_fits_an_80gb_gpu():
     from quick_lab.model.sweep import sweep_plan
 

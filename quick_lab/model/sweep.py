@@ -187,6 +187,37 @@ def sweep_plan(cfg: ModelConfig, backends, cases, free_bytes: int, lm_head: bool
     return merged
 
 
+def _oom_text(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _run_case(cfg, batch, backend, context, decode_steps, model, graph, reps, fill, layers) -> dict:
+    """One row; a prefill that runs out of GPU memory (the activations of batch x context tokens at
+    once: 70B at batch 256) is retried with the cache filled instead, so decode is still measured,
+    and the row says so (``prefill_timed`` False, ``note``); a decode that does not fit gets an
+    ``error`` and NaN timings."""
+    import cupy
+
+    def failed(exc) -> dict:
+        return dict(model=cfg.name, layers=layers, full_layers=cfg.n_layers, batch=batch, backend=backend,
+                    prefill=context, decode=decode_steps, context=context, error=_oom_text(exc))
+
+    try:
+        return decode_throughput(cfg, batch, backend, context, decode_steps, model=model, graph=graph, reps=reps,
+                                 fill_cache=fill)
+    except cupy.cuda.memory.OutOfMemoryError as exc:
+        if fill:
+            return failed(exc)
+        note = f"prefill did not fit ({_oom_text(exc)}); cache filled instead, prefill not timed"
+    cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        row = decode_throughput(cfg, batch, backend, context, decode_steps, model=model, graph=graph, reps=reps,
+                                fill_cache=True)
+    except cupy.cuda.memory.OutOfMemoryError as exc:
+        return failed(exc)
+    return {**row, "note": note}
+
+
 def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
               n_layers: int | None = None, prefill: int = 128, decode_steps: int = 128, graph: bool = True,
               lm_head: bool = True, reps: int = 1, long_context: int = 0, long_batches=(1, 16), progress=None):
@@ -213,13 +244,8 @@ def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
                 for backend in group:
                     if progress:
                         progress(len(rows), total, f"{cfg.name} x{layers} M={batch} ctx={context} {backend}")
-                    try:
-                        rows.append(decode_throughput(cfg, batch, backend, context, decode_steps, model=model,
-                                                      graph=graph, reps=reps, fill_cache=fill))
-                    except cupy.cuda.memory.OutOfMemoryError as exc:
-                        rows.append(dict(model=cfg.name, layers=layers, full_layers=cfg.n_layers, batch=batch,
-                                         backend=backend, prefill=context, decode=decode_steps, context=context,
-                                         error=" ".join(str(exc).split())))
+                    rows.append(_run_case(cfg, batch, backend, context, decode_steps, model, graph, reps, fill,
+                                          layers))
                     cupy.get_default_memory_pool().free_all_blocks()
             del model
             cupy.get_default_memory_pool().free_all_blocks()
