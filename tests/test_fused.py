@@ -13,6 +13,7 @@ import pytest
 from quick_lab.build.sources import SUPPORT_TEMPLATES
 from quick_lab.model import fused
 from quick_lab.model.config import PRESETS
+from quick_lab.model.fused_check import poisoned_cache
 
 
 # ---------------------------------------------------------------- CPU
@@ -140,14 +141,8 @@ def _run_attention(B, T, pos, Hq, Hkv, D, splits, seed=0):
 
     max_seq = pos + T + 40  # cache rows beyond pos + T stay NaN: reading one would poison the output
     rng = np.random.default_rng(seed)
-    L = pos + T
-    k = rng.standard_normal((B, Hkv, L, D)).astype(np.float16)
-    v = rng.standard_normal((B, Hkv, L, D)).astype(np.float16)
+    k, v, k_cache, v_cache = poisoned_cache(rng, B, Hkv, pos + T, max_seq, D)
     q = rng.standard_normal((B, T, Hq, D)).astype(np.float16)
-    k_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
-    v_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
-    k_cache[:, :, :L] = cupy.asarray(k)
-    v_cache[:, :, :L] = cupy.asarray(v)
     ws = fused.AttentionWorkspace(B * Hkv, 64, Hq // Hkv, D)
     out = fused.attention(cupy.asarray(q.reshape(B * T, Hq * D)), k_cache, v_cache, Hq, pos, T, ws, splits=splits)
     got = cupy.asnumpy(out).reshape(B, T, Hq, D)
@@ -187,12 +182,7 @@ def test_rope_attention_fuses_rope_the_cache_write_and_decode_attention(Hq, Hkv,
     B, theta, max_seq = 3, 1e4, pos + 9
     rng = np.random.default_rng(pos * 7 + Hq)
     qkv = rng.standard_normal((B, (Hq + 2 * Hkv) * D)).astype(np.float16)
-    old_k = rng.standard_normal((B, Hkv, pos, D)).astype(np.float16)
-    old_v = rng.standard_normal((B, Hkv, pos, D)).astype(np.float16)
-    k_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
-    v_cache = cupy.full((B, Hkv, max_seq, D), np.nan, dtype=cupy.float16)
-    k_cache[:, :, :pos] = cupy.asarray(old_k)
-    v_cache[:, :, :pos] = cupy.asarray(old_v)
+    old_k, old_v, k_cache, v_cache = poisoned_cache(rng, B, Hkv, pos, max_seq, D)
     inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
     ang = np.outer(np.arange(max_seq, dtype=np.float64), inv)
     cos, sin = cupy.asarray(np.cos(ang).astype(np.float32)), cupy.asarray(np.sin(ang).astype(np.float32))

@@ -398,7 +398,7 @@ def test_a_failed_write_leaves_the_old_table_whole(tmp_path, monkeypatch):
     def no_rename(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tables.os, "replace", no_rename)
+    monkeypatch.setattr(paths.os, "replace", no_rename)  # the one atomic write, build/paths
     with pytest.raises(OSError, match="disk full"):
         tables.merge_rows(path, [_row(2, "b", 1)])
     assert path.read_bytes() == before

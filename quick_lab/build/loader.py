@@ -8,12 +8,9 @@ in the user cache directory (:func:`cached_cubin`).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from quick_lab.build import paths
@@ -36,20 +33,6 @@ def _compile(filename: str, name_expressions: tuple[str, ...], label: str):
     return module
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory and rename: a reader (another process)
-    sees the old state or the whole file, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def cached_cubin(filename: str, name: str, arch: str) -> tuple[str, Path]:
     """(lowered name, cubin path) of one kernel for an arch-specific target, compiled once per
     (source text, name, arch, options, NVRTC version) and kept in ``paths.cache_dir()/cubins``: a later
@@ -68,8 +51,8 @@ def cached_cubin(filename: str, name: str, arch: str) -> tuple[str, Path]:
     except nvrtc.NvrtcError as exc:
         raise KernelCompileError(f"compiling {name} from kernels/{filename} failed:\n{exc}") from exc
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(meta, json.dumps({"name": name, "lowered": lowered[name], "arch": arch, "source": filename}).encode())
-    _atomic_write(cubin, data)
+    paths.atomic_write(meta, json.dumps({"name": name, "lowered": lowered[name], "arch": arch, "source": filename}))
+    paths.atomic_write(cubin, data)
     return lowered[name], cubin
 
 

@@ -10,7 +10,9 @@ so the top-level ``kernels/`` is used and the tables are read from ``results/``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -53,3 +55,19 @@ def dispatch_table_path(gpu_slug: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` (bytes, or text as UTF-8) through a temporary file in the same directory and
+    rename it over ``path``: a reader (another process) sees the old file or the whole new one, never
+    a partial one."""
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

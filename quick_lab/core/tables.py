@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,24 +111,11 @@ def merge_rows(path: Path, rows, key: TableKey | None = None) -> tuple[dict, ...
         merged = {_cell(r): r for r in read_rows(path)}
         merged.update((_cell(r), r) for r in new)
         table = tuple(sorted(merged.values(), key=_cell))
-        atomic_write(path, json.dumps(list(table), indent=1) + "\n")
+        paths.atomic_write(path, json.dumps(list(table), indent=1) + "\n")
         key_file = path.with_suffix(".key.json")
         if key is not None and not key_file.is_file():
-            atomic_write(key_file, json.dumps(asdict(key), indent=1, sort_keys=True) + "\n")
+            paths.atomic_write(key_file, json.dumps(asdict(key), indent=1, sort_keys=True) + "\n")
     return table
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

@@ -77,7 +77,9 @@ def case_silu(rng, rows: int, inter: int):
     return _rel(cupy.asnumpy(fused.silu_mul(cupy.asarray(gu))), g / (1 + np.exp(-g)) * u)
 
 
-def _cache(rng, B, Hkv, filled, max_seq, D):
+def poisoned_cache(rng, B, Hkv, filled, max_seq, D):
+    """(k, v) float16 host [B, Hkv, filled, D] and GPU caches [B, Hkv, max_seq, D] holding them in rows
+    0 .. filled - 1 and NaN beyond: a kernel that reads a row it should not poisons its output."""
     import cupy
 
     k = rng.standard_normal((B, Hkv, filled, D)).astype(np.float16)
@@ -94,7 +96,7 @@ def case_prefill(rng, B, T, pos, Hq, Hkv, D):
     import cupy
 
     max_seq = pos + T + 5
-    k_old, v_old, k_cache, v_cache = _cache(rng, B, Hkv, pos, max_seq, D)
+    k_old, v_old, k_cache, v_cache = poisoned_cache(rng, B, Hkv, pos, max_seq, D)
     qkv = rng.standard_normal((B * T, (Hq + 2 * Hkv) * D)).astype(np.float16)
     cos, sin = _tables(max_seq, D)
     q = fused.rope_kv(cupy.asarray(qkv), cupy.asarray(cos.astype(np.float32)), cupy.asarray(sin.astype(np.float32)),
@@ -113,7 +115,7 @@ def case_decode(rng, B, pos, Hq, Hkv, D, splits, fused_rope: bool):
     import cupy
 
     max_seq = pos + 3
-    k_old, v_old, k_cache, v_cache = _cache(rng, B, Hkv, pos, max_seq, D)
+    k_old, v_old, k_cache, v_cache = poisoned_cache(rng, B, Hkv, pos, max_seq, D)
     qkv = rng.standard_normal((B, (Hq + 2 * Hkv) * D)).astype(np.float16)
     cos, sin = _tables(max_seq, D)
     ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
