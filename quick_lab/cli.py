@@ -37,16 +37,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+SHAPES_HELP = "K x N list, e.g. 8192x8192,4096x4096; `models`: the preset models' decode shapes; `bench`: the six"
+
+
 def shape_list(text: str) -> tuple[tuple[int, int], ...]:
-    """``"8192x8192,4096x4096"`` -> ((8192, 8192), (4096, 4096)), each K x N."""
-    shapes = []
+    """``"8192x8192,4096x4096"`` -> ((8192, 8192), (4096, 4096)), each K x N. The word ``models`` stands
+    for the decode shapes of the model presets (fused qkv, o, fused gate_up, down of each; the shapes
+    the end-to-end study runs), ``bench`` for the six benchmark shapes; both mix with explicit ones."""
+    from quick_lab.lab.bench import SHAPES
+    from quick_lab.model.config import model_shapes
+
+    shapes: list[tuple[int, int]] = []
     for item in text.split(","):
+        word = item.strip().lower()
+        if word in ("models", "bench"):
+            shapes += model_shapes() if word == "models" else SHAPES
+            continue
         try:
-            K, N = (int(v) for v in item.lower().split("x"))
+            K, N = (int(v) for v in word.split("x"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"shapes look like 8192x28672 (K x N), got {item!r}") from None
+            raise argparse.ArgumentTypeError(f"shapes look like 8192x28672 (K x N), `models` or `bench`; "
+                                             f"got {item!r}") from None
         shapes.append((K, N))
-    return tuple(shapes)
+    return tuple(dict.fromkeys(shapes))  # in order, each once
 
 
 def choice_list(allowed, what: str):
@@ -504,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="tune this GPU's dispatch table within a time budget (kept in the user "
                                     "cache directory)")
-    p.add_argument("--shapes", type=shape_list, default=bench.SHAPES, help="K x N list, e.g. 8192x8192,4096x4096")
+    p.add_argument("--shapes", type=shape_list, default=bench.SHAPES, help=SHAPES_HELP)
     p.add_argument("--batches", type=int_list, default=tuple(2**i for i in range(13)),
                    help="M list, each rounded up to its power-of-two bucket (default 1,2,4,...,4096)")
     p.add_argument("--budget-s", type=float, default=120.0,
@@ -527,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
           "tile-size study: every variant and split-K"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--shapes", type=shape_list, default=shapes, help="K x N list, e.g. 8192x8192,4096x4096")
+        p.add_argument("--shapes", type=shape_list, default=shapes, help=SHAPES_HELP)
         p.add_argument("--batches", type=int_list, default=batches, help="M list, e.g. 1,16,256")
         p.add_argument("--reps", type=int, default=50, help="timed launches per case (median reported)")
         p.add_argument("--out", help="results directory (default results/<gpu>/)")
@@ -590,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wgmma", action="store_true",
                    help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
     p.add_argument("--decoder", action="store_true",
-                   help="the decoder's fused kernels (norm, RoPE + KV write, attention, SiLU); writes sanitizer_decoder.*")
+                   help="the decoder's fused kernels (norm, RoPE + KV write, attention, SiLU); "
+                        "writes sanitizer_decoder.*")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md of every results/<gpu>/, "

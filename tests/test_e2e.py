@@ -165,6 +165,27 @@ def test_cli_defaults_and_validation():
             build_parser().parse_args(["e2e", *bad])
 
 
+def test_model_shapes_are_the_presets_linears_and_the_cli_word_models():
+    import argparse
+
+    from quick_lab.cli import shape_list
+    from quick_lab.lab.bench import SHAPES
+    from quick_lab.model.config import model_shapes
+
+    shapes = model_shapes()
+    # the decode shapes issue 13 lists: fused qkv, o, fused gate_up, down of Mistral-7B, Llama-2-13B/70B
+    for s in ((4096, 6144), (4096, 28672), (14336, 4096), (5120, 15360), (5120, 27648), (13824, 5120),
+              (8192, 10240), (8192, 57344), (28672, 8192)):
+        assert s in shapes
+    assert len(shapes) == len(set(shapes)) == 12 and model_shapes(["mistral-7b"]) == shapes[:4]
+    assert shape_list("models") == shapes
+    assert shape_list("bench") == SHAPES
+    mixed = shape_list("4096x4096,models,bench")
+    assert mixed[0] == (4096, 4096) and len(mixed) == len(set(shapes) | set(SHAPES))  # each once, in order
+    with pytest.raises(argparse.ArgumentTypeError, match="`models` or `bench`"):
+        shape_list("modles")
+
+
 def test_cli_without_gpu_exits_2(monkeypatch, capsys):
     import quick_lab.cli
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["BACKENDS", "GROUP_SIZE", "LLAMA2_13B", "LLAMA2_70B", "MISTRAL_7B", "PRESETS", "ModelConfig",
-           "memory_estimate", "preset"]
+           "memory_estimate", "model_shapes", "preset"]
 
 BACKENDS = ("fp16", "awq", "quick")
 GROUP_SIZE = 128
@@ -63,6 +63,13 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; have {', '.join(PRESETS)}") from None
+
+
+def model_shapes(presets=None) -> tuple[tuple[int, int], ...]:
+    """The (K, N) of every linear layer of the presets (default: all), each once, in preset order:
+    the GEMMs a decode step of those models runs."""
+    configs = PRESETS.values() if presets is None else [preset(p) if isinstance(p, str) else p for p in presets]
+    return tuple(dict.fromkeys(s for cfg in configs for s in cfg.linear_shapes().values()))
 
 
 def _int4_bytes(K: int, N: int, G: int) -> int:
