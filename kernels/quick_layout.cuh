@@ -150,6 +150,16 @@ __device__ __forceinline__ ZeroScale zero_scale_of(u32 zero_pair, u32 scale_pair
   return {low_to_pair(zero_pair), high_to_pair(zero_pair), low_to_pair(scale_pair), high_to_pair(scale_pair)};
 }
 
+// All four words' pairs of one lane's group record (its uint4 of scales, its u32 of zeros).
+__device__ __forceinline__ void zero_scales_of(const uint4& scales, u32 zeros, ZeroScale (&zs)[4]) {
+  u32 zero_pairs[4];
+  dequant_int4x8(zeros, zero_pairs);
+  zs[0] = zero_scale_of(zero_pairs[0], scales.x);
+  zs[1] = zero_scale_of(zero_pairs[1], scales.y);
+  zs[2] = zero_scale_of(zero_pairs[2], scales.z);
+  zs[3] = zero_scale_of(zero_pairs[3], scales.w);
+}
+
 // One packed word -> its 4 fp16x2 pairs (q - z) * s, in B-fragment order: b[0], b[1] = b0, b1 of n8
 // tile 2w; b[2], b[3] = b0, b1 of tile 2w + 1 (see the top of this file). The wgmma kernel, whose A
 // fragment order is {a0, a2, a1, a3} of these, reorders at its call site. The first form takes the

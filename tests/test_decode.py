@@ -1,5 +1,6 @@
-"""The decode kernel family (kernels/quick_decode.cu, names ending in ``_dc``): M <= 16, a split-K GEMV on
-mma.sync streaming the QUICK layout. Rules and builds on any machine; correctness on a GPU."""
+"""The decode kernel family (kernels/quick_decode.cu, names ending in ``_dc``): M <= tile_m (8 or 16), a
+split-K GEMV on mma.sync with the weights as the A operand, streaming the QUICK layout into registers.
+Rules and builds on any machine; correctness on a GPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,44 +11,46 @@ from quick_lab.core import configs, dispatch, registry, validation, variants
 from quick_lab.core.configs import TileConfig
 
 DECODE = configs.QUICK_DECODE_VARIANTS
-BASE = DECODE[3]  # 16 x 64 x 512, 4 warps
+BASE = TileConfig.parse("16x64x256_w1x4_s1_dc")
 
 
 def test_names_round_trip_and_select_the_decode_family():
     for cfg in DECODE:
         assert cfg.name.endswith("_dc") and TileConfig.parse(cfg.name) == cfg
         assert registry.family("quick", cfg) is registry.QUICK_DECODE
-        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_k},{cfg.warps_n}>"
+        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n}>"
     assert set(DECODE) <= set(registry.variants("quick"))
 
 
 @pytest.mark.parametrize("cfg,rule", [
-    (TileConfig(32, 64, 512, 1, 4, 1, decode=True), "16 x 64"),
-    (TileConfig(16, 128, 512, 1, 4, 1, decode=True), "16 x 64"),
+    (TileConfig(32, 64, 512, 1, 4, 1, decode=True), "8 or 16 x 64"),
+    (TileConfig(16, 128, 512, 1, 4, 1, decode=True), "8 or 16 x 64"),
     (TileConfig(16, 64, 512, 1, 3, 1, decode=True), "2, 4 or 8 warps"),
     (TileConfig(16, 64, 96, 1, 4, 1, decode=True), "whole k16 steps"),
-    (TileConfig(16, 64, 2048, 1, 4, 1, decode=True), "at most 16"),
-    (TileConfig(16, 64, 2048, 1, 8, 1, decode=True), "at most 48 KB"),
+    (TileConfig(8, 64, 1024, 1, 4, 1, decode=True), "at most 8"),
     (TileConfig(16, 64, 512, 1, 4, 2, decode=True), "stages = 1"),
+    (TileConfig(16, 64, 512, 1, 4, 1, async_weights=True, decode=True), "no _cp"),
 ])
 def test_rules(cfg, rule):
     assert any(rule in v for v in registry.violations("quick", cfg)), registry.violations("quick", cfg)
 
 
-def test_problem_rules_allow_a_k_tile_across_groups_but_not_more_rows_than_a_fragment():
-    assert registry.fits(BASE, 4096, 32, K=4096, M=16)  # tile_k 512 spans 16 groups of 32
-    assert not registry.fits(BASE, 4096, 128, K=4096 + 256, M=1)  # K not a multiple of tile_k
+def test_problem_rules_allow_a_k_tile_across_groups_but_not_more_rows_than_tile_m():
+    assert registry.fits(BASE, 4096, 32, K=4096, M=16)  # tile_k 256 spans 8 groups of 32
+    assert not registry.fits(BASE, 4096, 128, K=4096 + 128, M=1)  # K not a multiple of tile_k
     assert not registry.fits(BASE, 4096, 128, K=4096, M=17)
-    with pytest.raises(ValueError, match="M must be at most 16"):
+    narrow = TileConfig.parse("8x64x256_w1x4_s1_dc")
+    assert registry.fits(narrow, 4096, 128, K=4096, M=8) and not registry.fits(narrow, 4096, 128, K=4096, M=9)
+    with pytest.raises(ValueError, match="M must be at most tile_m = 16"):
         validation.check_problem("quick", BASE, 17, 4096, 4096, 128, 1)
     with pytest.raises(ValueError, match="multiple of tile_k"):
         validation.check_problem("quick", BASE, 1, 4096 + 128, 4096, 128, 1)
-    with pytest.raises(ValueError, match="split_k must be between 1 and K / tile_k = 8"):
-        validation.check_problem("quick", BASE, 1, 4096, 4096, 128, 9)
+    with pytest.raises(ValueError, match="split_k must be between 1 and K / tile_k = 16"):
+        validation.check_problem("quick", BASE, 1, 4096, 4096, 128, 17)
 
 
 def test_launch_is_a_grid_of_n64_strips_by_split():
-    launch = registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 8)
+    launch = registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 8)  # grid (1, N / 64, split)
     assert launch.grid == (1, 64, 8) and launch.workspace == (8, 7, 4096) and launch.counters == 64
     assert registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 1).workspace is None
 
@@ -57,24 +60,28 @@ def test_a_decode_table_row_is_skipped_for_a_batch_it_cannot_run():
                   ratio_to_fp16=0.1)]
     assert dispatch.lookup(table, 16, 4096, 4096, 128) == ("quick", BASE, 8)
     assert dispatch.lookup(table, 64, 4096, 4096, 128) is None  # its last row cannot run 64 rows: heuristic
-    assert dispatch.lookup(table, 1, 4096 + 256, 4096, 128) is None  # tile_k does not divide K
+    assert dispatch.lookup(table, 1, 4096 + 128, 4096, 128) is None  # tile_k does not divide K
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_decode_variant_builds_without_spills(arch):
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
     for report in variants.compile_variants("quick", DECODE, arch):
+        cfg = TileConfig.parse(report.config)
         assert not report.spills and report.dynamic_smem_bytes == 0
-        assert report.static_smem_bytes <= 48 * 1024
+        assert report.static_smem_bytes == registry.decode_reduction_bytes(cfg) + 4  # + take_ticket's flag
 
 
-def test_ptx_has_only_the_activation_path_in_shared_memory():
+@pytest.mark.parametrize("name,batch_tiles", [("16x64x256_w1x4_s1_dc", 2), ("8x64x256_w1x4_s1_dc", 1)])
+def test_ptx_feeds_mma_straight_from_registers(name, batch_tiles):
+    """Weights as the A operand (rows of N), activations as B: 4 mma per k16 step per 8 batch rows, both
+    operands loaded from global memory into registers: no shared memory, ldmatrix or cp.async in the loop."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    counts = variants.ptx_counts("quick", BASE)
-    steps = BASE.tile_k // 16 // BASE.warps_n
-    assert counts["mma.sync"] == 8 * steps          # 8 n8 tiles per k16 step, weights straight from registers
-    assert counts["ldmatrix"] == steps              # activations only
-    assert counts["st.shared.v4"] == 0              # no weight write-back
+    cfg = TileConfig.parse(name)
+    counts = variants.ptx_counts("quick", cfg)
+    steps = cfg.tile_k // 16 // cfg.warps_n
+    assert counts["mma.sync"] == 4 * batch_tiles * steps
+    assert counts["ldmatrix"] == counts["cp.async"] == counts["st.shared.v4"] == 0
 
 
 # ---------------------------------------------------------------- on the GPU
@@ -85,9 +92,11 @@ def _cases():
     for v, cfg in enumerate(DECODE):
         k_tiles = 4
         K = cfg.tile_k * k_tiles
-        for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (16, k_tiles, 64), (3, 2, 128)]):
+        for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (cfg.tile_m, k_tiles, 64), (3, 2, 128)]):
             N = 64 * (3 + 2 * ((v + i) % 3))  # odd numbers of n64 strips
             out.append((cfg, M, K, N, G, split))
+        if cfg.tile_m == 16:
+            out.append((cfg, 9, K, 64 * 3, 32, 2))  # one row in the second n8 tile of batch rows
     return out
 
 

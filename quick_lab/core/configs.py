@@ -162,9 +162,9 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
     (32, 128, 128, 1, 4, 5, True),
 ))
 
-# Decode kernel (M <= 16): block k-tile x warps splitting it along K; each warp streams
+# Decode kernel (M <= tile_m, 8 or 16): block k-tile x warps splitting it along K; each warp streams
 # tile_k / 16 / warps k16 fragments (16 bytes per lane each) per k-tile before it waits.
-QUICK_DECODE_VARIANTS = tuple(TileConfig(16, 64, tk, 1, w, 1, decode=True) for tk, w in (
+QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for tm in (8, 16) for tk, w in (
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
 ))
 

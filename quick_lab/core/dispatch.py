@@ -79,8 +79,8 @@ HOPPER_TILES: tuple[tuple[int | None, tuple[str, ...], tuple[str, ...]], ...] = 
     (None, ("128x128x128_w1x8_s4_cp_wg", "128x128x64_w1x8_s5_cp_wg"),
      ("128x128x128_w1x8_s4_cp_wg", "128x128x64_w1x8_s5_cp_wg")),
 )
-# The decode variants in order of preference (the 512-deep one needs K % 512 == 0).
-DECODE_TILES = ("16x64x512_w1x8_s1_dc", "16x64x256_w1x4_s1_dc")
+# The decode variants in order of preference (the first whose tile_m covers M and tile_k divides K).
+DECODE_TILES = ("8x64x512_w1x8_s1_dc", "8x64x256_w1x4_s1_dc", "16x64x512_w1x8_s1_dc", "16x64x256_w1x4_s1_dc")
 
 AUTOTUNE_ENV = "QUICK_LAB_AUTOTUNE"
 AUTOTUNE_BUDGET_S = 2.0  # seconds a first call may spend tuning its (shape, batch bucket)
@@ -180,11 +180,13 @@ def heuristic(kind: str, M: int, K: int, N: int, group_size: int, *, num_sms: in
 
 
 def build_table(tiles: pd.DataFrame) -> list[dict]:
-    """Fastest QUICK-path row per (K, N, M) of a tile sweep (cuBLAS-only and baseline rows ignored)."""
-    rows = tiles[tiles.kernel.isin(["quick", FALLBACK])]
-    best = rows.loc[rows.groupby(["K", "N", "M"]).time_us.idxmin()]
-    return [dict(K=int(r.K), N=int(r.N), M=int(r.M), kernel=r.kernel, config=r.config, split_k=int(r.split_k),
-                 time_us=round(float(r.time_us), 2), ratio_to_fp16=round(float(r.ratio_to_fp16), 4))
+    """Fastest QUICK-path row per (K, N, group size, M) of a tile sweep (cuBLAS-only and baseline rows
+    ignored)."""
+    rows = tiles[tiles.kernel.isin(["quick", FALLBACK])].reset_index(drop=True)  # concatenated sweeps repeat labels
+    best = rows.loc[rows.groupby(["K", "N", "group_size", "M"]).time_us.idxmin()]
+    return [dict(K=int(r.K), N=int(r.N), M=int(r.M), group_size=int(r.group_size), kernel=r.kernel,
+                 config=r.config, split_k=int(r.split_k), time_us=round(float(r.time_us), 2),
+                 ratio_to_fp16=round(float(r.ratio_to_fp16), 4))
             for r in best.itertuples()]
 
 
@@ -201,9 +203,13 @@ def load_table(gpu_slug: str) -> tuple:
 
 
 def lookup(table, M: int, K: int, N: int, group_size: int) -> Choice | None:
-    """The table's choice for this problem, or None when the table is empty or its row does not fit."""
+    """The table's choice for this problem: the rows of the nearest measured shape, among the rows of
+    this group size when the table has any (else all rows), the first whose M covers the batch; None
+    when the table is empty or that row does not fit."""
     if not table:
         return None
+    same_group = [r for r in table if r.get("group_size") == group_size]
+    table = same_group or table
     shapes = {(r["K"], r["N"]) for r in table}
     K0, N0 = min(shapes, key=lambda s: (math.log(s[0] / K)) ** 2 + (math.log(s[1] / N)) ** 2)
     rows = sorted((r for r in table if (r["K"], r["N"]) == (K0, N0)), key=lambda r: r["M"])

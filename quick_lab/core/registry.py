@@ -23,6 +23,7 @@ from quick_lab.core.configs import STREAM_K, TileConfig
 # Register budget: a warp tile of warp_m x warp_n fp32 accumulators costs warp_m*warp_n/32 registers
 # per lane; above 64x64 (128 registers) the 255-register limit forces spills.
 MAX_WARP_TILE_AREA = 64 * 64
+MAX_DECODE_STEPS = 8  # k16 steps per warp per chunk of quick_decode.cu: ~13 registers each, all in flight
 SMEM_PER_BLOCK_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on sm_80 / sm_90
 SMEM_PER_SM = 228 * 1024           # sm_90: 228 KB per SM, 1 KB of it reserved per resident block
 SMEM_RESERVED_PER_BLOCK = 1024
@@ -105,10 +106,20 @@ def _quick_wgmma_layout(cfg: TileConfig) -> StageLayout:
     return StageLayout(a, w, s, z, stride=stride, stages=cfg.stages, total=cfg.stages * stride + 1024)
 
 
+def decode_steps(cfg: TileConfig) -> int:
+    """k16 steps one warp of quick_decode.cu takes from each k-tile (its chunk)."""
+    return cfg.tile_k // 16 // cfg.warps_n
+
+
+def decode_reduction_bytes(cfg: TileConfig) -> int:
+    """quick_decode.cu's static cross-warp reduction buffer: WARPS x TILE_M batch rows x (64 + 4) fp32."""
+    return cfg.warps_n * cfg.tile_m * (64 + 4) * 4
+
+
 def _quick_decode_layout(cfg: TileConfig) -> StageLayout:
-    # Static shared memory only (quick_decode.cu): one 16 x (TILE_K + 8) activation tile, reused for the
-    # cross-warp reduction; nothing dynamic.
-    return StageLayout(padded_activation_bytes(cfg), stride=padded_activation_bytes(cfg), stages=1, total=0)
+    # Nothing staged (quick_decode.cu): weights and activations go straight from global memory into mma
+    # fragments; the only shared memory is the static reduction buffer. Nothing dynamic.
+    return StageLayout(0, stride=0, stages=1, total=0)
 
 
 # ---------------------------------------------------------------- validity rules
@@ -176,18 +187,17 @@ def _quick_wgmma_rules(cfg: TileConfig) -> list[str]:
 
 
 def _quick_decode_rules(cfg: TileConfig) -> list[str]:
-    """kernels/quick_decode.cu: a 16 x 64 output strip, warps splitting each k-tile along K."""
+    """kernels/quick_decode.cu: a TILE_M x 64 output strip, warps splitting each k-tile along K."""
     out = []
-    if (cfg.tile_m, cfg.tile_n, cfg.warps_m) != (16, 64, 1):
-        out.append("decode tiles are 16 x 64 (one n64 strip, rows padded to an m16 fragment), warps_m = 1")
+    if cfg.tile_m not in (8, 16) or (cfg.tile_n, cfg.warps_m) != (64, 1):
+        out.append("decode tiles are 8 or 16 x 64 (one n64 strip, one or two n8 tiles of batch rows), warps_m = 1")
     if cfg.warps_n not in (2, 4, 8):
         out.append("decode blocks have 2, 4 or 8 warps (they split the k-tile)")
-    elif cfg.tile_k % (16 * cfg.warps_n) or cfg.tile_k // (16 * cfg.warps_n) > 16:
-        out.append("tile_k must give each warp whole k16 steps, at most 16 (64 registers of fragments)")
+    elif cfg.tile_k % (16 * cfg.warps_n) or decode_steps(cfg) > MAX_DECODE_STEPS:
+        out.append(f"tile_k must give each warp whole k16 steps, at most {MAX_DECODE_STEPS} (a chunk's weight, "
+                   "group and activation fragments are all held in registers)")
     if cfg.stages != 1 or cfg.async_weights:
         out.append("the decode kernel streams weights into registers: stages = 1, no _cp")
-    if padded_activation_bytes(cfg) > 48 * 1024:
-        out.append("the activation tile is static shared memory: at most 48 KB")
     return out
 
 
@@ -209,10 +219,10 @@ def _tile_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list
 
 
 def _decode_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
-    """The decode kernel: one m16 fragment of rows, whole k-tiles (a k-tile may span several groups)."""
+    """The decode kernel: at most tile_m rows, whole k-tiles (a k-tile may span several groups)."""
     out = []
-    if M > 16:
-        out.append(f"config {cfg.name} is a decode kernel: M must be at most 16, got {M}")
+    if M > cfg.tile_m:
+        out.append(f"config {cfg.name} is a decode kernel: M must be at most tile_m = {cfg.tile_m}, got {M}")
     if N % 64:
         out.append(f"N = {N} must be a multiple of 64 for config {cfg.name}")
     if K % cfg.tile_k:
@@ -326,10 +336,10 @@ QUICK_WGMMA = KernelFamily(
     doc="QUICK on Hopper wgmma: dequantized registers are the A operand; stream-K schedule")
 
 QUICK_DECODE = KernelFamily(
-    "quick_decode", "quick", "quick_decode.cu", ("tile_k", "warps_n"),
+    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
     problem_rules=_decode_problem_rules,
-    doc="QUICK for decode (M <= 16): a split-K GEMV on mma.sync streaming the interleaved weights")
+    doc="QUICK for decode (M <= 16): a split-K GEMV on mma.sync, the weights as the A operand")
 
 FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)
 KINDS = configs.KINDS
