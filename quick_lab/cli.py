@@ -40,6 +40,16 @@ def positive_int(text: str) -> int:
 SHAPES_HELP = "K x N list, e.g. 8192x8192,4096x4096; `models`: the preset models' decode shapes; `bench`: the six"
 
 
+def group_size_list(text: str) -> tuple[int, ...]:
+    """``"128,32"`` -> (128, 32): group sizes for the sweeps, each a positive multiple of 16 (one k16
+    step of the QUICK layout)."""
+    sizes = int_list(text)
+    bad = [g for g in sizes if g <= 0 or g % 16]
+    if bad:
+        raise argparse.ArgumentTypeError(f"group sizes must be positive multiples of 16, got {bad[0]}")
+    return sizes
+
+
 def shape_list(text: str) -> tuple[tuple[int, int], ...]:
     """``"8192x8192,4096x4096"`` -> ((8192, 8192), (4096, 4096)), each K x N. The word ``models`` stands
     for the decode shapes of the model presets (fused qkv, o, fused gate_up, down of each; the shapes
@@ -235,7 +245,8 @@ def _sweep_command(args, plan_fn, stem: str) -> int:
     from quick_lab.lab.metadata import write_metadata
 
     out_dir = _results_dir(args)
-    df = bench.sweep(args.shapes, args.batches, plan_fn=plan_fn, reps=args.reps, progress=_progress)
+    df = bench.sweep(args.shapes, args.batches, plan_fn=plan_fn, reps=args.reps, progress=_progress,
+                     group_sizes=args.group_sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / f"{stem}.csv", index=False)
     write_metadata(out_dir / f"{stem}.meta.json", command=" ".join(sys.argv[1:]),
@@ -544,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batches", type=int_list, default=batches, help="M list, e.g. 1,16,256")
         p.add_argument("--reps", type=int, default=50, help="timed launches per case (median reported)")
         p.add_argument("--out", help="results directory (default results/<gpu>/)")
+        p.add_argument("--group-sizes", type=group_size_list, default=(bench.GROUP_SIZE,),
+                       help="quantization group sizes, e.g. 128,32 (each a multiple of 16)")
         if name == "tiles":
             p.add_argument("--splits", type=int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")

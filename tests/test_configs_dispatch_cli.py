@@ -44,7 +44,7 @@ def test_shared_memory_accounts_for_the_weight_path():
     assert registry.shared_bytes("awq", configs.AWQ_DEFAULT) == 16 * 40 * 2 + 32 * 136 * 2
 
 
-def _tiles():
+def _tiles(G: int = 128):
     rows = []
     for M, (kernel, config, split, t) in {1: ("quick", "16x256x64_w1x4_s3", 16, 10.0),
                                           256: ("quick", "64x256x64_w1x4_s4_cp", 2, 50.0),
@@ -56,7 +56,7 @@ def _tiles():
                          time_us=t * 2, ratio_to_fp16=2))
         rows.append(dict(kernel="awq", config="16x128x32_w1x2_s1", split_k=8, K=8192, N=8192, M=M,
                          time_us=t * 0.1, ratio_to_fp16=0.1))  # the baseline never enters the table
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).assign(group_size=G)
 
 
 def test_dispatch_table_keeps_the_fastest_quick_path_per_problem():
@@ -74,6 +74,23 @@ def test_dispatch_rounds_m_up_to_a_measured_batch_and_checks_fit():
     assert dispatch.lookup(table, 10**5, 8192, 8192, 128) == ("fallback", None, 1)
     assert dispatch.lookup(table, 1, 8192, 8192 + 64, 128) is None   # tile_n 256 does not divide N
     assert dispatch.lookup((), 1, 8192, 8192, 128) is None
+
+
+def test_dispatch_answers_from_the_rows_of_the_problems_group_size():
+    g32 = _tiles(32)
+    g32.loc[(g32.M == 1) & (g32.config == "16x256x64_w1x4_s3"), "config"] = "16x128x32_w1x2_s3"
+    table = dispatch.build_table(pd.concat([_tiles(128), g32]))
+    assert len(table) == 6 and {r["group_size"] for r in table} == {32, 128}
+    assert dispatch.lookup(table, 1, 8192, 8192, 128)[1].name == "16x256x64_w1x4_s3"
+    assert dispatch.lookup(table, 1, 8192, 8192, 32)[1].name == "16x128x32_w1x2_s3"
+    # a group size the table lacks: the nearest shape of any group size (here: tile_k 64 fits G = 64)
+    assert dispatch.lookup(table, 1, 8192, 8192, 64)[1].name in ("16x256x64_w1x4_s3", "16x128x32_w1x2_s3")
+
+
+def test_group_sizes_argument_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["tiles", "--group-sizes", "128,40"])
+    assert "multiples of 16, got 40" in capsys.readouterr().err
 
 
 def test_info_without_gpu_exits_zero(capsys, monkeypatch):

@@ -301,7 +301,7 @@ def test_default_split_of_a_wgmma_config_fills_the_resident_blocks(cfg):
 
 
 def _row(M, config, split_k, kernel="quick"):
-    return dict(K=4096, N=4096, M=M, kernel=kernel, config=config, split_k=split_k, time_us=1.0, ratio_to_fp16=0.5)
+    return dict(K=4096, N=4096, M=M, kernel=kernel, config=config, split_k=split_k, time_us=1.0, ratio_to_fp16=0.5, group_size=128)
 
 
 def test_dispatch_keeps_stream_k_for_wgmma_rows():
