@@ -1,4 +1,4 @@
-// QUICK for decode (M <= 16): a split-K GEMV on the tensor core that streams the interleaved weights.
+// QUICK for decode (M <= 32): a split-K GEMV on the tensor core that streams the interleaved weights.
 //
 // At decode batch sizes the GEMM is a weight stream: every packed byte is read once and the arithmetic
 // is tiny, so what matters is bytes in flight per SM (Little's law: ~3 TB/s x ~1 us of loaded DRAM
@@ -9,7 +9,7 @@
 //
 // The product is computed transposed, out^T = W^T x^T, so the weights are the mma A operand (16 rows
 // of N) and the activations the B operand (n8 = 8 batch rows): TILE_M = 8 serves M <= 8 with no mma
-// row of padding, TILE_M = 16 uses two n8 tiles. The QUICK layout gives this for free: a lane's
+// row of padding, TILE_M = 16 and 32 use two and four n8 tiles of batch rows. The QUICK layout gives this for free: a lane's
 // dequantized word w holds b0, b1 of n8 tiles 2w and 2w + 1 (quick_layout.cuh), and in mma.m16n8k16's
 // A fragment (PTX ISA 9.7.14.5.8) rows g and g + 8 of an m16 x k16 tile are exactly those two tiles'
 // column g: a = {b0(2w), b0(2w+1), b1(2w), b1(2w+1)}. B is b0 = x[row g][k 2t, 2t+1] and b1 =
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(32 * WARPS)
   constexpr int kThreads = 32 * WARPS, kBatchTiles = TILE_M / 8;
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
-  static_assert(TILE_M == 8 || TILE_M == 16, "one or two n8 tiles of batch rows");
+  static_assert(TILE_M == 8 || TILE_M == 16 || TILE_M == 32, "one, two or four n8 tiles of batch rows");
   // Reduction rows (one per batch row) padded to 68 floats: the stores of one (tile, word) put lane
   // (g, t) at row 2t, column g, i.e. bank (8t + g) mod 32, all 32 banks distinct.
   constexpr int kRedStride = 64 + 4;

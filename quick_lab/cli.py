@@ -560,9 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "tiles":
             p.add_argument("--splits", type=int_list, default=(1, 2, 4, 8), help="split-K values")
             p.add_argument("--kinds", default="awq,quick", help="kernels to sweep: awq,quick")
-            p.add_argument("--families", type=choice_list([f.name for f in registry.FAMILIES], "family"),
-                           help="only these kernel families (e.g. quick_decode); writes tiles_<families>.csv, "
-                                "and dispatch.json from every tiles*.csv in the directory")
+            p.add_argument("--families", type=choice_list([f.name for f in registry.FAMILIES] + [bench.FALLBACK_FAMILY],
+                                                          "family"),
+                           help="only these kernel families (e.g. quick_decode; `fallback`: dequantize + cuBLAS); "
+                                "writes tiles_<families>.csv, and dispatch.json from every tiles*.csv in the directory")
         p.set_defaults(func=func)
 
     p = sub.add_parser("conflicts", help="shared-memory bank conflicts under Nsight Compute vs the model")

@@ -23,8 +23,9 @@ def test_names_round_trip_and_select_the_decode_family():
 
 
 @pytest.mark.parametrize("cfg,rule", [
-    (TileConfig(32, 64, 512, 1, 4, 1, decode=True), "8 or 16 x 64"),
-    (TileConfig(16, 128, 512, 1, 4, 1, decode=True), "8 or 16 x 64"),
+    (TileConfig(64, 64, 512, 1, 4, 1, decode=True), "8, 16 or 32 x 64"),
+    (TileConfig(16, 128, 512, 1, 4, 1, decode=True), "8, 16 or 32 x 64"),
+    (TileConfig(32, 64, 256, 1, 8, 1, decode=True), "at most 48 KB"),
     (TileConfig(16, 64, 512, 1, 3, 1, decode=True), "2, 4 or 8 warps"),
     (TileConfig(16, 64, 96, 1, 4, 1, decode=True), "whole k16 steps"),
     (TileConfig(8, 64, 1024, 1, 4, 1, decode=True), "at most 8"),
@@ -95,8 +96,8 @@ def _cases():
         for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (cfg.tile_m, k_tiles, 64), (3, 2, 128)]):
             N = 64 * (3 + 2 * ((v + i) % 3))  # odd numbers of n64 strips
             out.append((cfg, M, K, N, G, split))
-        if cfg.tile_m == 16:
-            out.append((cfg, 9, K, 64 * 3, 32, 2))  # one row in the second n8 tile of batch rows
+        if cfg.tile_m > 8:
+            out.append((cfg, cfg.tile_m - 7, K, 64 * 3, 32, 2))  # one row into the last n8 tile of batch rows
     return out
 
 

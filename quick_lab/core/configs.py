@@ -24,8 +24,8 @@ class TileConfig:
     dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup. ``folded_zeros``
     (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
     once per group (needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
-    kernel (kernels/quick_decode.cu, M <= 16): a 16 x 64 output strip per block whose warps_n warps
-    split each k-tile of tile_k along K."""
+    kernel (kernels/quick_decode.cu, M <= tile_m <= 32): a tile_m x 64 output strip per block whose
+    warps_n warps split each k-tile of tile_k along K."""
 
     tile_m: int
     tile_n: int
@@ -162,11 +162,12 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
     (32, 128, 128, 1, 4, 5, True),
 ))
 
-# Decode kernel (M <= tile_m, 8 or 16): block k-tile x warps splitting it along K; each warp streams
-# tile_k / 16 / warps k16 fragments (16 bytes per lane each) per k-tile before it waits.
+# Decode kernel (M <= tile_m, 8, 16 or 32): block k-tile x warps splitting it along K; each warp streams
+# tile_k / 16 / warps k16 fragments (16 bytes per lane each) per k-tile before it waits. The 32-row tile
+# holds four batch tiles of accumulators and activations, so only its shallower chunks fit the registers.
 QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for tm in (8, 16) for tk, w in (
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
-))
+)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that
 # the comparison isolates the write-back; the dispatcher picks larger tiles for speed.

@@ -56,7 +56,7 @@ FALLBACK = "fallback"
 # The heuristic's thresholds, from the H100 tile sweep (results/h100-80gb-hbm3/tiles*.csv; the
 # evaluation is quick_lab.lab.tune.heuristic_regret):
 LARGE_BATCH = 256   # above: dequantize + cuBLAS (within 7% of the best at M = 512, the best from 1024)
-DECODE_MAX_M = 16   # up to: the decode kernel (its tile is one m16 fragment of rows)
+DECODE_MAX_M = 16   # up to: the heuristic picks the decode kernel (its 32-row tiles are left to the tables)
 NARROW_N = 4096     # up to: the next smaller wgmma tile (too few column tiles to fill 132 SMs otherwise)
 # Split-K: each block keeps at least this many k-tiles (shorter ranges left the 4-5 stage pipelines
 # idle: 128x128x128 on 4096 x 4096 at M = 128 was 1.19x the best with 8 per block, 1.09x with 16).

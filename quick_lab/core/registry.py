@@ -189,8 +189,9 @@ def _quick_wgmma_rules(cfg: TileConfig) -> list[str]:
 def _quick_decode_rules(cfg: TileConfig) -> list[str]:
     """kernels/quick_decode.cu: a TILE_M x 64 output strip, warps splitting each k-tile along K."""
     out = []
-    if cfg.tile_m not in (8, 16) or (cfg.tile_n, cfg.warps_m) != (64, 1):
-        out.append("decode tiles are 8 or 16 x 64 (one n64 strip, one or two n8 tiles of batch rows), warps_m = 1")
+    if cfg.tile_m not in (8, 16, 32) or (cfg.tile_n, cfg.warps_m) != (64, 1):
+        out.append("decode tiles are 8, 16 or 32 x 64 (one n64 strip, 1, 2 or 4 n8 tiles of batch rows), "
+                   "warps_m = 1")
     if cfg.warps_n not in (2, 4, 8):
         out.append("decode blocks have 2, 4 or 8 warps (they split the k-tile)")
     elif cfg.tile_k % (16 * cfg.warps_n) or decode_steps(cfg) > MAX_DECODE_STEPS:
@@ -198,6 +199,8 @@ def _quick_decode_rules(cfg: TileConfig) -> list[str]:
                    "group and activation fragments are all held in registers)")
     if cfg.stages != 1 or cfg.async_weights:
         out.append("the decode kernel streams weights into registers: stages = 1, no _cp")
+    if decode_reduction_bytes(cfg) > 48 * 1024:
+        out.append("the reduction buffer is static shared memory: warps_n x tile_m x 68 floats, at most 48 KB")
     return out
 
 
@@ -339,7 +342,7 @@ QUICK_DECODE = KernelFamily(
     "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
     problem_rules=_decode_problem_rules,
-    doc="QUICK for decode (M <= 16): a split-K GEMV on mma.sync, the weights as the A operand")
+    doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)
 KINDS = configs.KINDS
@@ -403,7 +406,7 @@ def stage_layout(kind: str, cfg: TileConfig) -> StageLayout:
 def fits(cfg: TileConfig, N: int, group_size: int, K: int | None = None, M: int = 1) -> bool:
     """Whether a variant can run a problem with N columns and this group size (and K, M when given): its
     family's problem rules (tiled kernels: tile_n divides N, tile_k the group size, folded zero points one
-    k-tile per group; the decode kernel: M <= 16, tile_k divides K)."""
+    k-tile per group; the decode kernel: M <= tile_m, tile_k divides K)."""
     fam = next(f for f in FAMILIES if f.accepts(cfg))
     return not fam.problem_violations(cfg, M, K, N, group_size)
 

@@ -100,10 +100,13 @@ def default_plans(p: Problem, M: int) -> list:
     ]
 
 
+FALLBACK_FAMILY = "fallback"  # the name that selects dequantize + cuBLAS in a partial tile sweep
+
+
 def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS, families=None) -> list:
-    """Every registered variant of the chosen kernels (``families``: only these family names) that fits
-    the problem (on an sm_90 GPU the wgmma ones too, also with stream-K), at each split-K, and the
-    dequantize + cuBLAS fallback."""
+    """Every registered variant of the chosen kernels (``families``: only these family names, and
+    :data:`FALLBACK_FAMILY` for dequantize + cuBLAS) that fits the problem (on an sm_90 GPU the wgmma
+    ones too, also with stream-K), at each split-K, and the dequantize + cuBLAS fallback."""
     import cupy
 
     hopper = cupy.cuda.Device().compute_capability == "90"
@@ -121,7 +124,7 @@ def tile_plans(p: Problem, M: int, splits=(1, 2, 4, 8), kinds=registry.KINDS, fa
                     if split <= p.K // cfg.tile_k:
                         plans.append((kind, lambda x, make=make, weight=weight, cfg=cfg, split=split:
                                       make(x, weight, config=cfg, split_k=split)))
-    if families is None:  # a partial sweep adds its families' rows; the full one has the fallback
+    if families is None or FALLBACK_FAMILY in families:  # a partial sweep adds only its families' rows
         plans.append(("fallback", lambda x: ops.plan_fallback(x, p.quick)))
     return plans
 

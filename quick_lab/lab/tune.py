@@ -12,7 +12,7 @@ Per cell (K, N, group size, batch bucket M; :func:`quick_lab.core.dispatch.batch
 2. Order (:func:`ordered_candidates`): the shortlist first (:func:`shortlist`: the heuristic's pick,
    its split-K neighbours, the heuristic's wgmma variants of every batch range and every wgmma variant
    of the tile_m covering M and the next, each at its heuristic split and its neighbours; the decode
-   variants at every split at M <= 16; dequantize + cuBLAS from M = 128; the mma.sync default), then
+   variants at every split up to their largest tile_m (32); dequantize + cuBLAS from M = 128; the mma.sync default), then
    the rest, tile_m nearest M first.
 3. Timing (:func:`run`, ``lab.timing``: device events, L2 flushed before every launch, the median): the
    heuristic's pick of every cell first, whatever the budget (a table always has a timed row per cell);
@@ -133,8 +133,8 @@ def shortlist(M: int, K: int, N: int, group_size: int, *, num_sms: int,
         for cfg in configs.QUICK_WGMMA_VARIANTS:
             if cfg.tile_m in (tile_m, 2 * tile_m):
                 add(cfg)
-    if M <= dispatch.DECODE_MAX_M:  # the decode variants at every split (they are quick to time)
-        for cfg in configs.QUICK_DECODE_VARIANTS:
+    if M <= max(c.tile_m for c in configs.QUICK_DECODE_VARIANTS):  # every split: they are quick to time
+        for cfg in configs.QUICK_DECODE_VARIANTS:  # add() skips those whose tile_m is below M
             for split in SPLITS:
                 add(cfg, split, neighbours=False)
     if M >= FALLBACK_FROM_M:
