@@ -455,7 +455,7 @@ def cmd_check(args) -> int:
                                command=" ".join(sys.argv[1:]) or "check --decoder", module=fused_check.MODULE,
                                stem="sanitizer_decoder", kernels=fused_check.KERNELS)
     return sanitizer.check(results_dir(args.out), tools=args.tools, timeout=args.timeout, smoke=args.smoke,
-                           wgmma=args.wgmma, command=" ".join(sys.argv[1:]) or "check")
+                           wgmma=args.wgmma, decode=args.decode, command=" ".join(sys.argv[1:]) or "check")
 
 
 # ---------------------------------------------------------------- reproduce
@@ -616,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a reduced variant set (defaults, smallest, largest)")
     p.add_argument("--wgmma", action="store_true",
                    help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
+    p.add_argument("--decode", action="store_true",
+                   help="only the decode GEMM kernel's variants (M <= 32), every split and group size; "
+                        "writes sanitizer_decode.*")
     p.add_argument("--decoder", action="store_true",
                    help="the decoder's fused kernels (norm, RoPE + KV write, attention, SiLU); "
                         "writes sanitizer_decoder.*")

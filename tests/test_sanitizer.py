@@ -210,6 +210,16 @@ def test_wgmma_cases_cover_every_hopper_variant_with_stream_k():
     assert sanitizer.splits_for(registry.QUICK_WGMMA, (1, 3)) == (STREAM_K, 1, 3)
 
 
+def test_decode_cases_cover_every_decode_variant_split_and_group_size_within_its_rows():
+    cases = sanitizer.decode_cases()
+    assert {c.config for c in cases} == {c.name for c in configs.QUICK_DECODE_VARIANTS}
+    for cfg in configs.QUICK_DECODE_VARIANTS:
+        mine = [c for c in cases if c.config == cfg.name]
+        assert {c.split_k for c in mine} == set(sanitizer.SPLITS) and {c.G for c in mine} == {32, 64, 128}
+        assert all(1 <= c.M <= cfg.tile_m and c.K % cfg.tile_k == 0 for c in mine)
+    assert len({c.M for c in cases}) > 2  # odd batches rotate
+
+
 def test_read_cases_rejects_what_is_not_a_case_list(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"cases": []}))

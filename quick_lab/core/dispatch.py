@@ -61,9 +61,27 @@ NARROW_N = 4096     # up to: the next smaller wgmma tile (too few column tiles t
 # Split-K: each block keeps at least this many k-tiles (shorter ranges left the 4-5 stage pipelines
 # idle: 128x128x128 on 4096 x 4096 at M = 128 was 1.19x the best with 8 per block, 1.09x with 16).
 MIN_K_TILES_PER_BLOCK = 16
-# The decode kernel is latency-bound: it wants ~16 resident warps per SM streaming weights (split
-# 8 x 4 warps or 4 x 8 warps on 4096 x 4096 were the fastest).
-DECODE_WARPS_PER_SM = 16
+# The decode kernel's split: the smallest power of two that gives at least DECODE_BLOCKS_PER_SM[tile_m]
+# blocks per SM, each keeping DECODE_MIN_K_TILES k-tiles (fitted to the H100 decode sweep over the 15
+# bench and model shapes, group sizes 128 and 32; the 16- and 32-row tiles hold more registers, so
+# fewer of their blocks fit an SM).
+DECODE_BLOCKS_PER_SM = {8: 3, 16: 1, 32: 1}
+DECODE_MIN_K_TILES = {8: 4, 16: 1, 32: 1}
+# Group sizes below 64 fit no wgmma variant; there, from M = 33, dequantize + cuBLAS beat every fused
+# kernel on N up to this (the H100 sweep at G = 32: 4096-6144 columns), the mma.sync tiles of
+# SMALL_GROUP_TILES beyond it.
+FALLBACK_NARROW_N = 6144
+# (largest M, largest N, config, split-K) for group sizes no wgmma tile fits, from M = 33: the H100
+# sweep's winners at G = 32 (N 8192-57344; 32 x 256 tiles at split 2 up to 10240 columns).
+SMALL_GROUP_TILES = (
+    (64, 16384, "32x256x32_w1x4_s3", 2), (64, None, "64x256x32_w1x4_s3", 2),
+    (128, 10240, "32x256x32_w1x4_s3", 2), (128, 16384, "128x256x32_w2x4_s4_cp", 2),
+    (None, None, "128x256x32_w2x4_s4_cp", 1),
+)
+# M = 33-64 on N from NARROW_N up to WIDE_N_64 and K below DEEP_K_64: the next range's 128 x 128 tile
+# (the H100 sweep: every such cell of the bench and model shapes), else the 64 x 256 one.
+WIDE_N_64 = 10240
+DEEP_K_64 = 16384
 # wgmma variants use most of the 255-register budget (ptxas: 130-255, results/NOTES.md), so registers,
 # not shared memory, often cap their residency; the heuristic assumes the whole budget.
 WGMMA_REGISTERS_ASSUMED = 255
@@ -80,7 +98,8 @@ HOPPER_TILES: tuple[tuple[int | None, tuple[str, ...], tuple[str, ...]], ...] = 
      ("128x128x128_w1x8_s4_cp_wg", "128x128x64_w1x8_s5_cp_wg")),
 )
 # The decode variants in order of preference (the first whose tile_m covers M and tile_k divides K).
-DECODE_TILES = ("8x64x512_w1x8_s1_dc", "8x64x256_w1x4_s1_dc", "16x64x512_w1x8_s1_dc", "16x64x256_w1x4_s1_dc")
+DECODE_TILES = ("8x64x256_w1x4_s1_dc", "16x64x512_w1x8_s1_dc", "16x64x256_w1x4_s1_dc", "32x64x256_w1x4_s1_dc",
+                "32x64x128_w1x4_s1_dc")
 
 AUTOTUNE_ENV = "QUICK_LAB_AUTOTUNE"
 AUTOTUNE_BUDGET_S = 2.0  # seconds a first call may spend tuning its (shape, batch bucket)
@@ -107,15 +126,22 @@ def default_config(kind: str, M: int, N: int, group_size: int, *, K: int | None 
     16..128 covering M (ties: tile_n 128, then the deeper tile_k and pipeline)."""
     if kind == "awq":
         return configs.AWQ_DEFAULT if N % configs.AWQ_DEFAULT.tile_n == 0 else configs.AWQ_DEFAULT_N64
-    if K is not None and M <= DECODE_MAX_M:
-        for name in DECODE_TILES:
-            if registry.fits(cfg := TileConfig.parse(name), N, group_size, K=K, M=M):
-                return cfg
+    def decode_tile():
+        return next((cfg for name in DECODE_TILES
+                     if registry.fits(cfg := TileConfig.parse(name), N, group_size, K=K, M=M)), None)
+
+    if K is not None and M <= DECODE_MAX_M and (cfg := decode_tile()) is not None:
+        return cfg
     if compute_capability == "90":
-        _, wide, narrow = next(r for r in HOPPER_TILES if r[0] is None or M <= r[0])
+        max_m, wide, narrow = next(r for r in HOPPER_TILES if r[0] is None or M <= r[0])
+        if max_m == 64 and NARROW_N < N < WIDE_N_64 and (K is None or K < DEEP_K_64):
+            wide = HOPPER_TILES[-1][1]
         for name in narrow if N <= NARROW_N else wide:
             if registry.fits(cfg := TileConfig.parse(name), N, group_size, K=K, M=M):
                 return cfg
+        # no wgmma tile fits this group size: the decode kernel's 32-row tiles still stream it at M <= 32
+        if K is not None and (cfg := decode_tile()) is not None:
+            return cfg
     tile_m = next((t for t in (16, 32, 64, 128) if M <= t), 128)
     fitting = [c for c in configs.QUICK_VARIANTS if N % c.tile_n == 0 and group_size % c.tile_k == 0]
     if not fitting:
@@ -127,8 +153,9 @@ def default_split_k(kind: str, cfg: TileConfig, M: int, K: int, N: int, num_sms:
     """AutoAWQ's split-K 8 for the baseline in its own configuration. The wgmma family: stream-K once
     its output tiles alone fill the resident blocks (registers assumed at the budget), else the
     largest power-of-two split that still fits them, each block keeping at least
-    :data:`MIN_K_TILES_PER_BLOCK` k-tiles. The decode kernel: the largest power-of-two split (at most
-    its k-tiles) that keeps the grid within :data:`DECODE_WARPS_PER_SM` warps per SM. Otherwise
+    :data:`MIN_K_TILES_PER_BLOCK` k-tiles. The decode kernel: the smallest power-of-two split giving
+    :data:`DECODE_BLOCKS_PER_SM` (by tile_m) blocks per SM, at most 16 and keeping :data:`DECODE_MIN_K_TILES`
+    k-tiles per block. Otherwise
     enough splits for ~2 blocks per SM."""
     fam = registry.family(kind, cfg)
     k_tiles = K // cfg.tile_k
@@ -147,7 +174,8 @@ def default_split_k(kind: str, cfg: TileConfig, M: int, K: int, N: int, num_sms:
     if cfg.decode:
         strips = N // cfg.tile_n
         split = 1
-        while split * 2 <= k_tiles and strips * split * 2 * cfg.warps_n <= DECODE_WARPS_PER_SM * sms:
+        while (strips * split < DECODE_BLOCKS_PER_SM[cfg.tile_m] * sms
+               and split * 2 <= min(16, k_tiles // DECODE_MIN_K_TILES[cfg.tile_m])):
             split *= 2
         return split
     blocks = (N // cfg.tile_n) * -(-M // cfg.tile_m)
@@ -172,6 +200,15 @@ def heuristic(kind: str, M: int, K: int, N: int, group_size: int, *, num_sms: in
     M = max(M, 1)
     if kind == "quick" and allow_fallback and M > LARGE_BATCH:
         return Choice(FALLBACK, None, 1)
+    if (kind == "quick" and compute_capability == "90" and M > 32
+            and not any(registry.fits(c, N, group_size, K=K, M=M) for c in configs.QUICK_WGMMA_VARIANTS)):
+        if allow_fallback and N <= FALLBACK_NARROW_N:
+            return Choice(FALLBACK, None, 1)
+        for max_m, max_n, name, split in SMALL_GROUP_TILES:
+            if (max_m is None or M <= max_m) and (max_n is None or N <= max_n):
+                if registry.fits(cfg := TileConfig.parse(name), N, group_size, K=K, M=M):
+                    return Choice(kind, cfg, max(1, min(split, K // cfg.tile_k)))
+                break
     cfg = default_config(kind, M, N, group_size, K=K, compute_capability=compute_capability)
     return Choice(kind, cfg, default_split_k(kind, cfg, M, K, N, num_sms))
 

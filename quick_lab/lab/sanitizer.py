@@ -174,6 +174,21 @@ def wgmma_cases() -> list[Case]:
     return all_cases(hopper_variants("awq"), hopper_variants("quick"), support=False)
 
 
+def decode_cases() -> list[Case]:
+    """``check --decode``: every decode-kernel variant (kernels/quick_decode.cu) x split x group size,
+    M rotating through odd batches up to its tile_m (one row, a part-filled batch tile, the last row of
+    its last batch tile), N one or two strips; no support ops."""
+    out = []
+    for v, cfg in enumerate(configs.QUICK_DECODE_VARIANTS):
+        batches = sorted({1, 7, cfg.tile_m - 3, cfg.tile_m})
+        for s, split in enumerate(SPLITS):
+            for g, G in enumerate(GROUP_SIZES):
+                i = v + s + g
+                out.append(Case("gemm", "quick", batches[i % len(batches)], _k_for(cfg, G, split),
+                                cfg.tile_n * (1 + i % 2), G, cfg.name, split))
+    return out
+
+
 def smoke_variants() -> tuple[tuple[configs.TileConfig, ...], tuple[configs.TileConfig, ...]]:
     """A reduced set: the defaults, the smallest and largest tile of each kind, and the first staged
     (``async_weights``) QUICK variant if there is one."""
@@ -447,7 +462,7 @@ def format_table(rows: list[str], tools, runs: dict) -> str:
 
 def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool = False, wgmma: bool = False,
           command: str = "check", module: str | None = None, stem: str | None = None,
-          kernels: tuple[str, ...] = ()) -> int:
+          kernels: tuple[str, ...] = (), decode: bool = False) -> int:
     """``quick-lab check`` once the CLI has found compute-sanitizer and a GPU: a plain run of the
     target (compiles, checks the numerics), then each tool; prints the variants x tools table and
     writes ``<stem>.csv``, ``<stem>.<tool>.log`` and ``<stem>.meta.json`` into ``out_dir`` (stem
@@ -455,6 +470,7 @@ def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool 
     plain run failed or a tool found something or gave no verdict.
 
     ``wgmma``: only the Hopper-only variants (sm_90 GPU), stream-K and split-K (:func:`wgmma_cases`);
+    ``decode``: only the decode kernel's variants (:func:`decode_cases`, stem ``sanitizer_decode``);
     ``smoke``: the reduced set of :func:`smoke_variants`. ``module``: instead of the GEMM cases, a
     target program with its own cases (``python -m module``, same protocol: QL-CASE / QL-MISMATCH /
     QL-DONE, exit 3 on a mismatch), reported under ``stem`` with one row per name in ``kernels``.
@@ -468,6 +484,8 @@ def check(out_dir, tools=TOOLS, timeout: float = DEFAULT_TIMEOUT_S, smoke: bool 
         cases = []
     elif wgmma:
         cases, stem = wgmma_cases(), "sanitizer_wgmma"
+    elif decode:
+        cases, stem = decode_cases(), "sanitizer_decode"
     else:
         awq, quick = smoke_variants() if smoke else (None, None)
         cases, stem = all_cases(awq, quick), "sanitizer"
