@@ -87,6 +87,15 @@ def test_dispatch_answers_from_the_rows_of_the_problems_group_size():
     assert dispatch.lookup(table, 1, 8192, 8192, 64)[1].name in ("16x256x64_w1x4_s3", "16x128x32_w1x2_s3")
 
 
+def test_a_shape_swept_only_at_small_batch_leaves_large_batches_to_a_shape_that_reaches_them():
+    small = _tiles()
+    small = small[small.M == 1].assign(K=4096, N=6144)  # a model shape swept at M = 1 only
+    table = dispatch.build_table(pd.concat([_tiles(), small]))
+    assert dispatch.lookup(table, 1, 4096, 6144, 128)[1].name == "16x256x64_w1x4_s3"   # its own row
+    assert dispatch.lookup(table, 256, 4096, 6144, 128)[1].name == "64x256x64_w1x4_s4_cp"  # 8192 x 8192's
+    assert dispatch.lookup(table, 10**5, 4096, 6144, 128) == ("fallback", None, 1)
+
+
 def test_group_sizes_argument_is_checked(capsys):
     with pytest.raises(SystemExit):
         main(["tiles", "--group-sizes", "128,40"])

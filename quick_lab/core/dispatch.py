@@ -240,14 +240,16 @@ def load_table(gpu_slug: str) -> tuple:
 
 
 def lookup(table, M: int, K: int, N: int, group_size: int) -> Choice | None:
-    """The table's choice for this problem: the rows of the nearest measured shape, among the rows of
-    this group size when the table has any (else all rows), the first whose M covers the batch; None
-    when the table is empty or that row does not fit."""
+    """The table's choice for this problem: among the rows of this group size when the table has any
+    (else all rows), the nearest measured shape whose rows reach this batch (else the nearest of those
+    reaching furthest), and of its rows the first whose M covers the batch (else its last); None when the table is empty or that row does
+    not fit. (A shape swept only at decode batches does not answer a large batch for its neighbours.)"""
     if not table:
         return None
     same_group = [r for r in table if r.get("group_size") == group_size]
     table = same_group or table
-    shapes = {(r["K"], r["N"]) for r in table}
+    reach = max(min(M, r["M"]) for r in table)  # M itself when some row covers the batch
+    shapes = {(r["K"], r["N"]) for r in table if r["M"] >= reach}
     K0, N0 = min(shapes, key=lambda s: (math.log(s[0] / K)) ** 2 + (math.log(s[1] / N)) ** 2)
     rows = sorted((r for r in table if (r["K"], r["N"]) == (K0, N0)), key=lambda r: r["M"])
     return _row_choice(next((r for r in rows if r["M"] >= M), rows[-1]), M, K, N, group_size)
