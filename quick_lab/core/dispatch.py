@@ -121,7 +121,8 @@ def default_config(kind: str, M: int, N: int, group_size: int, *, K: int | None 
                    compute_capability: str | None = None) -> TileConfig:
     """AutoAWQ's shape for the baseline (by N, as AutoAWQ picks). For QUICK, the first that fits:
     with K known and M <= 16 a decode variant (:data:`DECODE_TILES`); on compute capability 9.0 the
-    wgmma variant of the batch's range (:data:`HOPPER_TILES`); else a listed mma.sync variant whose
+    wgmma variant of the batch's range (:data:`HOPPER_TILES`; M = 33-64 on mid N: the next range's),
+    or, where none fits the group size, a decode variant up to its tile_m (32); else a listed mma.sync variant whose
     tile_n divides N and tile_k the group size, with tile_m as close as possible to the smallest of
     16..128 covering M (ties: tile_n 128, then the deeper tile_k and pipeline)."""
     if kind == "awq":

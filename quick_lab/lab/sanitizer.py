@@ -134,7 +134,7 @@ def gemm_cases(kind: str, variants=None, splits=SPLITS) -> list[Case]:
         groups = [G for G in GROUP_SIZES if registry.fits(cfg, cfg.tile_n, G)]
         for s, split in enumerate(splits_for(registry.family(kind, cfg), splits)):
             for g, G in enumerate(groups):
-                batches = [m for m in ODD_M if registry.fits(cfg, cfg.tile_n, G, M=m)]  # decode: M <= 16
+                batches = [m for m in ODD_M if registry.fits(cfg, cfg.tile_n, G, M=m)]  # decode: M <= tile_m
                 M = batches[(v + s + g) % len(batches)]
                 N = cfg.tile_n * (1 + (v + s + g) % 2)
                 out.append(Case("gemm", kind, M, _k_for(cfg, G, split), N, G, cfg.name, split))
