@@ -15,6 +15,7 @@ Every op also takes a CUDA torch tensor or any array that speaks DLPack or ``__c
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,12 +71,12 @@ class GemmPlan:
     _out: object
     caller: interop.Caller | None = None  # a torch / array-API x: its stream, its kind back (None: CuPy)
     given_out: object = None               # the caller's own ``out``, returned as given
+    _shared_bytes: int = 0                 # the dynamic shared memory of each launch, from the family
 
     def run(self):
         with interop.launch_context(self.caller):
             if self.M > 0:
-                self._kernel(self._grid, (self.config.threads,), self._args,
-                             shared_mem=self.family.shared_bytes(self.config))
+                self._kernel(self._grid, (self.config.threads,), self._args, shared_mem=self._shared_bytes)
             return interop.to_caller(self._out, self.caller, self.given_out)
 
     @property
@@ -112,7 +113,8 @@ def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: in
     counters = tile_counters(launch.counters) if launch.counters else None
     args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
             np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch.split_arg))
-    return GemmPlan(kind, cfg, split, M, K, N, fam, kernel, launch.grid, args, out)
+    return GemmPlan(kind, cfg, split, M, K, N, fam, kernel, launch.grid, args, out,
+                    _shared_bytes=fam.shared_bytes(cfg))
 
 
 def _as_cupy_args(x, weight, out):
@@ -248,6 +250,19 @@ def _fallback_plan(x, weight: QuickWeight, M: int, K: int, N: int, out) -> Fallb
     return FallbackPlan(M, K, N, x, weight, cupy.empty((N, K), dtype=cupy.float16), _output(out, M, N))
 
 
+@contextlib.contextmanager
+def _weight_op(weight, cls, kind: str, requirement: str):
+    """The prologue of an op on one weight: its type (a TypeError naming ``requirement``), then, on the
+    caller's device and stream, the weight's arrays as CuPy views and its shape checked. Yields
+    ``(caller, weight, (K, N, G))``; the op returns ``interop.to_caller(result, caller)``."""
+    if not isinstance(weight, cls):
+        raise TypeError(f"{requirement}, got {type(weight).__name__}")
+    caller = interop.caller_of(weight.qweight)
+    with interop.launch_context(caller):
+        weight = interop.weight_as_cupy(weight)
+        yield caller, weight, validation.check_weight(weight, kind)
+
+
 def _launch_dequantize_quick_t(weight: QuickWeight, out_t) -> None:
     K, N = weight.K, weight.N
     grid = (N // 64, -(-K // 128))  # one block per n64 block x 128 rows of k (kernels/dequant.cu)
@@ -260,12 +275,7 @@ def dequantize_quick_t(weight: QuickWeight):
     """QUICK-layout weight -> fp16 ``W^T [N, K]`` on the GPU (same arithmetic as the kernels)."""
     import cupy
 
-    if not isinstance(weight, QuickWeight):
-        raise TypeError(f"weight must be a QuickWeight, got {type(weight).__name__}")
-    caller = interop.caller_of(weight.qweight)
-    with interop.launch_context(caller):
-        weight = interop.weight_as_cupy(weight)
-        K, N, _ = validation.check_weight(weight, "quick")
+    with _weight_op(weight, QuickWeight, "quick", "weight must be a QuickWeight") as (caller, weight, (K, N, _)):
         out_t = cupy.empty((N, K), dtype=cupy.float16)
         _launch_dequantize_quick_t(weight, out_t)
         return interop.to_caller(out_t, caller)
@@ -275,12 +285,7 @@ def dequantize(weight: AWQWeight):
     """AutoAWQ-format weight -> fp16 ``W[K, N]`` on the GPU (same arithmetic as the GEMM kernels)."""
     import cupy
 
-    if not isinstance(weight, AWQWeight):
-        raise TypeError(f"weight must be an AWQWeight, got {type(weight).__name__}")
-    caller = interop.caller_of(weight.qweight)
-    with interop.launch_context(caller):
-        weight = interop.weight_as_cupy(weight)
-        K, N, G = validation.check_weight(weight, "awq")
+    with _weight_op(weight, AWQWeight, "awq", "weight must be an AWQWeight") as (caller, weight, (K, N, G)):
         out = cupy.empty((K, N), dtype=cupy.float16)
         words = K * N // 8
         threads = 256
@@ -303,12 +308,8 @@ def interleave_gpu(awq) -> QuickWeight:
     kind); the result is a new QuickWeight, ``awq`` is left as it is."""
     import cupy
 
-    if not isinstance(awq, AWQWeight):
-        raise TypeError(f"awq must be an AWQWeight (AutoAWQ GEMM format, CuPy arrays), got {type(awq).__name__}")
-    caller = interop.caller_of(awq.qweight)
-    with interop.launch_context(caller):
-        awq = interop.weight_as_cupy(awq)
-        K, N, G = validation.check_weight(awq, "awq")
+    with _weight_op(awq, AWQWeight, "awq", "awq must be an AWQWeight (AutoAWQ GEMM format, CuPy arrays)") as (
+            caller, awq, (K, N, G)):
         tiles = -(-(N // 64) // INTERLEAVE_BLOCKS_PER_TILE)
         if tiles > validation.MAX_GRID_Y:
             raise ValueError(f"N = {N} needs {tiles} tiles of {64 * INTERLEAVE_BLOCKS_PER_TILE} columns; "

@@ -22,11 +22,12 @@ import numpy as np
 import quick_lab
 from quick_lab.core import ops, registry
 from quick_lab.core.configs import TileConfig
+from quick_lab.lab import target_program
 from quick_lab.lab.bench import Problem
 from quick_lab.lab.timing import nvtx_range, range_name
 
 MODULE = "quick_lab.lab.conflicts_target"
-USAGE_EXIT = 2
+USAGE_EXIT = target_program.USAGE_EXIT
 
 
 # ---------------------------------------------------------------- how the parent runs it
@@ -73,15 +74,10 @@ def read_cases(path) -> tuple[list[tuple], int, int]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 1:
-        print(f"usage: python -m {MODULE} CASES.json", file=sys.stderr)
-        return USAGE_EXIT
-    try:
-        cases, split_k, group_size = read_cases(argv[0])
-    except (OSError, ValueError) as exc:
-        print(f"{MODULE}: cannot read the case list: {exc}", file=sys.stderr)
-        return USAGE_EXIT
+    parsed, failed = target_program.read_case_argument(argv, MODULE, read_cases)
+    if failed is not None:
+        return failed
+    cases, split_k, group_size = parsed
 
     import cupy
 

@@ -32,12 +32,13 @@ import numpy as np
 import quick_lab
 from quick_lab.core import ops
 from quick_lab.core.format import dequantize_fp16, random_awq, reference_gemm
+from quick_lab.lab import target_program
 from quick_lab.core.interleave import interleave
 
 MODULE = "quick_lab.lab.sanitizer_target"
 REL_TOL = 2e-3
 TARGET_MISMATCH_EXIT = 3
-USAGE_EXIT = 2
+USAGE_EXIT = target_program.USAGE_EXIT
 CASE_KEYS = ("op", "kind", "M", "K", "N", "G", "config", "split_k", "label")
 OPS = ("gemm", "default", "fallback", "dequantize", "dequantize_quick_t", "interleave", "empty")
 
@@ -149,15 +150,9 @@ def run(case):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 1:
-        print(f"usage: python -m {MODULE} CASES.json", file=sys.stderr)
-        return USAGE_EXIT
-    try:
-        cases = read_cases(argv[0])
-    except (OSError, ValueError) as exc:
-        print(f"{MODULE}: cannot read the case list: {exc}", file=sys.stderr)
-        return USAGE_EXIT
+    cases, failed = target_program.read_case_argument(argv, MODULE, read_cases)
+    if failed is not None:
+        return failed
 
     import cupy
 
