@@ -614,14 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default results/<gpu>/)")
     p.add_argument("--timeout", type=float, default=sanitizer.DEFAULT_TIMEOUT_S, help="seconds per tool run")
     p.add_argument("--smoke", action="store_true", help="a reduced variant set (defaults, smallest, largest)")
-    p.add_argument("--wgmma", action="store_true",
-                   help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
-    p.add_argument("--decode", action="store_true",
-                   help="only the decode GEMM kernel's variants (M <= 32), every split and group size; "
-                        "writes sanitizer_decode.*")
-    p.add_argument("--decoder", action="store_true",
-                   help="the decoder's fused kernels (norm, RoPE + KV write, attention, SiLU); "
-                        "writes sanitizer_decoder.*")
+    subset = p.add_mutually_exclusive_group()  # one variant set per run: each writes its own files
+    subset.add_argument("--wgmma", action="store_true",
+                        help="only the Hopper wgmma variants (sm_90 GPU), stream-K and split-K; writes sanitizer_wgmma.*")
+    subset.add_argument("--decode", action="store_true",
+                        help="only the decode GEMM kernel's variants (M <= 32), every split and group size; "
+                             "writes sanitizer_decode.*")
+    subset.add_argument("--decoder", action="store_true",
+                        help="the decoder's fused kernels (norm, RoPE + KV write, attention, SiLU); "
+                             "writes sanitizer_decoder.*")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("reproduce", help="draw the paper's figures and REPORT.md of every results/<gpu>/, "

@@ -220,6 +220,13 @@ def test_decode_cases_cover_every_decode_variant_split_and_group_size_within_its
     assert len({c.M for c in cases}) > 2  # odd batches rotate
 
 
+@pytest.mark.parametrize("flags", [["--wgmma", "--decode"], ["--decode", "--decoder"], ["--wgmma", "--decoder"]])
+def test_check_takes_one_variant_subset_at_a_time(flags, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["check", *flags])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_read_cases_rejects_what_is_not_a_case_list(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"cases": []}))
