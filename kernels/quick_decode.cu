@@ -32,41 +32,13 @@
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
 // loads at 25% occupancy), and a register double buffer of the next chunk (fewer resident warps).
-// FOLD (folded zero points and scales, suffix _fz): the per-weight zero subtraction and scale product
-// leave the main loop. The four LOP3s of dequant_int4x8_unscaled give 1024 + q in the k-low pairs
-// (a0, a1) and 1024 + 16 q in the k-high pairs (a2, a3); the 1/16 goes into B instead (b1, the k-high
-// activations, times 1/16: exact in fp16 above the subnormals), so per word 5 instructions feed the
-// mma instead of 15. The mma sums into per-group accumulators G[n][m] = sum_lo (1024 + q) x +
-// sum_hi (64 + q) x, and one more mma per k16 step against a constant A (ones in rows g, k-low and
-// rows g + 8, k-high) gives Rl[m] = sum_lo x and Rh[m] = sum_hi x / 16. When the group (or the chunk)
-// ends, with zb = 1024 + z[n]:  y[m][n] += s[n] (G - zb (Rl + 16 Rh) + 15360 Rh) = s[n] sum (q - z) x,
-// exact up to fp32 rounding (products of fp16 are exact in fp32; the bias cancels). It differs from
-// the unfolded path only in where it rounds: that one rounds each (q - z) s to fp16 as AutoAWQ does.
 // Grid = (1, N / 64, split). K must be a multiple of TILE_K (quick_lab/core/registry.py checks it); a
 // step's group is k / group_size, so a chunk may span several groups.
 #include "quick_layout.cuh"
 
 using namespace ql;
 
-// y[m][n] += s[n] (G - (1024 + z[n]) (Rl + 16 Rh) + 15360 Rh) for one word v's accumulators of one batch
-// tile (FOLD, see above); grp[c] / rsum[c] are reset for the next group. c0, c1: row g = column g of n8
-// tile 2v (low halves of the zero pair and scale word), batch rows 2t, 2t + 1; c2, c3: row g + 8 =
-// tile 2v + 1 (high halves). rsum: c0, c1 = Rl of batch rows 2t, 2t + 1; c2, c3 = Rh of the same rows.
-__device__ __forceinline__ void fold_group(float (&acc)[4], float (&grp)[4], const float (&rsum)[4], u32 zero_pair,
-                                           u32 scale_pair) {
-  const float z_lo = half_to_float(static_cast<u16>(zero_pair & 0xffff)), z_hi = half_to_float(static_cast<u16>(zero_pair >> 16));
-  const float s_lo = half_to_float(static_cast<u16>(scale_pair & 0xffff)), s_hi = half_to_float(static_cast<u16>(scale_pair >> 16));
-  const float total[2] = {fmaf(16.f, rsum[2], rsum[0]), fmaf(16.f, rsum[3], rsum[1])};  // Rl + 16 Rh = sum x
-  const float bias[2] = {15360.f * rsum[2], 15360.f * rsum[3]};
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const float zb = c < 2 ? z_lo : z_hi, s = c < 2 ? s_lo : s_hi;
-    acc[c] = fmaf(s, grp[c] - fmaf(zb, total[c & 1], -bias[c & 1]), acc[c]);
-    grp[c] = 0.f;
-  }
-}
-
-template <int TILE_M, int TILE_K, int WARPS, bool FOLD>
+template <int TILE_M, int TILE_K, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
@@ -124,61 +96,19 @@ __global__ void __launch_bounds__(32 * WARPS)
         b[bt][ks][1] = has_row[bt] ? load_cached_u32(x_row[bt] + k + 8) : 0u;
       }
 
-    if constexpr (!FOLD) {
-      // matmul: dequantize each word with its group's pair, 1 mma per 8 batch rows.
-      ZeroScale zs[4];
+    // matmul
+    ZeroScale zs[4];
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) {
-        if (starts_group(ks, (k16_0 + ks) * 16)) zero_scales_of(s[ks], z[ks], zs);
-        const u32 words[4] = {w[ks].x, w[ks].y, w[ks].z, w[ks].w};
+    for (int ks = 0; ks < kSteps; ++ks) {
+      if (starts_group(ks, (k16_0 + ks) * 16)) zero_scales_of(s[ks], z[ks], zs);
+      const u32 words[4] = {w[ks].x, w[ks].y, w[ks].z, w[ks].w};
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          u32 q[4];
-          dequant_quick_word(words[v], zs[v], q);
-          const u32 a[4] = {q[0], q[2], q[1], q[3]};  // rows g: n8 tile 2v, rows g + 8: tile 2v + 1
+      for (int v = 0; v < 4; ++v) {
+        u32 q[4];
+        dequant_quick_word(words[v], zs[v], q);
+        const u32 a[4] = {q[0], q[2], q[1], q[3]};  // rows g: n8 tile 2v, rows g + 8: tile 2v + 1
 #pragma unroll
-          for (int bt = 0; bt < kBatchTiles; ++bt) mma_m16n8k16(acc[bt][v], a, b[bt][ks][0], b[bt][ks][1]);
-        }
-      }
-    } else {
-      // matmul, folded: biased words into the group accumulators, the row sums beside them, and at
-      // each group's (or the chunk's) end the zero points and scales applied once (fold_group).
-      constexpr u32 kOneSixteenth = 0x2c002c00;                           // fp16x2 (1/16, 1/16)
-      constexpr u32 kOnes[4] = {0x3c003c00u, 0u, 0u, 0x3c003c00u};  // rows g: k-low, rows g + 8: k-high
-      float grp[kBatchTiles][4][4] = {}, rsum[kBatchTiles][4] = {};
-      uint4 group_scales = s[0];
-      u32 group_zeros = z[0];
-#pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) {
-        const int k = (k16_0 + ks) * 16;
-        if (ks > 0 && starts_group(ks, k)) { group_scales = s[ks]; group_zeros = z[ks]; }
-        u32 b_hi[kBatchTiles];
-#pragma unroll
-        for (int bt = 0; bt < kBatchTiles; ++bt) {
-          b_hi[bt] = hmul2(b[bt][ks][1], kOneSixteenth);
-          mma_m16n8k16(rsum[bt], kOnes, b[bt][ks][0], b_hi[bt]);
-        }
-        const u32 words[4] = {w[ks].x, w[ks].y, w[ks].z, w[ks].w};
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          u32 q[4];
-          dequant_int4x8_unscaled(words[v], q);
-          const u32 a[4] = {q[0], q[2], q[1], q[3]};  // k-low pairs 0, 2 = a0, a1; k-high 1, 3 = a2, a3
-#pragma unroll
-          for (int bt = 0; bt < kBatchTiles; ++bt) mma_m16n8k16(grp[bt][v], a, b[bt][ks][0], b_hi[bt]);
-        }
-        if (ks == kSteps - 1 || (k + 16) % group_size == 0) {  // the group (or the chunk) ends here
-          u32 zero_pairs[4];
-          dequant_int4x8(group_zeros, zero_pairs);  // biased 1024 + z, tile 2v low, 2v + 1 high
-          const u32 scale_words[4] = {group_scales.x, group_scales.y, group_scales.z, group_scales.w};
-#pragma unroll
-          for (int bt = 0; bt < kBatchTiles; ++bt) {
-#pragma unroll
-            for (int v = 0; v < 4; ++v) fold_group(acc[bt][v], grp[bt][v], rsum[bt], zero_pairs[v], scale_words[v]);
-#pragma unroll
-            for (int c = 0; c < 4; ++c) rsum[bt][c] = 0.f;
-          }
-        }
+        for (int bt = 0; bt < kBatchTiles; ++bt) mma_m16n8k16(acc[bt][v], a, b[bt][ks][0], b[bt][ks][1]);
       }
     }
   }

@@ -1,6 +1,5 @@
-"""The decode kernel family (kernels/quick_decode.cu, names ending in ``_dc``): M <= tile_m (8, 16 or 32), a
-split-K GEMV on mma.sync with the weights as the A operand, streaming the QUICK layout into registers;
-``_fz_dc``: zero points and scales folded out of the per-weight path.
+"""The decode kernel family (kernels/quick_decode.cu, names ending in ``_dc``): M <= tile_m (8 or 16), a
+split-K GEMV on mma.sync with the weights as the A operand, streaming the QUICK layout into registers.
 Rules and builds on any machine; correctness on a GPU."""
 from __future__ import annotations
 
@@ -19,11 +18,8 @@ def test_names_round_trip_and_select_the_decode_family():
     for cfg in DECODE:
         assert cfg.name.endswith("_dc") and TileConfig.parse(cfg.name) == cfg
         assert registry.family("quick", cfg) is registry.QUICK_DECODE
-        assert registry.template_name("quick", cfg) == (
-            f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},{int(cfg.folded_zeros)}>")
-        assert ("_fz_" in cfg.name) == cfg.folded_zeros
+        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n}>"
     assert set(DECODE) <= set(registry.variants("quick"))
-    assert any(c.folded_zeros for c in DECODE) and any(not c.folded_zeros for c in DECODE)
 
 
 @pytest.mark.parametrize("cfg,rule", [
@@ -87,25 +83,6 @@ def test_ptx_feeds_mma_straight_from_registers(name, batch_tiles):
     steps = cfg.tile_k // 16 // cfg.warps_n
     assert counts["mma.sync"] == 4 * batch_tiles * steps
     assert counts["ldmatrix"] == counts["cp.async"] == counts["st.shared.v4"] == 0
-
-
-def _f16x2_arithmetic(cfg):
-    text = variants.ptx("quick", cfg)
-    return sum(line.strip().startswith(("sub.rn.f16x2", "mul.rn.f16x2", "fma.rn.f16x2")) for line in text.splitlines())
-
-
-@pytest.mark.parametrize("name,batch_tiles", [("8x64x512_w1x4_s1_fz_dc", 1), ("16x64x256_w1x4_s1_fz_dc", 2)])
-def test_folded_variant_leaves_zero_points_and_scales_out_of_the_weight_path(name, batch_tiles):
-    """FOLD: one more mma per k16 step and batch tile (the activation row sums); of the f16x2
-    arithmetic only the 1/16 pre-scale of b1 (one per step and batch tile) and the zero word's two
-    HFMA2 per group flush (at most one flush per step) remain, against 10 per packed word unfolded."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    folded = TileConfig.parse(name)
-    unfolded = TileConfig.parse(name.replace("_fz", ""))
-    steps = folded.tile_k // 16 // folded.warps_n
-    assert variants.ptx_counts("quick", folded)["mma.sync"] == 5 * batch_tiles * steps
-    assert _f16x2_arithmetic(folded) <= (batch_tiles + 2) * steps
-    assert _f16x2_arithmetic(unfolded) >= 4 * 10 * steps
 
 
 # ---------------------------------------------------------------- on the GPU

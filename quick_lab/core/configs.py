@@ -22,9 +22,8 @@ class TileConfig:
     True stages the still-packed weights through the cp.async pipeline (name suffix ``_cp``).
     ``wgmma`` (suffix ``_wg``, Hopper only) selects the warpgroup-MMA mainloop (kernels/quick_wgmma.cu):
     dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup. ``folded_zeros``
-    (suffix ``_fz``, wgmma and decode kernels) feeds the raw 1024 + q into the tensor core and applies
-    zero points and scales once per group (wgmma: needs group_size == tile_k == 128; decode: any group
-    size, once per group or per warp chunk). ``decode`` (suffix ``_dc``) selects the decode
+    (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
+    once per group (needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
     kernel (kernels/quick_decode.cu, M <= tile_m <= 32): a tile_m x 64 output strip per block whose
     warps_n warps split each k-tile of tile_k along K."""
 
@@ -168,12 +167,7 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
 # holds four batch tiles of accumulators and activations, so only its shallower chunks fit the registers.
 QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for tm in (8, 16) for tk, w in (
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
-)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256)) + tuple(
-    # folded zero points and scales (quick_decode.cu FOLD): 5 instructions per packed word instead of 15,
-    # paid back once per group or chunk, so only chunks of at least 4 k16 steps
-    TileConfig(tm, 64, tk, 1, w, 1, folded_zeros=True, decode=True) for tm in (8, 16) for tk, w in (
-        (256, 2), (256, 4), (512, 4), (512, 8), (1024, 8),
-    )) + (TileConfig(32, 64, 256, 1, 4, 1, folded_zeros=True, decode=True),)
+)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that
 # the comparison isolates the write-back; the dispatcher picks larger tiles for speed.

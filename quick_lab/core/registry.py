@@ -339,7 +339,7 @@ QUICK_WGMMA = KernelFamily(
     doc="QUICK on Hopper wgmma: dequantized registers are the A operand; stream-K schedule")
 
 QUICK_DECODE = KernelFamily(
-    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n", "folded_zeros"),
+    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
     problem_rules=_decode_problem_rules,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
@@ -375,8 +375,8 @@ def violations(kind: str, cfg: TileConfig) -> list[str]:
     """Every rule the kernel template's static_asserts and register budget impose; empty when valid."""
     if kind not in KINDS:
         return [f"kind must be one of {KINDS}"]
-    if cfg.folded_zeros and not (cfg.wgmma or cfg.decode):
-        return ["folded zero points exist only in the wgmma and decode kernels (_fz needs _wg or _dc)"]
+    if cfg.folded_zeros and not cfg.wgmma:
+        return ["folded zero points exist only in the wgmma mainloop (_fz needs _wg)"]
     try:
         fam = family(kind, cfg)
     except ValueError as exc:
