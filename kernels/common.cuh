@@ -142,6 +142,27 @@ __device__ __forceinline__ uint2 load_cached_u2(const void* p) {
   return v;
 }
 
+// Plain shared loads of 1, 2 or 4 words at a shared byte address (the staged weights and records).
+template <int W>
+__device__ __forceinline__ void lds_words(u32 address, u32 (&w)[W]) {
+  if constexpr (W == 4)
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(address));
+  else if constexpr (W == 2)
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(address));
+  else
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[0]) : "r"(address));
+}
+__device__ __forceinline__ uint4 lds_u4(u32 address) {
+  uint4 v;
+  lds_words<4>(address, reinterpret_cast<u32(&)[4]>(v));
+  return v;
+}
+__device__ __forceinline__ u32 lds_u32(u32 address) {
+  u32 w[1];
+  lds_words<1>(address, w);
+  return w[0];
+}
+
 // ldmatrix: each of the 4 8x8 b16 matrices takes its 8 row addresses from lanes 8i..8i+7 and lands in
 // register i of every lane, lane 4*r + c holding row r, columns 2c, 2c+1 (PTX ISA 9.7.14.5.15).
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {

@@ -25,7 +25,9 @@ class TileConfig:
     (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
     once per group (needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
     kernel (kernels/quick_decode.cu, M <= tile_m <= 32): a tile_m x 64 output strip per block whose
-    warps_n warps split each k-tile of tile_k along K."""
+    warps_n warps split each k-tile of tile_k along K; with ``_cp`` (``..._s4_cp_dc``, Hopper only) the
+    bulk-copy decode kernel (kernels/quick_decode_bulk.cu): a producer warp more per block streams the
+    weights into a ``stages``-deep shared-memory ring."""
 
     tile_m: int
     tile_n: int
@@ -40,7 +42,8 @@ class TileConfig:
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
+        """Threads per block: the warp grid, plus the producer warp of the bulk-copy decode kernel."""
+        return 32 * self.warps_m * self.warps_n + (32 if self.decode and self.async_weights else 0)
 
     @property
     def warp_m(self) -> int:
@@ -53,8 +56,13 @@ class TileConfig:
     @property
     def marker(self) -> str:
         """The name suffix that selects a kernel family (quick_lab.core.registry): "wg" for the wgmma
-        mainloop, "dc" for the decode kernel, "" for the tiled mma.sync kernels."""
-        return "wg" if self.wgmma else "dc" if self.decode else ""
+        mainloop, "dc" for the decode kernel, "dc_cp" for the bulk-copy decode kernel, "" for the tiled
+        mma.sync kernels."""
+        if self.wgmma:
+            return "wg"
+        if self.decode:
+            return "dc_cp" if self.async_weights else "dc"
+        return ""
 
     @property
     def name(self) -> str:
@@ -168,6 +176,15 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
 QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for tm in (8, 16) for tk, w in (
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
 )) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256))
+
+# Bulk-copy decode kernel (Hopper only): the same strip and warp split, the weights and group records
+# of each k-tile streamed by a producer warp into a ring of `stages` k-tiles in shared memory, so the
+# bytes in flight no longer cost the compute warps registers or issue slots.
+QUICK_DECODE_BULK_VARIANTS = tuple(
+    TileConfig(tm, 64, tk, 1, w, st, async_weights=True, decode=True) for tm, tk, w, st in (
+        (8, 256, 4, 4), (8, 256, 4, 8), (8, 512, 4, 4), (8, 512, 8, 4), (8, 256, 2, 6),
+        (16, 256, 4, 4), (16, 512, 8, 4), (16, 256, 2, 6), (32, 256, 4, 4),
+    ))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that
 # the comparison isolates the write-back; the dispatcher picks larger tiles for speed.

@@ -122,6 +122,16 @@ def _quick_decode_layout(cfg: TileConfig) -> StageLayout:
     return StageLayout(0, stride=0, stages=1, total=0)
 
 
+def _quick_decode_bulk_layout(cfg: TileConfig) -> StageLayout:
+    # kernels/quick_decode_bulk.cu DecodeBulkStage: the k-tile's packed (k16, n64) blocks verbatim, then
+    # the scale and zero records of up to tile_k / 32 groups, each stage rounded up to 128 bytes.
+    weights = cfg.tile_k // 16 * 512
+    groups = cfg.tile_k // 32
+    stride = -(-(weights + groups * (128 + 32)) // 128) * 128
+    return StageLayout(0, weights, groups * 128, groups * 32, stride=stride, stages=cfg.stages,
+                       total=cfg.stages * stride)
+
+
 # ---------------------------------------------------------------- validity rules
 
 
@@ -204,6 +214,14 @@ def _quick_decode_rules(cfg: TileConfig) -> list[str]:
     return out
 
 
+def _quick_decode_bulk_rules(cfg: TileConfig) -> list[str]:
+    """kernels/quick_decode_bulk.cu: quick_decode.cu's strip and warp split, a ring of stages >= 2."""
+    out = [r for r in _quick_decode_rules(cfg) if "stages = 1" not in r]
+    if cfg.stages < 2:
+        out.append("the bulk-copy decode kernel needs a ring of stages >= 2 (copies overlap compute)")
+    return out
+
+
 # ---------------------------------------------------------------- fit rules: which problems a variant runs
 
 
@@ -230,6 +248,15 @@ def _decode_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> li
         out.append(f"N = {N} must be a multiple of 64 for config {cfg.name}")
     if K % cfg.tile_k:
         out.append(f"K = {K} must be a multiple of tile_k = {cfg.tile_k} for config {cfg.name}")
+    return out
+
+
+def _decode_bulk_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
+    """The bulk-copy decode kernel: the decode rules, and group records that tile a k-tile's stage."""
+    out = _decode_problem_rules(cfg, M, K, N, G)
+    if G % 32 or (cfg.tile_k % G and G % cfg.tile_k):
+        out.append(f"group_size = {G} must be a multiple of 32 that divides tile_k = {cfg.tile_k} or a multiple "
+                   f"of it for config {cfg.name} (a stage holds whole group records)")
     return out
 
 
@@ -344,7 +371,14 @@ QUICK_DECODE = KernelFamily(
     problem_rules=_decode_problem_rules,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
-FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)
+QUICK_DECODE_BULK = KernelFamily(
+    "quick_decode_bulk", "quick", "quick_decode_bulk.cu", ("tile_m", "tile_k", "warps_n", "stages"),
+    configs.QUICK_DECODE_BULK_VARIANTS, "dc_cp", _quick_decode_bulk_layout, _quick_decode_bulk_rules,
+    _tile_grid_launch, arch="sm_90", compute_capability="90", problem_rules=_decode_bulk_problem_rules,
+    doc="QUICK for decode on Hopper: a producer warp streams the weights into a shared-memory ring by "
+        "cp.async.bulk; compute as quick_decode")
+
+FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE, QUICK_DECODE_BULK)
 KINDS = configs.KINDS
 
 
