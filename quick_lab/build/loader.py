@@ -68,13 +68,14 @@ def _load_arch_specific(filename: str, name: str, arch: str):
 
 def load_function(filename: str, name: str, *, arch: str | None = None, dynamic_smem: int = 0):
     """The compiled kernel ``name`` (a C++ name expression) of ``kernels/<filename>``; ``arch`` an
-    arch-specific NVRTC target (None: the current GPU's, through CuPy). A block that needs more than
-    48 KB of dynamic shared memory must opt in (CUDA C++ Programming Guide, shared memory)."""
+    arch-specific NVRTC target (None: the current GPU's, through CuPy). A block whose static plus
+    dynamic shared memory passes 48 KB must opt in to the dynamic part (CUDA C++ Programming Guide,
+    shared memory)."""
     if arch is not None:
         function = _load_arch_specific(filename, name, arch)
     else:
         function = _compile(filename, (name,), name).get_function(name)
-    if dynamic_smem > 48 * 1024:
+    if dynamic_smem and dynamic_smem + function.shared_size_bytes > 48 * 1024:
         function.max_dynamic_shared_size_bytes = dynamic_smem
     return function
 
