@@ -38,16 +38,20 @@ __device__ __forceinline__ void decode_matmul(float (&acc)[BATCH_TILES][4][4], c
   }
 }
 
-// reduce: the WARPS compute warps' partial 64 x TILE_M tiles are summed through shared memory (red:
-// WARPS x TILE_M x kDecodeRedStride floats), so a block writes one partial, not WARPS.
+// reduce: the compute warps' partial 64 x TILE_M tiles are summed through shared memory (red: WARPS x
+// TILE_M x kDecodeRedStride floats), so a block writes one partial, not WARPS. The block's tile is
+// STRIPS n64 strips (tile index blockIdx.y, columns 64 STRIPS tile ..); compute warp w works on strip
+// w % STRIPS, and the WARPS / STRIPS warps of a strip split its K range.
 // write_result: split == 1: fp16 straight out; else the fp32 partial goes to workspace[split][M][N]
-// and the block that takes the last ticket on its strip (common.cuh take_ticket) sums the slices in
+// and the block that takes the last ticket on its tile (common.cuh take_ticket) sums the slices in
 // split order (deterministic) and writes fp16: one launch, no second pass. Every thread of the block
 // calls it (warps >= WARPS, e.g. a producer, pass no accumulators); it ends with a barrier.
-template <int TILE_M, int WARPS>
+template <int TILE_M, int WARPS, int STRIPS = 1>
 __device__ __forceinline__ void decode_reduce_write(const float (&acc)[TILE_M / 8][4][4], float* red, u16* out,
                                                     float* workspace, int* tile_counters, int M, int N,
-                                                    int strip, int split) {
+                                                    int tile, int split) {
+  constexpr int kCols = 64 * STRIPS;
+  static_assert(WARPS % STRIPS == 0, "every strip gets the same number of warps");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int rows = min(M, TILE_M);
@@ -64,21 +68,21 @@ __device__ __forceinline__ void decode_reduce_write(const float (&acc)[TILE_M / 
   }
   __syncthreads();
 
-  // thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
+  // thread i of M x kCols sums the partials of element (i / kCols, i % kCols) over its strip's warps.
   float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
-  for (int i = threadIdx.x; i < rows * 64; i += blockDim.x) {
-    const int r = i / 64, c = i % 64;
+  for (int i = threadIdx.x; i < rows * kCols; i += blockDim.x) {
+    const int r = i / kCols, col = i % kCols, strip = col / 64, c = col % 64;
     float v = 0.f;
 #pragma unroll
-    for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kDecodeRedStride + c];
-    const long long idx = (long long)r * N + strip * 64 + c;
+    for (int p = 0; p < WARPS / STRIPS; ++p) v += red[((p * STRIPS + strip) * TILE_M + r) * kDecodeRedStride + c];
+    const long long idx = (long long)r * N + tile * kCols + col;
     if (partial) partial[idx] = v;
     else out[idx] = float_to_half(v);
   }
-  if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
+  if (split == 1 || !take_ticket(tile_counters + tile, split)) return;
   const long long mn = (long long)M * N;
-  for (int i = threadIdx.x; i < rows * 64; i += blockDim.x) {
-    const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
+  for (int i = threadIdx.x; i < rows * kCols; i += blockDim.x) {
+    const long long idx = (long long)(i / kCols) * N + tile * kCols + i % kCols;
     float v = 0.f;
     for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
     out[idx] = float_to_half(v);

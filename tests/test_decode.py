@@ -138,24 +138,31 @@ def test_bulk_names_select_the_hopper_family_with_a_producer_warp():
         assert cfg.name.endswith("_cp_dc") and TileConfig.parse(cfg.name) == cfg
         fam = registry.family("quick", cfg)
         assert fam is registry.QUICK_DECODE_BULK and fam.compute_capability == "90"
-        assert fam.template_name(cfg) == f"quick_decode_bulk<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},{cfg.stages}>"
+        assert fam.template_name(cfg) == (
+            f"quick_decode_bulk<{cfg.tile_m},{cfg.tile_n},{cfg.tile_k},{cfg.warps_n},{cfg.stages}>")
         assert cfg.threads == 32 * (cfg.warps_n + 1)
         assert registry.violations("quick", cfg) == []
     assert not set(BULK) & set(registry.variants("quick"))  # Hopper only
     assert set(BULK) <= set(registry.variants("quick", hopper=True))
 
 
-def test_bulk_ring_holds_each_k_tiles_blocks_and_group_records():
+def test_bulk_ring_holds_each_k_tiles_rows_and_group_records():
     cfg = TileConfig.parse("8x64x256_w1x4_s4_cp_dc")
     layout = registry.stage_layout("quick", cfg)
     assert (layout.weights, layout.scales, layout.zeros) == (16 * 512, 8 * 128, 8 * 32)
     assert layout.stride % 128 == 0 and layout.total == 4 * layout.stride
+    wide = registry.stage_layout("quick", TileConfig.parse("8x256x64_w1x4_s6_cp_dc"))  # 4 strips, 2 groups of 32
+    assert (wide.weights, wide.scales, wide.zeros) == (4 * 4 * 512, 2 * 4 * 128, 2 * 4 * 32)
+    assert wide.total == 6 * wide.stride
 
 
 @pytest.mark.parametrize("cfg,rule", [
     (TileConfig(8, 64, 256, 1, 4, 1, async_weights=True, decode=True), "stages >= 2"),
-    (TileConfig(8, 64, 256, 1, 3, 4, async_weights=True, decode=True), "2, 4 or 8 warps"),
+    (TileConfig(8, 64, 256, 1, 3, 4, async_weights=True, decode=True), "2, 4 or 8 compute warps"),
     (TileConfig(64, 64, 256, 1, 4, 4, async_weights=True, decode=True), "8, 16 or 32 x 64"),
+    (TileConfig(8, 192, 128, 1, 4, 4, async_weights=True, decode=True), "1, 2 or 4 n64 strips"),
+    (TileConfig(8, 256, 128, 1, 2, 4, async_weights=True, decode=True), "the same number per strip"),
+    (TileConfig(8, 64, 384, 1, 4, 4, async_weights=True, decode=True), "whole passes"),
 ])
 def test_bulk_rules(cfg, rule):
     assert any(rule in v for v in registry.violations("quick", cfg)), registry.violations("quick", cfg)
@@ -168,6 +175,7 @@ def test_bulk_problem_rules_need_whole_group_records_per_stage():
     for G in (48, 96, 16, 384):
         assert not registry.fits(cfg, 4096, G, K=4096, M=1)
     assert not registry.fits(cfg, 4096, 128, K=4096, M=9)
+    assert not registry.fits(TileConfig.parse("8x256x128_w1x4_s4_cp_dc"), 4096 + 128, 128, K=4096, M=1)
     with pytest.raises(ValueError, match="a stage holds whole group records"):
         validation.check_problem("quick", cfg, 1, 4096, 4096, 96, 1)
 
@@ -186,13 +194,13 @@ def test_bulk_ptx_copies_with_cp_async_bulk_and_loads_words_from_shared():
     """One cp.async.bulk per 512-byte block or group record (issued in a loop), the compute warps'
     words from shared memory, 4 mma per k16 step per 8 batch rows, no per-lane cp.async."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    cfg = TileConfig.parse("16x64x256_w1x4_s4_cp_dc")
+    cfg = TileConfig.parse("16x128x128_w1x4_s4_cp_dc")
     text = variants.ptx("quick", cfg)
     ops = [line.strip().split(" ")[0].split("\t")[0] for line in text.splitlines()]
     assert sum(op.startswith("cp.async.bulk.shared") for op in ops) >= 1
     assert sum(op.startswith("mbarrier.try_wait.parity") for op in ops) >= 2
     counts = variants.ptx_counts("quick", cfg)
-    steps = cfg.tile_k // 16 // cfg.warps_n
+    steps = cfg.tile_k // 16 // (cfg.warps_n // (cfg.tile_n // 64))  # 2 strips: 2 warps per strip
     assert counts["mma.sync"] == 4 * 2 * steps and counts["ldmatrix"] == 0
     assert counts["ld.shared"] >= steps  # the words (and the group records) come from the ring
     assert not any(op.startswith("cp.async.cg") or op.startswith("cp.async.ca") for op in ops)
@@ -204,10 +212,10 @@ def _bulk_cases():
         k_tiles = cfg.stages + 3  # the ring wraps at split 1
         K = cfg.tile_k * k_tiles
         for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (cfg.tile_m, 2, 64), (3, 1, 32)]):
-            N = 64 * (3 + 2 * ((v + i) % 3))  # odd numbers of n64 strips
+            N = cfg.tile_n * (3 + 2 * ((v + i) % 3))  # odd numbers of tiles
             out.append((cfg, M, K, N, G, split))
         if cfg.tile_m > 8:
-            out.append((cfg, cfg.tile_m - 7, K, 64 * 3, 32, k_tiles))  # one k-tile per split
+            out.append((cfg, cfg.tile_m - 7, K, cfg.tile_n * 3, 32, k_tiles))  # one k-tile per split
     return out
 
 
@@ -220,7 +228,7 @@ def test_bulk_decode_matches_float64(hopper, cfg, M, K, N, G, split):
 
 @pytest.mark.gpu
 def test_bulk_decode_on_llm_shapes(hopper):
-    cfg = TileConfig.parse("8x64x256_w1x4_s4_cp_dc")
+    cfg = TileConfig.parse("8x256x128_w1x4_s4_cp_dc")
     for M in (1, 8):
         for K, N in ((4096, 6144), (14336, 4096)):
             run_and_check("quick", M, K, N, 128, config=cfg, split_k=max(1, K // cfg.tile_k // 8))
@@ -232,7 +240,7 @@ def test_bulk_split_is_deterministic_and_leaves_counters_zero(hopper):
 
     from quick_lab.core import ops
 
-    cfg = TileConfig.parse("16x64x256_w1x4_s4_cp_dc")
+    cfg = TileConfig.parse("16x256x128_w1x4_s4_cp_dc")
     _, _, quick = weights(4096, 1024, 128)
     x = cupy.asarray(np.random.default_rng(4).standard_normal((13, 4096)).astype(np.float16))
     first = ops.quick_gemm(x, quick, config=cfg, split_k=4)

@@ -50,9 +50,9 @@ def test_stage_layout_adds_up(fam, cfg):
     lay = fam.layout(cfg)
     assert lay.total == fam.shared_bytes(cfg) <= registry.SMEM_PER_BLOCK_LIMIT
     parts = lay.activations + lay.weights + lay.scales + lay.zeros
-    if fam is registry.QUICK_DECODE_BULK:  # the k-tile's blocks, then records of up to tile_k / 32 groups
+    if fam is registry.QUICK_DECODE_BULK:  # the k-tile's rows, then records of up to tile_k / 32 groups
         assert lay.weights == cfg.tile_k * cfg.tile_n // 2
-        assert (lay.scales, lay.zeros) == (cfg.tile_k // 32 * 128, cfg.tile_k // 32 * 32)
+        assert (lay.scales, lay.zeros) == (cfg.tile_k // 32 * cfg.tile_n * 2, cfg.tile_k // 32 * cfg.tile_n // 2)
     elif cfg.async_weights:  # the packed k-tile: 4 bits per weight, fp16 scales and int4 zeros per n64 block
         assert lay.weights == cfg.tile_k * cfg.tile_n // 2
         assert lay.scales == cfg.tile_n * 2 and lay.zeros == cfg.tile_n // 2

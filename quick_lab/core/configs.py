@@ -177,13 +177,13 @@ QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for t
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
 )) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256))
 
-# Bulk-copy decode kernel (Hopper only): the same strip and warp split, the weights and group records
-# of each k-tile streamed by a producer warp into a ring of `stages` k-tiles in shared memory, so the
-# bytes in flight no longer cost the compute warps registers or issue slots.
+# Bulk-copy decode kernel (Hopper only): a tile of tile_n / 64 adjacent strips whose k16 rows (tile_n / 64
+# x 512 contiguous bytes each) and group records a producer warp streams into a ring of `stages` k-tiles
+# in shared memory; compute warp w takes strip w % strips, the warps of a strip split the k-tile.
 QUICK_DECODE_BULK_VARIANTS = tuple(
-    TileConfig(tm, 64, tk, 1, w, st, async_weights=True, decode=True) for tm, tk, w, st in (
-        (8, 256, 4, 4), (8, 256, 4, 8), (8, 512, 4, 4), (8, 512, 8, 4), (8, 256, 2, 6),
-        (16, 256, 4, 4), (16, 512, 8, 4), (16, 256, 2, 6), (32, 256, 4, 4),
+    TileConfig(tm, tn, tk, 1, w, st, async_weights=True, decode=True) for tm, tn, tk, w, st in (
+        (8, 64, 256, 4, 4), (8, 128, 128, 4, 4), (8, 128, 256, 4, 4), (8, 256, 64, 4, 6), (8, 256, 128, 4, 4),
+        (8, 256, 128, 8, 4), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4), (16, 256, 64, 4, 6), (32, 128, 128, 4, 4),
     ))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that

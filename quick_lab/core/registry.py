@@ -123,12 +123,14 @@ def _quick_decode_layout(cfg: TileConfig) -> StageLayout:
 
 
 def _quick_decode_bulk_layout(cfg: TileConfig) -> StageLayout:
-    # kernels/quick_decode_bulk.cu DecodeBulkStage: the k-tile's packed (k16, n64) blocks verbatim, then
-    # the scale and zero records of up to tile_k / 32 groups, each stage rounded up to 128 bytes.
-    weights = cfg.tile_k // 16 * 512
-    groups = cfg.tile_k // 32
-    stride = -(-(weights + groups * (128 + 32)) // 128) * 128
-    return StageLayout(0, weights, groups * 128, groups * 32, stride=stride, stages=cfg.stages,
+    # kernels/quick_decode_bulk.cu DecodeBulkStage: the k-tile's k16 rows of tile_n / 64 packed blocks
+    # verbatim, then the scale and zero records of up to tile_k / 32 groups (tile_n / 64 blocks each),
+    # each stage rounded up to 128 bytes.
+    strips = cfg.tile_n // 64
+    weights = cfg.tile_k // 16 * strips * 512
+    groups = cfg.tile_k // 32 if cfg.tile_k >= 64 else 1
+    stride = -(-(weights + groups * strips * (128 + 32)) // 128) * 128
+    return StageLayout(0, weights, groups * strips * 128, groups * strips * 32, stride=stride, stages=cfg.stages,
                        total=cfg.stages * stride)
 
 
@@ -215,10 +217,24 @@ def _quick_decode_rules(cfg: TileConfig) -> list[str]:
 
 
 def _quick_decode_bulk_rules(cfg: TileConfig) -> list[str]:
-    """kernels/quick_decode_bulk.cu: quick_decode.cu's strip and warp split, a ring of stages >= 2."""
-    out = [r for r in _quick_decode_rules(cfg) if "stages = 1" not in r]
+    """kernels/quick_decode_bulk.cu: tile_n / 64 strips per block, the warps of a strip splitting the
+    k-tile in whole passes of k16 steps, a ring of stages >= 2."""
+    out = []
+    strips = cfg.tile_n // 64
+    if cfg.tile_m not in (8, 16, 32) or cfg.tile_n not in (64, 128, 256) or cfg.warps_m != 1:
+        out.append("bulk decode tiles are 8, 16 or 32 x 64, 128 or 256 (1, 2 or 4 n64 strips), warps_m = 1")
+    elif cfg.warps_n not in (2, 4, 8) or cfg.warps_n % strips:
+        out.append("bulk decode blocks have 2, 4 or 8 compute warps, the same number per strip")
+    else:
+        steps = cfg.tile_k // 16 // (cfg.warps_n // strips)
+        if cfg.tile_k % (16 * (cfg.warps_n // strips)) or steps < 1 or (steps > 4 and steps % 4):
+            out.append("tile_k must give each compute warp whole passes of k16 steps (up to 4 steps per pass)")
+    if not cfg.async_weights:
+        out.append("the bulk decode kernel stages its weights: _cp")
     if cfg.stages < 2:
         out.append("the bulk-copy decode kernel needs a ring of stages >= 2 (copies overlap compute)")
+    if decode_reduction_bytes(cfg) > 48 * 1024:
+        out.append("the reduction buffer is static shared memory: warps_n x tile_m x 68 floats, at most 48 KB")
     return out
 
 
@@ -252,8 +268,11 @@ def _decode_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> li
 
 
 def _decode_bulk_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
-    """The bulk-copy decode kernel: the decode rules, and group records that tile a k-tile's stage."""
+    """The bulk-copy decode kernel: the decode rules with whole tiles of tile_n columns, and group records
+    that tile a k-tile's stage."""
     out = _decode_problem_rules(cfg, M, K, N, G)
+    if N % cfg.tile_n:
+        out.append(f"N = {N} must be a multiple of tile_n = {cfg.tile_n} for config {cfg.name}")
     if G % 32 or (cfg.tile_k % G and G % cfg.tile_k):
         out.append(f"group_size = {G} must be a multiple of 32 that divides tile_k = {cfg.tile_k} or a multiple "
                    f"of it for config {cfg.name} (a stage holds whole group records)")
@@ -372,7 +391,7 @@ QUICK_DECODE = KernelFamily(
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 QUICK_DECODE_BULK = KernelFamily(
-    "quick_decode_bulk", "quick", "quick_decode_bulk.cu", ("tile_m", "tile_k", "warps_n", "stages"),
+    "quick_decode_bulk", "quick", "quick_decode_bulk.cu", ("tile_m", "tile_n", "tile_k", "warps_n", "stages"),
     configs.QUICK_DECODE_BULK_VARIANTS, "dc_cp", _quick_decode_bulk_layout, _quick_decode_bulk_rules,
     _tile_grid_launch, arch="sm_90", compute_capability="90", problem_rules=_decode_bulk_problem_rules,
     doc="QUICK for decode on Hopper: a producer warp streams the weights into a shared-memory ring by "
