@@ -209,8 +209,8 @@ def test_bulk_ptx_copies_with_cp_async_bulk_and_loads_words_from_shared():
 def _bulk_cases():
     out = []
     for v, cfg in enumerate(BULK):
-        k_tiles = cfg.stages + 3  # the ring wraps at split 1
-        K = cfg.tile_k * k_tiles
+        k_tiles = -(-(cfg.stages + 3) * cfg.tile_k // 128) * 128 // cfg.tile_k  # the ring wraps at split 1
+        K = cfg.tile_k * k_tiles  # a multiple of every group size
         for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (cfg.tile_m, 2, 64), (3, 1, 32)]):
             N = cfg.tile_n * (3 + 2 * ((v + i) % 3))  # odd numbers of tiles
             out.append((cfg, M, K, N, G, split))
