@@ -61,23 +61,25 @@ __device__ __forceinline__ float half_to_float(u16 h) {
 // columns; the QUICK layout turns them into the (k, k+1) pairs of an mma B fragment.
 // The result is biased: each half holds 1024 + q exactly (integers below 2048 are exact in fp16), and
 // callers subtract a zero point dequantized by this same routine, so the bias cancels exactly.
-__device__ __forceinline__ void dequant_int4x8(u32 packed, u32 (&pairs)[4]) {
+// The four LOP3s alone: pairs 0 and 2 hold 1024 + q, pairs 1 and 3 (the nibbles still x16) 1024 + 16 q,
+// all exact. A kernel that folds the 1/16 into its other operand (quick_decode.cuh, folded) stops here.
+__device__ __forceinline__ void dequant_int4x8_unscaled(u32 packed, u32 (&pairs)[4]) {
   constexpr u32 kLowMask = 0x000f000f;   // nibbles 0 and 4 (after >> 8: 2 and 6)
   constexpr u32 kHighMask = 0x00f000f0;  // nibbles 1 and 5 (after >> 8: 3 and 7), still x16
   constexpr u32 kMagic = 0x64006400;     // fp16x2 (1024, 1024)
   constexpr u32 kLut = (0xf0 & 0xcc) | 0xaa;  // lop3 truth table for (a & b) | c
+  const u32 shifted = packed >> 8;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[0]) : "r"(packed), "n"(kLowMask), "n"(kMagic), "n"(kLut));
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[1]) : "r"(packed), "n"(kHighMask), "n"(kMagic), "n"(kLut));
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[2]) : "r"(shifted), "n"(kLowMask), "n"(kMagic), "n"(kLut));
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[3]) : "r"(shifted), "n"(kHighMask), "n"(kMagic), "n"(kLut));
+}
+__device__ __forceinline__ void dequant_int4x8(u32 packed, u32 (&pairs)[4]) {
   constexpr u32 kOneSixteenth = 0x2c002c00;   // fp16x2 (1/16, 1/16)
   constexpr u32 kBias960 = 0x63806380;        // fp16x2 (960, 960): (1024 + 16q)/16 + 960 = 1024 + q
-  const u32 shifted = packed >> 8;
-  u32 p0, p1, p2, p3;
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p0) : "r"(packed), "n"(kLowMask), "n"(kMagic), "n"(kLut));
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p1) : "r"(packed), "n"(kHighMask), "n"(kMagic), "n"(kLut));
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p2) : "r"(shifted), "n"(kLowMask), "n"(kMagic), "n"(kLut));
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p3) : "r"(shifted), "n"(kHighMask), "n"(kMagic), "n"(kLut));
-  pairs[0] = p0;
-  pairs[1] = hfma2(p1, kOneSixteenth, kBias960);
-  pairs[2] = p2;
-  pairs[3] = hfma2(p3, kOneSixteenth, kBias960);
+  dequant_int4x8_unscaled(packed, pairs);
+  pairs[1] = hfma2(pairs[1], kOneSixteenth, kBias960);
+  pairs[3] = hfma2(pairs[3], kOneSixteenth, kBias960);
 }
 
 // (q - z) * s on biased fp16 pairs, as AutoAWQ computes it: the subtraction is exact, so the only

@@ -27,6 +27,7 @@
 //   consume:  each compute warp waits on the full barrier; per pass it loads its activation pairs
 //             (global), its words and group records (LDS) and runs quick_decode.cuh decode_matmul;
 //             then it releases the stage.
+//             FOLD (_fz): decode_matmul_folded, zero points and scales applied once per group.
 //   write:    quick_decode.cuh decode_reduce_write: cross-warp reduction, split-K ticket, fp16 out.
 // Grid = (1, N / TILE_N, split), 32 (WARPS + 1) threads; the ring is dynamic shared memory, the
 // mbarriers and the reduction buffer static.
@@ -48,7 +49,7 @@ struct DecodeBulkStage {
   static constexpr int kStride = (kBytes + 127) / 128 * 128;
 };
 
-template <int TILE_M, int TILE_N, int TILE_K, int WARPS, int STAGES>
+template <int TILE_M, int TILE_N, int TILE_K, int WARPS, int STAGES, bool FOLD>
 __global__ void __launch_bounds__(32 * (WARPS + 1))
     quick_decode_bulk(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                       const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
@@ -150,7 +151,8 @@ __global__ void __launch_bounds__(32 * (WARPS + 1))
             z[ks] = lds_u32(stage + Stage::kZeroOffset + gi * Stage::kZeroBytes + strip * QuickLayout::kZeroBytes + 4 * g);
           }
         }
-        decode_matmul(acc, w, s, z, b, starts_group);
+        if constexpr (FOLD) decode_matmul_folded(acc, w, s, z, b, k0, group_size);
+        else decode_matmul(acc, w, s, z, b, starts_group);
       }
       mbar_arrive(empty_base + 8 * st);  // this lane's reads of the stage are done: it may be refilled
     }

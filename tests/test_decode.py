@@ -135,11 +135,12 @@ BULK = configs.QUICK_DECODE_BULK_VARIANTS
 
 def test_bulk_names_select_the_hopper_family_with_a_producer_warp():
     for cfg in BULK:
-        assert cfg.name.endswith("_cp_dc") and TileConfig.parse(cfg.name) == cfg
+        assert cfg.name.endswith("_cp_fz_dc" if cfg.folded_zeros else "_cp_dc") and TileConfig.parse(cfg.name) == cfg
         fam = registry.family("quick", cfg)
         assert fam is registry.QUICK_DECODE_BULK and fam.compute_capability == "90"
         assert fam.template_name(cfg) == (
-            f"quick_decode_bulk<{cfg.tile_m},{cfg.tile_n},{cfg.tile_k},{cfg.warps_n},{cfg.stages}>")
+            f"quick_decode_bulk<{cfg.tile_m},{cfg.tile_n},{cfg.tile_k},{cfg.warps_n},{cfg.stages},"
+            f"{int(cfg.folded_zeros)}>")
         assert cfg.threads == 32 * (cfg.warps_n + 1)
         assert registry.violations("quick", cfg) == []
     assert not set(BULK) & set(registry.variants("quick"))  # Hopper only
@@ -188,6 +189,31 @@ def test_every_bulk_variant_builds_for_sm90_without_spills():
         assert report.dynamic_smem_bytes == registry.shared_bytes("quick", cfg)
         static = registry.decode_reduction_bytes(cfg) + 2 * 8 * cfg.stages + 4  # + mbarriers + ticket flag
         assert static <= report.static_smem_bytes < static + 128
+
+
+def test_folded_zero_points_only_in_the_bulk_decode_kernel():
+    assert "needs _wg or _cp_dc" in registry.violations("quick", TileConfig(8, 64, 256, 1, 4, 1, folded_zeros=True,
+                                                                             decode=True))[0]
+    assert any(c.folded_zeros for c in BULK) and any(not c.folded_zeros for c in BULK)
+
+
+def _f16x2_arithmetic(cfg):
+    text = variants.ptx("quick", cfg)
+    return sum(line.strip().startswith(("sub.rn.f16x2", "mul.rn.f16x2", "fma.rn.f16x2")) for line in text.splitlines())
+
+
+def test_folded_bulk_variant_leaves_zero_points_and_scales_out_of_the_weight_path():
+    """_fz: one more mma per k16 step and batch tile (the activation row sums); of the f16x2 arithmetic
+    only the 1/16 pre-scale of b1 (one per step and batch tile) and the zero word's two HFMA2 per group
+    flush (at most one flush per step) remain, against 10 per packed word unfolded."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    folded = TileConfig.parse("8x128x128_w1x4_s4_cp_fz_dc")
+    unfolded = TileConfig.parse("8x128x128_w1x4_s4_cp_dc")
+    steps = folded.tile_k // 16 // (folded.warps_n // (folded.tile_n // 64))
+    assert variants.ptx_counts("quick", folded)["mma.sync"] == 5 * steps
+    assert variants.ptx_counts("quick", unfolded)["mma.sync"] == 4 * steps
+    assert _f16x2_arithmetic(folded) <= 3 * steps
+    assert _f16x2_arithmetic(unfolded) >= 4 * 10 * steps
 
 
 def test_bulk_ptx_copies_with_cp_async_bulk_and_loads_words_from_shared():

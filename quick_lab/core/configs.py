@@ -22,8 +22,8 @@ class TileConfig:
     True stages the still-packed weights through the cp.async pipeline (name suffix ``_cp``).
     ``wgmma`` (suffix ``_wg``, Hopper only) selects the warpgroup-MMA mainloop (kernels/quick_wgmma.cu):
     dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup. ``folded_zeros``
-    (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
-    once per group (needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
+    (suffix ``_fz``, wgmma and bulk decode kernels) feeds the raw 1024 + q into the tensor core and
+    applies zero points and scales once per group (wgmma: needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
     kernel (kernels/quick_decode.cu, M <= tile_m <= 32): a tile_m x 64 output strip per block whose
     warps_n warps split each k-tile of tile_k along K; with ``_cp`` (``..._s4_cp_dc``, Hopper only) the
     bulk-copy decode kernel (kernels/quick_decode_bulk.cu): a producer warp more per block streams the
@@ -184,6 +184,12 @@ QUICK_DECODE_BULK_VARIANTS = tuple(
     TileConfig(tm, tn, tk, 1, w, st, async_weights=True, decode=True) for tm, tn, tk, w, st in (
         (8, 64, 256, 4, 4), (8, 128, 128, 4, 4), (8, 128, 256, 4, 4), (8, 256, 64, 4, 6), (8, 256, 128, 4, 4),
         (8, 256, 128, 8, 4), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4), (16, 256, 64, 4, 6), (32, 128, 128, 4, 4),
+    )) + tuple(
+    # folded zero points and scales (quick_decode.cuh decode_matmul_folded): 5 instructions per packed word
+    # feed the mma instead of 15, for compute warps that no longer wait on DRAM but on issue slots
+    TileConfig(tm, tn, tk, 1, w, st, async_weights=True, folded_zeros=True, decode=True) for tm, tn, tk, w, st in (
+        (8, 64, 256, 4, 4), (8, 128, 128, 4, 4), (8, 128, 256, 4, 4), (8, 256, 128, 4, 4), (8, 256, 128, 8, 4),
+        (16, 128, 128, 4, 4), (16, 256, 128, 8, 4), (32, 128, 128, 4, 4),
     ))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that

@@ -391,7 +391,8 @@ QUICK_DECODE = KernelFamily(
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 QUICK_DECODE_BULK = KernelFamily(
-    "quick_decode_bulk", "quick", "quick_decode_bulk.cu", ("tile_m", "tile_n", "tile_k", "warps_n", "stages"),
+    "quick_decode_bulk", "quick", "quick_decode_bulk.cu",
+    ("tile_m", "tile_n", "tile_k", "warps_n", "stages", "folded_zeros"),
     configs.QUICK_DECODE_BULK_VARIANTS, "dc_cp", _quick_decode_bulk_layout, _quick_decode_bulk_rules,
     _tile_grid_launch, arch="sm_90", compute_capability="90", problem_rules=_decode_bulk_problem_rules,
     doc="QUICK for decode on Hopper: a producer warp streams the weights into a shared-memory ring by "
@@ -428,8 +429,9 @@ def violations(kind: str, cfg: TileConfig) -> list[str]:
     """Every rule the kernel template's static_asserts and register budget impose; empty when valid."""
     if kind not in KINDS:
         return [f"kind must be one of {KINDS}"]
-    if cfg.folded_zeros and not cfg.wgmma:
-        return ["folded zero points exist only in the wgmma mainloop (_fz needs _wg)"]
+    if cfg.folded_zeros and not (cfg.wgmma or (cfg.decode and cfg.async_weights)):
+        return ["folded zero points exist only in the wgmma mainloop and the bulk decode kernel "
+                "(_fz needs _wg or _cp_dc)"]
     try:
         fam = family(kind, cfg)
     except ValueError as exc:
