@@ -127,6 +127,9 @@ __device__ __forceinline__ u32 load_stream_u32(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
+// A fire-and-forget fill of the 128-byte L2 line holding p (PTX ISA, data movement instructions,
+// prefetch): no register, no scoreboard, so a later load of it waits on L2 instead of DRAM.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Scales and zeros are tiny and re-read by the 4 lanes of a quad and by later k-tiles: keep them in L1.
 __device__ __forceinline__ uint4 load_cached_u4(const void* p) {
   uint4 v;

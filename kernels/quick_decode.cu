@@ -20,6 +20,9 @@
 //                    (ld.global.nc.L1::no_allocate: read once, never re-read by this SM), the zero /
 //                    scale words of every group that starts in the chunk and its activation pairs, so
 //                    a warp has kSteps x 512 bytes of weights in flight before it waits on anything.
+//                    With STAGES > 1 (names _s2, _s3) the lanes also prefetch the chunk STAGES - 1
+//                    k-tiles ahead into L2 (one 128-byte line each): more DRAM requests in flight at
+//                    no register cost, and the chunk's own loads then wait on L2, not DRAM.
 //   2. matmul:       per k16 step, per word: dequantize with its group's pair, 1 mma.m16n8k16 per 8
 //                    batch rows (quick_decode.cuh decode_matmul, shared with quick_decode_bulk.cu).
 //   3. reduce:       the warps' partial 64 x TILE_M tiles are summed through shared memory, so a
@@ -38,13 +41,15 @@
 
 using namespace ql;
 
-template <int TILE_M, int TILE_K, int WARPS>
+template <int TILE_M, int TILE_K, int WARPS, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
                  int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
   constexpr int kBatchTiles = TILE_M / 8;
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
+  constexpr int kAhead = STAGES - 1;            // k-tiles prefetched into L2 ahead of the one in registers
+  static_assert(kSteps <= 8, "a lane prefetches one 128-byte line: at most 8 blocks of 512 bytes per chunk");
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
   static_assert(TILE_M == 8 || TILE_M == 16 || TILE_M == 32, "one, two or four n8 tiles of batch rows");
   __shared__ __align__(16) float red[WARPS * TILE_M * kDecodeRedStride];
@@ -74,6 +79,8 @@ __global__ void __launch_bounds__(32 * WARPS)
     u32 z[kSteps], b[kBatchTiles][kSteps][2];
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) w[ks] = load_stream_u4(qweight + layout.word(k16_0 + ks, strip, lane));
+    if (kAhead > 0 && kt + kAhead < kt_end && lane < 4 * kSteps)  // lane l: line l % 4 of block l / 4
+      prefetch_l2(qweight + layout.word(k16_0 + kAhead * (TILE_K / 16) + lane / 4, strip, 8 * (lane % 4)));
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       const int k = (k16_0 + ks) * 16;

@@ -18,7 +18,8 @@ def test_names_round_trip_and_select_the_decode_family():
     for cfg in DECODE:
         assert cfg.name.endswith("_dc") and TileConfig.parse(cfg.name) == cfg
         assert registry.family("quick", cfg) is registry.QUICK_DECODE
-        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n}>"
+        assert registry.template_name("quick", cfg) == (
+            f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},{cfg.stages}>")
     assert set(DECODE) <= set(registry.variants("quick"))
 
 
@@ -29,7 +30,7 @@ def test_names_round_trip_and_select_the_decode_family():
     (TileConfig(16, 64, 512, 1, 3, 1, decode=True), "2, 4 or 8 warps"),
     (TileConfig(16, 64, 96, 1, 4, 1, decode=True), "whole k16 steps"),
     (TileConfig(8, 64, 1024, 1, 4, 1, decode=True), "at most 8"),
-    (TileConfig(16, 64, 512, 1, 4, 2, decode=True), "stages = 1"),
+    (TileConfig(16, 64, 512, 1, 4, 4, decode=True), "stages 1, 2 or 3"),
 ])
 def test_rules(cfg, rule):
     assert any(rule in v for v in registry.violations("quick", cfg)), registry.violations("quick", cfg)
@@ -82,6 +83,18 @@ def test_ptx_feeds_mma_straight_from_registers(name, batch_tiles):
     steps = cfg.tile_k // 16 // cfg.warps_n
     assert counts["mma.sync"] == 4 * batch_tiles * steps
     assert counts["ldmatrix"] == counts["cp.async"] == counts["st.shared.v4"] == 0
+
+
+def test_prefetching_variants_prefetch_one_line_per_lane_per_k_tile():
+    """stages 2 / 3: one prefetch.global.L2 per k-tile (the chunk STAGES - 1 k-tiles ahead); stages 1: none."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+
+    def prefetches(name):
+        text = variants.ptx("quick", TileConfig.parse(name))
+        return sum(line.strip().startswith("prefetch.global.L2") for line in text.splitlines())
+
+    assert prefetches("8x64x256_w1x4_s1_dc") == 0
+    assert prefetches("8x64x256_w1x4_s2_dc") == prefetches("8x64x256_w1x4_s3_dc") == 1
 
 
 # ---------------------------------------------------------------- on the GPU

@@ -175,7 +175,12 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
 # holds four batch tiles of accumulators and activations, so only its shallower chunks fit the registers.
 QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for tm in (8, 16) for tk, w in (
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
-)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256))
+)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256)) + tuple(
+    # stages 2 / 3: the chunk one or two k-tiles ahead prefetched into L2 (no registers)
+    TileConfig(tm, 64, tk, 1, w, st, decode=True) for tm, tk, w, st in (
+        (8, 256, 4, 2), (8, 256, 4, 3), (8, 256, 8, 2), (8, 512, 8, 2), (8, 512, 4, 2),
+        (16, 256, 4, 2), (16, 512, 8, 2), (16, 256, 4, 3), (32, 256, 4, 2),
+    ))
 
 # Bulk-copy decode kernel (Hopper only): a tile of tile_n / 64 adjacent strips whose k16 rows (tile_n / 64
 # x 512 contiguous bytes each) and group records a producer warp streams into a ring of `stages` k-tiles

@@ -209,8 +209,9 @@ def _quick_decode_rules(cfg: TileConfig) -> list[str]:
     elif cfg.tile_k % (16 * cfg.warps_n) or decode_steps(cfg) > MAX_DECODE_STEPS:
         out.append(f"tile_k must give each warp whole k16 steps, at most {MAX_DECODE_STEPS} (a chunk's weight, "
                    "group and activation fragments are all held in registers)")
-    if cfg.stages != 1 or cfg.async_weights:
-        out.append("the decode kernel streams weights into registers: stages = 1, no _cp")
+    if cfg.stages not in (1, 2, 3) or cfg.async_weights:
+        out.append("the decode kernel streams weights into registers (no _cp): stages 1, 2 or 3 = the k-tile "
+                   "in registers plus 0, 1 or 2 prefetched into L2")
     if decode_reduction_bytes(cfg) > 48 * 1024:
         out.append("the reduction buffer is static shared memory: warps_n x tile_m x 68 floats, at most 48 KB")
     return out
@@ -385,7 +386,7 @@ QUICK_WGMMA = KernelFamily(
     doc="QUICK on Hopper wgmma: dequantized registers are the A operand; stream-K schedule")
 
 QUICK_DECODE = KernelFamily(
-    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
+    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n", "stages"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
     problem_rules=_decode_problem_rules,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
