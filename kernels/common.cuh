@@ -61,25 +61,23 @@ __device__ __forceinline__ float half_to_float(u16 h) {
 // columns; the QUICK layout turns them into the (k, k+1) pairs of an mma B fragment.
 // The result is biased: each half holds 1024 + q exactly (integers below 2048 are exact in fp16), and
 // callers subtract a zero point dequantized by this same routine, so the bias cancels exactly.
-// The four LOP3s alone: pairs 0 and 2 hold 1024 + q, pairs 1 and 3 (the nibbles still x16) 1024 + 16 q,
-// all exact. A kernel that folds the 1/16 into its other operand (quick_decode.cuh, folded) stops here.
-__device__ __forceinline__ void dequant_int4x8_unscaled(u32 packed, u32 (&pairs)[4]) {
+__device__ __forceinline__ void dequant_int4x8(u32 packed, u32 (&pairs)[4]) {
   constexpr u32 kLowMask = 0x000f000f;   // nibbles 0 and 4 (after >> 8: 2 and 6)
   constexpr u32 kHighMask = 0x00f000f0;  // nibbles 1 and 5 (after >> 8: 3 and 7), still x16
   constexpr u32 kMagic = 0x64006400;     // fp16x2 (1024, 1024)
   constexpr u32 kLut = (0xf0 & 0xcc) | 0xaa;  // lop3 truth table for (a & b) | c
-  const u32 shifted = packed >> 8;
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[0]) : "r"(packed), "n"(kLowMask), "n"(kMagic), "n"(kLut));
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[1]) : "r"(packed), "n"(kHighMask), "n"(kMagic), "n"(kLut));
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[2]) : "r"(shifted), "n"(kLowMask), "n"(kMagic), "n"(kLut));
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(pairs[3]) : "r"(shifted), "n"(kHighMask), "n"(kMagic), "n"(kLut));
-}
-__device__ __forceinline__ void dequant_int4x8(u32 packed, u32 (&pairs)[4]) {
   constexpr u32 kOneSixteenth = 0x2c002c00;   // fp16x2 (1/16, 1/16)
   constexpr u32 kBias960 = 0x63806380;        // fp16x2 (960, 960): (1024 + 16q)/16 + 960 = 1024 + q
-  dequant_int4x8_unscaled(packed, pairs);
-  pairs[1] = hfma2(pairs[1], kOneSixteenth, kBias960);
-  pairs[3] = hfma2(pairs[3], kOneSixteenth, kBias960);
+  const u32 shifted = packed >> 8;
+  u32 p0, p1, p2, p3;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p0) : "r"(packed), "n"(kLowMask), "n"(kMagic), "n"(kLut));
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p1) : "r"(packed), "n"(kHighMask), "n"(kMagic), "n"(kLut));
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p2) : "r"(shifted), "n"(kLowMask), "n"(kMagic), "n"(kLut));
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(p3) : "r"(shifted), "n"(kHighMask), "n"(kMagic), "n"(kLut));
+  pairs[0] = p0;
+  pairs[1] = hfma2(p1, kOneSixteenth, kBias960);
+  pairs[2] = p2;
+  pairs[3] = hfma2(p3, kOneSixteenth, kBias960);
 }
 
 // (q - z) * s on biased fp16 pairs, as AutoAWQ computes it: the subtraction is exact, so the only
@@ -127,9 +125,6 @@ __device__ __forceinline__ u32 load_stream_u32(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
-// A fire-and-forget fill of the 128-byte L2 line holding p (PTX ISA, data movement instructions,
-// prefetch): no register, no scoreboard, so a later load of it waits on L2 instead of DRAM.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Scales and zeros are tiny and re-read by the 4 lanes of a quad and by later k-tiles: keep them in L1.
 __device__ __forceinline__ uint4 load_cached_u4(const void* p) {
   uint4 v;
@@ -145,27 +140,6 @@ __device__ __forceinline__ uint2 load_cached_u2(const void* p) {
   uint2 v;
   asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
-}
-
-// Plain shared loads of 1, 2 or 4 words at a shared byte address (the staged weights and records).
-template <int W>
-__device__ __forceinline__ void lds_words(u32 address, u32 (&w)[W]) {
-  if constexpr (W == 4)
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(address));
-  else if constexpr (W == 2)
-    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(address));
-  else
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[0]) : "r"(address));
-}
-__device__ __forceinline__ uint4 lds_u4(u32 address) {
-  uint4 v;
-  lds_words<4>(address, reinterpret_cast<u32(&)[4]>(v));
-  return v;
-}
-__device__ __forceinline__ u32 lds_u32(u32 address) {
-  u32 w[1];
-  lds_words<1>(address, w);
-  return w[0];
 }
 
 // ldmatrix: each of the 4 8x8 b16 matrices takes its 8 row addresses from lanes 8i..8i+7 and lands in

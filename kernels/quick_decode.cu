@@ -20,43 +20,42 @@
 //                    (ld.global.nc.L1::no_allocate: read once, never re-read by this SM), the zero /
 //                    scale words of every group that starts in the chunk and its activation pairs, so
 //                    a warp has kSteps x 512 bytes of weights in flight before it waits on anything.
-//                    With STAGES > 1 (names _s2, _s3) the lanes also prefetch the chunk STAGES - 1
-//                    k-tiles ahead into L2 (one 128-byte line each): more DRAM requests in flight at
-//                    no register cost, and the chunk's own loads then wait on L2, not DRAM.
 //   2. matmul:       per k16 step, per word: dequantize with its group's pair, 1 mma.m16n8k16 per 8
-//                    batch rows (quick_decode.cuh decode_matmul, shared with quick_decode_bulk.cu).
+//                    batch rows.
 //   3. reduce:       the warps' partial 64 x TILE_M tiles are summed through shared memory, so a
 //                    block writes one partial, not WARPS;
 //   4. write_result: split == 1: fp16 straight out; else the fp32 partial goes to
 //                    workspace[split][M][N] and the block that takes the last ticket on its strip
 //                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
-//                    fp16: one launch, no second pass (3 and 4: quick_decode.cuh decode_reduce_write).
+//                    fp16: one launch, no second pass.
 //
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
 // loads at 25% occupancy), and a register double buffer of the next chunk (fewer resident warps).
 // Grid = (1, N / 64, split). K must be a multiple of TILE_K (quick_lab/core/registry.py checks it); a
 // step's group is k / group_size, so a chunk may span several groups.
-#include "quick_decode.cuh"
+#include "quick_layout.cuh"
 
 using namespace ql;
 
-template <int TILE_M, int TILE_K, int WARPS, int STAGES>
+template <int TILE_M, int TILE_K, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
                  int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
-  constexpr int kBatchTiles = TILE_M / 8;
+  constexpr int kThreads = 32 * WARPS, kBatchTiles = TILE_M / 8;
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
-  constexpr int kAhead = STAGES - 1;            // k-tiles prefetched into L2 ahead of the one in registers
-  static_assert(kSteps <= 8, "a lane prefetches one 128-byte line: at most 8 blocks of 512 bytes per chunk");
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
   static_assert(TILE_M == 8 || TILE_M == 16 || TILE_M == 32, "one, two or four n8 tiles of batch rows");
-  __shared__ __align__(16) float red[WARPS * TILE_M * kDecodeRedStride];
+  // Reduction rows (one per batch row) padded to 68 floats: the stores of one (tile, word) put lane
+  // (g, t) at row 2t, column g, i.e. bank (8t + g) mod 32, all 32 banks distinct.
+  constexpr int kRedStride = 64 + 4;
+  __shared__ __align__(16) float red[WARPS * TILE_M * kRedStride];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int strip = blockIdx.y;  // n64 block: output columns 64 strip .. 64 strip + 63
+  const int rows = min(M, TILE_M);
   const QuickLayout layout(N);
   int kt_begin, kt_end;
   split_k_range(K / TILE_K, split, kt_begin, kt_end);
@@ -79,8 +78,6 @@ __global__ void __launch_bounds__(32 * WARPS)
     u32 z[kSteps], b[kBatchTiles][kSteps][2];
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) w[ks] = load_stream_u4(qweight + layout.word(k16_0 + ks, strip, lane));
-    if (kAhead > 0 && kt + kAhead < kt_end && lane < 4 * kSteps)  // lane l: line l % 4 of block l / 4
-      prefetch_l2(qweight + layout.word(k16_0 + kAhead * (TILE_K / 16) + lane / 4, strip, 8 * (lane % 4)));
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       const int k = (k16_0 + ks) * 16;
@@ -99,7 +96,50 @@ __global__ void __launch_bounds__(32 * WARPS)
         b[bt][ks][1] = has_row[bt] ? load_cached_u32(x_row[bt] + k + 8) : 0u;
       }
 
-    decode_matmul(acc, w, s, z, b, [&](int ks) { return starts_group(ks, (k16_0 + ks) * 16); });
+    // matmul
+    ZeroScale zs[4];
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      if (starts_group(ks, (k16_0 + ks) * 16)) zero_scales_of(s[ks], z[ks], zs);
+      const u32 words[4] = {w[ks].x, w[ks].y, w[ks].z, w[ks].w};
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        u32 q[4];
+        dequant_quick_word(words[v], zs[v], q);
+        const u32 a[4] = {q[0], q[2], q[1], q[3]};  // rows g: n8 tile 2v, rows g + 8: tile 2v + 1
+#pragma unroll
+        for (int bt = 0; bt < kBatchTiles; ++bt) mma_m16n8k16(acc[bt][v], a, b[bt][ks][0], b[bt][ks][1]);
+      }
+    }
   }
-  decode_reduce_write<TILE_M, WARPS>(acc, red, out, workspace, tile_counters, M, N, strip, split);
+
+  // reduce: acc[bt][v] c0, c1 -> batch rows 8 bt + 2t, + 1 at column 16 v + g; c2, c3 -> column + 8.
+#pragma unroll
+  for (int bt = 0; bt < kBatchTiles; ++bt)
+#pragma unroll
+    for (int v = 0; v < 4; ++v)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        red[(warp * TILE_M + 8 * bt + 2 * t + (c & 1)) * kRedStride + 16 * v + 8 * (c >> 1) + g] = acc[bt][v][c];
+  __syncthreads();
+
+  // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
+  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
+  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+    const int r = i / 64, c = i % 64;
+    float v = 0.f;
+#pragma unroll
+    for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
+    const long long idx = (long long)r * N + strip * 64 + c;
+    if (partial) partial[idx] = v;
+    else out[idx] = float_to_half(v);
+  }
+  if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
+  const long long mn = (long long)M * N;
+  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+    const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
+    float v = 0.f;
+    for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
+    out[idx] = float_to_half(v);
+  }
 }

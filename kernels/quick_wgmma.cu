@@ -61,6 +61,26 @@ __device__ __forceinline__ void load_words(const u32* p, u32 (&w)[W]) {
   }
 }
 
+template <int W>
+__device__ __forceinline__ void lds_words(u32 address, u32 (&w)[W]) {
+  if constexpr (W == 4)
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(address));
+  else if constexpr (W == 2)
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(address));
+  else
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[0]) : "r"(address));
+}
+__device__ __forceinline__ uint4 lds_u4(u32 address) {
+  uint4 v;
+  lds_words<4>(address, reinterpret_cast<u32(&)[4]>(v));
+  return v;
+}
+__device__ __forceinline__ u32 lds_u32(u32 address) {
+  u32 w[1];
+  lds_words<1>(address, w);
+  return w[0];
+}
+
 // An empty asm that reads the registers: they stay allocated (unchanged) up to this point.
 template <int W>
 __device__ __forceinline__ void keep_alive(const u32 (&a)[W][4]) {

@@ -38,14 +38,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason=reason)
     for item in gpu_items:
         item.add_marker(skip)
-
-
-@pytest.fixture
-def hopper():
-    """Skips unless the current GPU is compute capability 9.0: the wgmma mainloop (sm_90a) and the
-    bulk-copy decode kernel (sm_90) run nowhere else."""
-    import cupy
-
-    cc = cupy.cuda.Device().compute_capability
-    if cc != "90":
-        pytest.skip(f"this kernel needs a compute capability 9.0 GPU (sm_90 / sm_90a); this one is {cc}")

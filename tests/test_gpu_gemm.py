@@ -151,6 +151,16 @@ def test_default_configs_cover_n_not_a_multiple_of_128(kind, M):
 
 # ---------------------------------------------------------------- Hopper wgmma mainloop (sm_90a)
 
+@pytest.fixture
+def hopper():
+    """Skips unless the current GPU is compute capability 9.0: the wgmma kernel is built for sm_90a."""
+    import cupy
+
+    cc = cupy.cuda.Device().compute_capability
+    if cc != "90":
+        pytest.skip(f"the wgmma mainloop needs a compute capability 9.0 GPU (sm_90a); this one is {cc}")
+
+
 def _wgmma_cases(cfg):
     """(M, K, N, G, split_k) per wgmma config: batch 1 / 7 / 33 / 1000, stream-K (0), split-K 1 and 3,
     odd multiples of tile_n, a tile shared by many stream-K blocks (few tiles, 64 k-tiles), and G = 64."""

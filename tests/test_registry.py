@@ -14,8 +14,7 @@ ALL = [(f, c) for f in registry.FAMILIES for c in f.variants]
 
 
 def test_one_family_per_template():
-    assert [f.name for f in registry.FAMILIES] == ["awq_gemm", "quick_gemm", "quick_wgmma", "quick_decode",
-                                                   "quick_decode_bulk"]
+    assert [f.name for f in registry.FAMILIES] == ["awq_gemm", "quick_gemm", "quick_wgmma", "quick_decode"]
     for fam in registry.FAMILIES:
         text = sources.assemble(fam.source)
         signature = re.search(rf"template <([^>]*)>\s*__global__(?:(?!template).)*?\b{fam.name}\(", text, re.S)
@@ -50,10 +49,7 @@ def test_stage_layout_adds_up(fam, cfg):
     lay = fam.layout(cfg)
     assert lay.total == fam.shared_bytes(cfg) <= registry.SMEM_PER_BLOCK_LIMIT
     parts = lay.activations + lay.weights + lay.scales + lay.zeros
-    if fam is registry.QUICK_DECODE_BULK:  # the k-tile's rows, then records of up to tile_k / 32 groups
-        assert lay.weights == cfg.tile_k * cfg.tile_n // 2
-        assert (lay.scales, lay.zeros) == (cfg.tile_k // 32 * cfg.tile_n * 2, cfg.tile_k // 32 * cfg.tile_n // 2)
-    elif cfg.async_weights:  # the packed k-tile: 4 bits per weight, fp16 scales and int4 zeros per n64 block
+    if cfg.async_weights:  # the packed k-tile: 4 bits per weight, fp16 scales and int4 zeros per n64 block
         assert lay.weights == cfg.tile_k * cfg.tile_n // 2
         assert lay.scales == cfg.tile_n * 2 and lay.zeros == cfg.tile_n // 2
     else:
@@ -65,9 +61,6 @@ def test_stage_layout_adds_up(fam, cfg):
         assert lay.total == lay.activations + lay.writeback
     elif fam is registry.QUICK_DECODE:  # static shared memory only: the launch asks for no dynamic bytes
         assert lay.total == 0 and lay.activations == 0
-    elif fam is registry.QUICK_DECODE_BULK:  # stages 128-byte aligned for the bulk copies
-        assert lay.stride % 128 == 0 and lay.stride - 128 < parts <= lay.stride
-        assert lay.total == cfg.stages * lay.stride
     else:
         assert lay.stride == parts and lay.total == cfg.stages * parts
     assert lay.zeros_offset == lay.scales_offset + lay.scales == lay.weights_offset + lay.weights + lay.scales

@@ -134,8 +134,7 @@ def test_wgmma_variants_only_with_hopper():
     assert plain == configs.QUICK_VARIANTS + configs.QUICK_DECODE_VARIANTS
     assert not any(c.wgmma for c in plain)
     hopper = registry.variants("quick", hopper=True)
-    assert hopper == (configs.QUICK_VARIANTS + WGMMA + configs.QUICK_DECODE_VARIANTS
-                      + configs.QUICK_DECODE_BULK_VARIANTS)
+    assert hopper == configs.QUICK_VARIANTS + WGMMA + configs.QUICK_DECODE_VARIANTS
     assert {c for c in hopper if c.wgmma} == set(WGMMA) and len(WGMMA) > 0
     assert registry.variants("awq", hopper=True) == configs.AWQ_VARIANTS
 

@@ -22,12 +22,10 @@ class TileConfig:
     True stages the still-packed weights through the cp.async pipeline (name suffix ``_cp``).
     ``wgmma`` (suffix ``_wg``, Hopper only) selects the warpgroup-MMA mainloop (kernels/quick_wgmma.cu):
     dequantized weights as wgmma's register A operand; warps_n is 4 per warpgroup. ``folded_zeros``
-    (suffix ``_fz``, wgmma and bulk decode kernels) feeds the raw 1024 + q into the tensor core and
-    applies zero points and scales once per group (wgmma: needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
+    (suffix ``_fz``, wgmma only) feeds the raw 1024 + q into wgmma and applies zero points and scales
+    once per group (needs group_size == tile_k == 128). ``decode`` (suffix ``_dc``) selects the decode
     kernel (kernels/quick_decode.cu, M <= tile_m <= 32): a tile_m x 64 output strip per block whose
-    warps_n warps split each k-tile of tile_k along K; with ``_cp`` (``..._s4_cp_dc``, Hopper only) the
-    bulk-copy decode kernel (kernels/quick_decode_bulk.cu): a producer warp more per block streams the
-    weights into a ``stages``-deep shared-memory ring."""
+    warps_n warps split each k-tile of tile_k along K."""
 
     tile_m: int
     tile_n: int
@@ -42,8 +40,7 @@ class TileConfig:
 
     @property
     def threads(self) -> int:
-        """Threads per block: the warp grid, plus the producer warp of the bulk-copy decode kernel."""
-        return 32 * self.warps_m * self.warps_n + (32 if self.decode and self.async_weights else 0)
+        return 32 * self.warps_m * self.warps_n
 
     @property
     def warp_m(self) -> int:
@@ -56,13 +53,8 @@ class TileConfig:
     @property
     def marker(self) -> str:
         """The name suffix that selects a kernel family (quick_lab.core.registry): "wg" for the wgmma
-        mainloop, "dc" for the decode kernel, "dc_cp" for the bulk-copy decode kernel, "" for the tiled
-        mma.sync kernels."""
-        if self.wgmma:
-            return "wg"
-        if self.decode:
-            return "dc_cp" if self.async_weights else "dc"
-        return ""
+        mainloop, "dc" for the decode kernel, "" for the tiled mma.sync kernels."""
+        return "wg" if self.wgmma else "dc" if self.decode else ""
 
     @property
     def name(self) -> str:
@@ -175,27 +167,7 @@ QUICK_WGMMA_VARIANTS = tuple(TileConfig(*v, wgmma=True) for v in (
 # holds four batch tiles of accumulators and activations, so only its shallower chunks fit the registers.
 QUICK_DECODE_VARIANTS = tuple(TileConfig(tm, 64, tk, 1, w, 1, decode=True) for tm in (8, 16) for tk, w in (
     (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8),
-)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256)) + tuple(
-    # stages 2 / 3: the chunk one or two k-tiles ahead prefetched into L2 (no registers)
-    TileConfig(tm, 64, tk, 1, w, st, decode=True) for tm, tk, w, st in (
-        (8, 256, 4, 2), (8, 256, 4, 3), (8, 256, 8, 2), (8, 512, 8, 2), (8, 512, 4, 2),
-        (16, 256, 4, 2), (16, 512, 8, 2), (16, 256, 4, 3), (32, 256, 4, 2),
-    ))
-
-# Bulk-copy decode kernel (Hopper only): a tile of tile_n / 64 adjacent strips whose k16 rows (tile_n / 64
-# x 512 contiguous bytes each) and group records a producer warp streams into a ring of `stages` k-tiles
-# in shared memory; compute warp w takes strip w % strips, the warps of a strip split the k-tile.
-QUICK_DECODE_BULK_VARIANTS = tuple(
-    TileConfig(tm, tn, tk, 1, w, st, async_weights=True, decode=True) for tm, tn, tk, w, st in (
-        (8, 64, 256, 4, 4), (8, 128, 128, 4, 4), (8, 128, 256, 4, 4), (8, 256, 64, 4, 6), (8, 256, 128, 4, 4),
-        (8, 256, 128, 8, 4), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4), (16, 256, 64, 4, 6), (32, 128, 128, 4, 4),
-    )) + tuple(
-    # folded zero points and scales (quick_decode.cuh decode_matmul_folded): 5 instructions per packed word
-    # feed the mma instead of 15, for compute warps that no longer wait on DRAM but on issue slots
-    TileConfig(tm, tn, tk, 1, w, st, async_weights=True, folded_zeros=True, decode=True) for tm, tn, tk, w, st in (
-        (8, 64, 256, 4, 4), (8, 128, 128, 4, 4), (8, 128, 256, 4, 4), (8, 256, 128, 4, 4), (8, 256, 128, 8, 4),
-        (16, 128, 128, 4, 4), (16, 256, 128, 8, 4), (32, 128, 128, 4, 4),
-    ))
+)) + tuple(TileConfig(32, 64, tk, 1, 4, 1, decode=True) for tk in (128, 256))
 
 # The paper-reproduction configuration: the AutoAWQ block tile with the QUICK weight path, so that
 # the comparison isolates the write-back; the dispatcher picks larger tiles for speed.

@@ -122,18 +122,6 @@ def _quick_decode_layout(cfg: TileConfig) -> StageLayout:
     return StageLayout(0, stride=0, stages=1, total=0)
 
 
-def _quick_decode_bulk_layout(cfg: TileConfig) -> StageLayout:
-    # kernels/quick_decode_bulk.cu DecodeBulkStage: the k-tile's k16 rows of tile_n / 64 packed blocks
-    # verbatim, then the scale and zero records of up to tile_k / 32 groups (tile_n / 64 blocks each),
-    # each stage rounded up to 128 bytes.
-    strips = cfg.tile_n // 64
-    weights = cfg.tile_k // 16 * strips * 512
-    groups = cfg.tile_k // 32 if cfg.tile_k >= 64 else 1
-    stride = -(-(weights + groups * strips * (128 + 32)) // 128) * 128
-    return StageLayout(0, weights, groups * strips * 128, groups * strips * 32, stride=stride, stages=cfg.stages,
-                       total=cfg.stages * stride)
-
-
 # ---------------------------------------------------------------- validity rules
 
 
@@ -209,31 +197,8 @@ def _quick_decode_rules(cfg: TileConfig) -> list[str]:
     elif cfg.tile_k % (16 * cfg.warps_n) or decode_steps(cfg) > MAX_DECODE_STEPS:
         out.append(f"tile_k must give each warp whole k16 steps, at most {MAX_DECODE_STEPS} (a chunk's weight, "
                    "group and activation fragments are all held in registers)")
-    if cfg.stages not in (1, 2, 3) or cfg.async_weights:
-        out.append("the decode kernel streams weights into registers (no _cp): stages 1, 2 or 3 = the k-tile "
-                   "in registers plus 0, 1 or 2 prefetched into L2")
-    if decode_reduction_bytes(cfg) > 48 * 1024:
-        out.append("the reduction buffer is static shared memory: warps_n x tile_m x 68 floats, at most 48 KB")
-    return out
-
-
-def _quick_decode_bulk_rules(cfg: TileConfig) -> list[str]:
-    """kernels/quick_decode_bulk.cu: tile_n / 64 strips per block, the warps of a strip splitting the
-    k-tile in whole passes of k16 steps, a ring of stages >= 2."""
-    out = []
-    strips = cfg.tile_n // 64
-    if cfg.tile_m not in (8, 16, 32) or cfg.tile_n not in (64, 128, 256) or cfg.warps_m != 1:
-        out.append("bulk decode tiles are 8, 16 or 32 x 64, 128 or 256 (1, 2 or 4 n64 strips), warps_m = 1")
-    elif cfg.warps_n not in (2, 4, 8) or cfg.warps_n % strips:
-        out.append("bulk decode blocks have 2, 4 or 8 compute warps, the same number per strip")
-    else:
-        steps = cfg.tile_k // 16 // (cfg.warps_n // strips)
-        if cfg.tile_k % (16 * (cfg.warps_n // strips)) or steps < 1 or (steps > 4 and steps % 4):
-            out.append("tile_k must give each compute warp whole passes of k16 steps (up to 4 steps per pass)")
-    if not cfg.async_weights:
-        out.append("the bulk decode kernel stages its weights: _cp")
-    if cfg.stages < 2:
-        out.append("the bulk-copy decode kernel needs a ring of stages >= 2 (copies overlap compute)")
+    if cfg.stages != 1 or cfg.async_weights:
+        out.append("the decode kernel streams weights into registers: stages = 1, no _cp")
     if decode_reduction_bytes(cfg) > 48 * 1024:
         out.append("the reduction buffer is static shared memory: warps_n x tile_m x 68 floats, at most 48 KB")
     return out
@@ -265,18 +230,6 @@ def _decode_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> li
         out.append(f"N = {N} must be a multiple of 64 for config {cfg.name}")
     if K % cfg.tile_k:
         out.append(f"K = {K} must be a multiple of tile_k = {cfg.tile_k} for config {cfg.name}")
-    return out
-
-
-def _decode_bulk_problem_rules(cfg: TileConfig, M: int, K: int, N: int, G: int) -> list[str]:
-    """The bulk-copy decode kernel: the decode rules with whole tiles of tile_n columns, and group records
-    that tile a k-tile's stage."""
-    out = _decode_problem_rules(cfg, M, K, N, G)
-    if N % cfg.tile_n:
-        out.append(f"N = {N} must be a multiple of tile_n = {cfg.tile_n} for config {cfg.name}")
-    if G % 32 or (cfg.tile_k % G and G % cfg.tile_k):
-        out.append(f"group_size = {G} must be a multiple of 32 that divides tile_k = {cfg.tile_k} or a multiple "
-                   f"of it for config {cfg.name} (a stage holds whole group records)")
     return out
 
 
@@ -386,20 +339,12 @@ QUICK_WGMMA = KernelFamily(
     doc="QUICK on Hopper wgmma: dequantized registers are the A operand; stream-K schedule")
 
 QUICK_DECODE = KernelFamily(
-    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n", "stages"),
+    "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
     problem_rules=_decode_problem_rules,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
-QUICK_DECODE_BULK = KernelFamily(
-    "quick_decode_bulk", "quick", "quick_decode_bulk.cu",
-    ("tile_m", "tile_n", "tile_k", "warps_n", "stages", "folded_zeros"),
-    configs.QUICK_DECODE_BULK_VARIANTS, "dc_cp", _quick_decode_bulk_layout, _quick_decode_bulk_rules,
-    _tile_grid_launch, arch="sm_90", compute_capability="90", problem_rules=_decode_bulk_problem_rules,
-    doc="QUICK for decode on Hopper: a producer warp streams the weights into a shared-memory ring by "
-        "cp.async.bulk; compute as quick_decode")
-
-FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE, QUICK_DECODE_BULK)
+FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)
 KINDS = configs.KINDS
 
 
@@ -430,9 +375,8 @@ def violations(kind: str, cfg: TileConfig) -> list[str]:
     """Every rule the kernel template's static_asserts and register budget impose; empty when valid."""
     if kind not in KINDS:
         return [f"kind must be one of {KINDS}"]
-    if cfg.folded_zeros and not (cfg.wgmma or (cfg.decode and cfg.async_weights)):
-        return ["folded zero points exist only in the wgmma mainloop and the bulk decode kernel "
-                "(_fz needs _wg or _cp_dc)"]
+    if cfg.folded_zeros and not cfg.wgmma:
+        return ["folded zero points exist only in the wgmma mainloop (_fz needs _wg)"]
     try:
         fam = family(kind, cfg)
     except ValueError as exc:
