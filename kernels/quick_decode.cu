@@ -29,20 +29,58 @@
 //                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
 //                    fp16: one launch, no second pass.
 //
+// Fused with the decoder's neighbouring ops (quick_decode_fused; quick_lab/model/fused.py decode_gemm):
+// a decode step on the QUICK backend then runs the non-GEMM work of a layer inside its GEMMs, a launch
+// (~2 µs of graph time at batch 1) less for each. How B is formed (LOAD):
+//   kLoadRmsNorm: x is the residual stream h; b = fp16((h * inv[m]) * gamma[k]) with inv[m] =
+//                 rsqrt(sum_sq[m] / K + eps): RMSNorm applied as the activations are loaded, the row's
+//                 statistics left by the GEMM that last updated h (below). Same arithmetic as
+//                 decoder.cu add_rms_norm, so B is that kernel's output bit for bit given the same sum.
+//   kLoadSiluMul: x is the gate_up output [M, 2K]; b = fp16(silu(gate) * up), decoder.cu silu_mul's
+//                 formula.
+// What the result does (STORE):
+//   kStoreResidual: h[m][n] = fp16(h + fp16(result)) (the residual add, rounded as add_rms_norm
+//                 rounds it) and sum_sq_out[m] += the new row's squares (a warp sum per 32 columns,
+//                 one atomicAdd each; sum_sq_out was zeroed by the GEMM before); block (0, 0, 0) zeroes
+//                 sum_sq_clear, the other buffer of the pair, whose reader has finished.
+//
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
-// loads at 25% occupancy), and a register double buffer of the next chunk (fewer resident warps).
+// loads at 25% occupancy), a register double buffer of the next chunk (fewer resident warps), folded
+// zero points and scales (fewer instructions, no faster), a bulk-copy ring filled by a producer warp
+// and L2 prefetch ahead of the chunk (both slower).
 // Grid = (1, N / 64, split). K must be a multiple of TILE_K (quick_lab/core/registry.py checks it); a
 // step's group is k / group_size, so a chunk may span several groups.
 #include "quick_layout.cuh"
 
 using namespace ql;
 
-template <int TILE_M, int TILE_K, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS)
-    quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
-                 const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
-                 int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
+enum DecodeLoad { kLoadPlain = 0, kLoadRmsNorm = 1, kLoadSiluMul = 2 };
+enum DecodeStore { kStorePlain = 0, kStoreResidual = 1 };
+
+// The fused ops' operands (unused ones null): the norm's gamma [K] and row statistics [M] (kLoadRmsNorm),
+// the residual stream h [M, N] and the statistics buffers [M] (kStoreResidual).
+struct DecodeFusion {
+  const u16* norm_weight;
+  const float* sum_sq;
+  float eps;
+  u16* residual;
+  float* sum_sq_out;
+  float* sum_sq_clear;
+};
+
+__device__ __forceinline__ float warp_sum_f32(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int TILE_M, int TILE_K, int WARPS, int LOAD, int STORE>
+__device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, const uint4* __restrict__ qweight,
+                                                  const u32* __restrict__ qzeros, const uint4* __restrict__ scales,
+                                                  u16* __restrict__ out, float* __restrict__ workspace,
+                                                  int* __restrict__ tile_counters, int M, int K, int N,
+                                                  int group_size, int split, const DecodeFusion& fuse) {
   constexpr int kThreads = 32 * WARPS, kBatchTiles = TILE_M / 8;
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
@@ -61,13 +99,39 @@ __global__ void __launch_bounds__(32 * WARPS)
   split_k_range(K / TILE_K, split, kt_begin, kt_end);
 
   // B operand: batch row 8 bt + g feeds n8 tile bt; a row past M is never read and stays 0.
+  // kLoadSiluMul rows are [gate | up], 2K wide; kLoadRmsNorm scales row m by inv_norm (its RMSNorm).
+  constexpr int kRowWidth = LOAD == kLoadSiluMul ? 2 : 1;
   bool has_row[kBatchTiles];
   const u16* x_row[kBatchTiles];
+  float inv_norm[kBatchTiles];
 #pragma unroll
   for (int bt = 0; bt < kBatchTiles; ++bt) {
     has_row[bt] = 8 * bt + g < M;
-    x_row[bt] = x + (long long)(has_row[bt] ? 8 * bt + g : 0) * K + 2 * t;
+    const int row = has_row[bt] ? 8 * bt + g : 0;
+    x_row[bt] = x + (long long)row * kRowWidth * K + 2 * t;
+    inv_norm[bt] = LOAD == kLoadRmsNorm ? rsqrtf(fuse.sum_sq[row] / K + fuse.eps) : 1.f;
   }
+  if (STORE == kStoreResidual && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+    for (int i = threadIdx.x; i < M; i += blockDim.x) fuse.sum_sq_clear[i] = 0.f;
+  // The B pair at k (+ 2t) of batch tile bt, formed as LOAD says.
+  auto load_pair = [&](int bt, int k) -> u32 {
+    if (!has_row[bt]) return 0u;
+    const u32 v = load_cached_u32(x_row[bt] + k);
+    if constexpr (LOAD == kLoadRmsNorm) {
+      const u32 gamma = load_cached_u32(fuse.norm_weight + 2 * t + k);
+      return float2_to_half2(half_to_float(static_cast<u16>(v & 0xffffu)) * inv_norm[bt] *
+                                 half_to_float(static_cast<u16>(gamma & 0xffffu)),
+                             half_to_float(static_cast<u16>(v >> 16)) * inv_norm[bt] *
+                                 half_to_float(static_cast<u16>(gamma >> 16)));
+    } else if constexpr (LOAD == kLoadSiluMul) {
+      const u32 up = load_cached_u32(x_row[bt] + K + k);
+      const float g0 = half_to_float(static_cast<u16>(v & 0xffffu)), g1 = half_to_float(static_cast<u16>(v >> 16));
+      return float2_to_half2(g0 / (1.f + __expf(-g0)) * half_to_float(static_cast<u16>(up & 0xffffu)),
+                             g1 / (1.f + __expf(-g1)) * half_to_float(static_cast<u16>(up >> 16)));
+    } else {
+      return v;
+    }
+  };
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
 
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
@@ -92,8 +156,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
         const int k = (k16_0 + ks) * 16;
-        b[bt][ks][0] = has_row[bt] ? load_cached_u32(x_row[bt] + k) : 0u;
-        b[bt][ks][1] = has_row[bt] ? load_cached_u32(x_row[bt] + k + 8) : 0u;
+        b[bt][ks][0] = load_pair(bt, k);
+        b[bt][ks][1] = load_pair(bt, k + 8);
       }
 
     // matmul
@@ -123,7 +187,18 @@ __global__ void __launch_bounds__(32 * WARPS)
         red[(warp * TILE_M + 8 * bt + 2 * t + (c & 1)) * kRedStride + 16 * v + 8 * (c >> 1) + g] = acc[bt][v][c];
   __syncthreads();
 
-  // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
+  // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64); a warp's 32
+  // elements are always in one row (64 columns a row, blockDim a multiple of 32).
+  auto store = [&](int r, long long idx, float v) {
+    if constexpr (STORE == kStoreResidual) {
+      const u16 h_new = float_to_half(half_to_float(fuse.residual[idx]) + half_to_float(float_to_half(v)));
+      fuse.residual[idx] = h_new;
+      const float sq = warp_sum_f32(half_to_float(h_new) * half_to_float(h_new));
+      if (lane == 0) atomicAdd(fuse.sum_sq_out + r, sq);
+    } else {
+      out[idx] = float_to_half(v);
+    }
+  };
   float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
   for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
     const int r = i / 64, c = i % 64;
@@ -132,7 +207,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
     const long long idx = (long long)r * N + strip * 64 + c;
     if (partial) partial[idx] = v;
-    else out[idx] = float_to_half(v);
+    else store(r, idx, v);
   }
   if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
   const long long mn = (long long)M * N;
@@ -140,6 +215,30 @@ __global__ void __launch_bounds__(32 * WARPS)
     const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
     float v = 0.f;
     for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
-    out[idx] = float_to_half(v);
+    store(i / 64, idx, v);
   }
+}
+
+template <int TILE_M, int TILE_K, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
+    quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
+                 const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
+                 int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
+  const DecodeFusion none{nullptr, nullptr, 0.f, nullptr, nullptr, nullptr};
+  quick_decode_body<TILE_M, TILE_K, WARPS, kLoadPlain, kStorePlain>(x, qweight, qzeros, scales, out, workspace,
+                                                                      tile_counters, M, K, N, group_size, split, none);
+}
+
+// The decode kernel with the decoder's neighbours fused in (LOAD, STORE above); `out` is unused with
+// kStoreResidual.
+template <int TILE_M, int TILE_K, int WARPS, int LOAD, int STORE>
+__global__ void __launch_bounds__(32 * WARPS)
+    quick_decode_fused(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
+                       const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
+                       int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split,
+                       const u16* __restrict__ norm_weight, const float* __restrict__ sum_sq, float eps,
+                       u16* __restrict__ residual, float* __restrict__ sum_sq_out, float* __restrict__ sum_sq_clear) {
+  const DecodeFusion fuse{norm_weight, sum_sq, eps, residual, sum_sq_out, sum_sq_clear};
+  quick_decode_body<TILE_M, TILE_K, WARPS, LOAD, STORE>(x, qweight, qzeros, scales, out, workspace, tile_counters,
+                                                        M, K, N, group_size, split, fuse);
 }

@@ -8,7 +8,10 @@ interleaved weight); a Linear holds only the forms its backends need. Everything
 identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoPE writing k and v
 into the cache, attention over the cache (one launch; in a decode step RoPE and the cache write are
 inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up, the down GEMM (whose output
-the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. A layer is a
+the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. On the
+QUICK backend, where the dispatcher runs all four GEMMs on the decode kernel (small batch), the norms,
+residual adds and SiLU x up go inside the GEMMs (:mod:`quick_lab.model.fused_gemm`): 4 GEMMs and the
+attention launch a layer (``Model(fuse=False)`` keeps them apart). A layer is a
 list of named ops (:meth:`Model.layer_ops`), which ``forward`` runs under NVTX ranges and
 :mod:`quick_lab.model.breakdown` times one class at a time. Matmuls go through
 :func:`quick_lab.model.cublas.matmul` and no op allocates outside CuPy's pool, so a forward can be
@@ -20,7 +23,7 @@ import functools
 from dataclasses import dataclass
 
 from quick_lab.core.format import AWQWeight
-from quick_lab.model import fused
+from quick_lab.model import fused, fused_gemm
 from quick_lab.model.config import BACKENDS, ModelConfig
 from quick_lab.model.cublas import matmul
 from quick_lab.model.reference import rope_tables
@@ -80,6 +83,14 @@ class Linear:
             return ops.quick_gemm(x, self.quick, **_launch(backend, M, self.K, self.N, G))
         raise ValueError(f"backend {backend!r} not available; this Linear was built for {self.backends}")
 
+    def decode_launch(self, M: int) -> dict | None:
+        """The dispatcher's launch for M rows on the QUICK weight when it is the decode kernel (the one
+        with fused forms), else None."""
+        if self.quick is None or M >= FP16_FALLBACK_M:
+            return None
+        launch = _launch("quick", M, self.K, self.N, self.group_size)
+        return launch if fused_gemm.is_decode_config(launch["config"]) else None
+
     @property
     def backends(self) -> tuple[str, ...]:
         return tuple(b for b, w in (("fp16", self.fp16), ("awq", self.awq), ("quick", self.quick)) if w is not None)
@@ -124,23 +135,28 @@ class KVCache:
 
 class StepState:
     """The activations one forward passes between ops: ``h`` the residual stream [rows, hidden] and
-    ``delta`` the branch output the next norm adds to it; the rest are each op's output."""
+    ``delta`` the branch output the next norm adds to it; the rest are each op's output. ``sum_sq``
+    [2, rows] fp32: the fused layers' row statistics of h (fused_gemm: the o GEMM fills row 0 for
+    gate_up's norm, the down GEMM row 1 for the next qkv's; each clears the other), zero at the start."""
 
     def __init__(self, h, pos: int, T: int):
+        import cupy
+
         self.h, self.delta, self.pos, self.T = h, None, pos, T
         self.x = self.qkv = self.q = self.attn = self.gate_up = self.act = None
+        self.sum_sq = cupy.zeros((2, h.shape[0]), dtype=cupy.float32)
 
 
 class Model:
     """The decoder on the GPU. ``forward`` returns logits (or the final normed hidden without LM head)."""
 
-    def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True):
+    def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True, fuse: bool = True):
         import cupy
 
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             raise ValueError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
-        self.cfg, self.backends = weights.cfg, tuple(backends)
+        self.cfg, self.backends, self.fuse = weights.cfg, tuple(backends), fuse
         # Layers built from the same host arrays (random_weights(distinct_layers=False)) still get
         # separate GPU copies, so no layer's weights are found in L2 from the previous layer.
         self.layers = [_Layer(cupy.asarray(w.attn_norm), Linear(w.qkv, backends), Linear(w.o, backends),
@@ -156,6 +172,15 @@ class Model:
     def weight_bytes(self) -> int:
         """GPU bytes of the linear layers' weights (every form held)."""
         return sum(lin.nbytes() for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+    def fused_launches(self, index: int, rows: int, backend: str) -> tuple[dict, ...] | None:
+        """The decode-kernel launches of layer ``index``'s qkv, o, gate_up and down GEMMs for ``rows``
+        rows when the layer runs fused (QUICK backend, ``fuse``, all four on the decode kernel), else None."""
+        if backend != "quick" or not self.fuse:
+            return None
+        layer = self.layers[index]
+        launches = tuple(lin.decode_launch(rows) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return None if any(launch is None for launch in launches) else launches
 
     def layer_ops(self, index: int, cache: KVCache, st: StepState, backend: str) -> list:
         """Layer ``index`` as ``(op class, fn)`` pairs; each ``fn()`` reads and writes ``st``."""
@@ -195,8 +220,39 @@ class Model:
                                            cache.workspace)
 
         attn_ops = [("attention", rope_attention)] if st.T == 1 else [("rope_kv", rope), ("attention", attention)]
-        return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
-                ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
+        launches = self.fused_launches(index, st.h.shape[0], backend)
+        if launches is None:
+            return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
+                    ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
+
+        # Fused (fused_gemm): the first layer's input norm stays a launch (nothing before it leaves h's
+        # statistics); after that each norm is in the GEMM that reads it, each residual add in the GEMM
+        # that produces it.
+        qkv_l, o_l, gate_up_l, down_l = launches
+        ss_mlp, ss_attn = st.sum_sq[0], st.sum_sq[1]
+
+        def qkv_fused():
+            st.qkv = fused_gemm.decode_gemm(st.h, layer.qkv.quick, **qkv_l, load=fused_gemm.LOAD_RMS_NORM,
+                                            norm_weight=layer.attn_norm, sum_sq=ss_attn, eps=eps)
+
+        def o_fused():
+            fused_gemm.decode_gemm(st.attn, layer.o.quick, **o_l, store=fused_gemm.STORE_RESIDUAL, residual=st.h,
+                                   sum_sq_out=ss_mlp, sum_sq_clear=ss_attn)
+            st.delta = None
+
+        def gate_up_fused():
+            st.gate_up = fused_gemm.decode_gemm(st.h, layer.gate_up.quick, **gate_up_l,
+                                                load=fused_gemm.LOAD_RMS_NORM, norm_weight=layer.mlp_norm,
+                                                sum_sq=ss_mlp, eps=eps)
+
+        def down_fused():
+            fused_gemm.decode_gemm(st.gate_up, layer.down.quick, **down_l, load=fused_gemm.LOAD_SILU_MUL,
+                                   store=fused_gemm.STORE_RESIDUAL, residual=st.h, sum_sq_out=ss_attn,
+                                   sum_sq_clear=ss_mlp)
+            st.delta = None
+
+        head = [("norm", attn_norm), ("qkv", qkv)] if index == 0 else [("qkv", qkv_fused)]
+        return [*head, *attn_ops, ("o", o_fused), ("gate_up", gate_up_fused), ("down", down_fused)]
 
     def start(self, tokens, cache: KVCache, pos: int) -> StepState:
         """Check ``tokens`` int32 [B, T] at ``pos`` against the cache and embed them."""
