@@ -29,20 +29,20 @@
 //                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
 //                    fp16: one launch, no second pass.
 //
-// Fused with the decoder's neighbouring ops (quick_decode_fused; quick_lab/model/fused.py decode_gemm):
-// a decode step on the QUICK backend then runs the non-GEMM work of a layer inside its GEMMs, a launch
-// (~2 µs of graph time at batch 1) less for each. How B is formed (LOAD):
-//   kLoadRmsNorm: x is the residual stream h; b = fp16((h * inv[m]) * gamma[k]) with inv[m] =
-//                 rsqrt(sum_sq[m] / K + eps): RMSNorm applied as the activations are loaded, the row's
-//                 statistics left by the GEMM that last updated h (below). Same arithmetic as
-//                 decoder.cu add_rms_norm, so B is that kernel's output bit for bit given the same sum.
-//   kLoadSiluMul: x is the gate_up output [M, 2K]; b = fp16(silu(gate) * up), decoder.cu silu_mul's
-//                 formula.
-// What the result does (STORE):
-//   kStoreResidual: h[m][n] = fp16(h + fp16(result)) (the residual add, rounded as add_rms_norm
-//                 rounds it) and sum_sq_out[m] += the new row's squares (a warp sum per 32 columns,
-//                 one atomicAdd each; sum_sq_out was zeroed by the GEMM before); block (0, 0, 0) zeroes
-//                 sum_sq_clear, the other buffer of the pair, whose reader has finished.
+// Fused with the decoder's neighbouring ops (quick_decode_fused; quick_lab/model/fused_gemm.py): a small-
+// batch decode step on the QUICK backend then runs a layer's non-GEMM work, except attention, in the
+// tails of its GEMMs, a launch (~2 µs of graph time at batch 1) less for each. After write_result:
+//   kStoreResidualNorm (o, down): instead of writing out, h[m][n] = fp16(h + fp16(result)) (the
+//       residual add, rounded as decoder.cu add_rms_norm rounds it) and sum_sq[m] += the new row's
+//       squares (a warp sum per 32 columns, one atomicAdd each); then the last strip to finish (a
+//       second ticket over all N / 64 strips) writes norm_out = fp16(h * rsqrt(sum_sq / N + eps) *
+//       gamma) for every row, add_rms_norm's arithmetic, and resets sum_sq to zero for the next launch.
+//   kStoreSiluPair (gate_up, N = 2I): out as usual, then of the two strips holding gate columns
+//       64p .. 64p + 63 and up columns I + 64p .., the second to finish (a ticket per pair) writes
+//       act[m][64p + c] = fp16(silu(gate) * up), decoder.cu silu_mul's formula.
+// Work done once per element, never per strip: a variant that applied the norm and SiLU x up as the
+// next GEMM loaded its activations was slower than the launches it saved (every one of the N / 64
+// strips redid them: results/NOTES.md).
 //
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
@@ -55,18 +55,19 @@
 
 using namespace ql;
 
-enum DecodeLoad { kLoadPlain = 0, kLoadRmsNorm = 1, kLoadSiluMul = 2 };
-enum DecodeStore { kStorePlain = 0, kStoreResidual = 1 };
+enum DecodeStore { kStorePlain = 0, kStoreResidualNorm = 1, kStoreSiluPair = 2 };
 
-// The fused ops' operands (unused ones null): the norm's gamma [K] and row statistics [M] (kLoadRmsNorm),
-// the residual stream h [M, N] and the statistics buffers [M] (kStoreResidual).
+// The fused tails' operands (unused ones null): kStoreResidualNorm the residual stream h [M, N], the
+// row sums [M] (zero on entry, left zero), gamma [N], norm_out [M, N], eps; kStoreSiluPair act
+// [M, N / 2]; both their second-level ticket counters (1 or N / 128, zero, left zero).
 struct DecodeFusion {
-  const u16* norm_weight;
-  const float* sum_sq;
-  float eps;
   u16* residual;
-  float* sum_sq_out;
-  float* sum_sq_clear;
+  float* sum_sq;
+  const u16* norm_weight;
+  u16* norm_out;
+  float eps;
+  u16* act;
+  int* counters;
 };
 
 __device__ __forceinline__ float warp_sum_f32(float v) {
@@ -75,7 +76,7 @@ __device__ __forceinline__ float warp_sum_f32(float v) {
   return v;
 }
 
-template <int TILE_M, int TILE_K, int WARPS, int LOAD, int STORE>
+template <int TILE_M, int TILE_K, int WARPS, int STORE>
 __device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                                                   const u32* __restrict__ qzeros, const uint4* __restrict__ scales,
                                                   u16* __restrict__ out, float* __restrict__ workspace,
@@ -99,39 +100,13 @@ __device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, con
   split_k_range(K / TILE_K, split, kt_begin, kt_end);
 
   // B operand: batch row 8 bt + g feeds n8 tile bt; a row past M is never read and stays 0.
-  // kLoadSiluMul rows are [gate | up], 2K wide; kLoadRmsNorm scales row m by inv_norm (its RMSNorm).
-  constexpr int kRowWidth = LOAD == kLoadSiluMul ? 2 : 1;
   bool has_row[kBatchTiles];
   const u16* x_row[kBatchTiles];
-  float inv_norm[kBatchTiles];
 #pragma unroll
   for (int bt = 0; bt < kBatchTiles; ++bt) {
     has_row[bt] = 8 * bt + g < M;
-    const int row = has_row[bt] ? 8 * bt + g : 0;
-    x_row[bt] = x + (long long)row * kRowWidth * K + 2 * t;
-    inv_norm[bt] = LOAD == kLoadRmsNorm ? rsqrtf(fuse.sum_sq[row] / K + fuse.eps) : 1.f;
+    x_row[bt] = x + (long long)(has_row[bt] ? 8 * bt + g : 0) * K + 2 * t;
   }
-  if (STORE == kStoreResidual && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
-    for (int i = threadIdx.x; i < M; i += blockDim.x) fuse.sum_sq_clear[i] = 0.f;
-  // The B pair at k (+ 2t) of batch tile bt, formed as LOAD says.
-  auto load_pair = [&](int bt, int k) -> u32 {
-    if (!has_row[bt]) return 0u;
-    const u32 v = load_cached_u32(x_row[bt] + k);
-    if constexpr (LOAD == kLoadRmsNorm) {
-      const u32 gamma = load_cached_u32(fuse.norm_weight + 2 * t + k);
-      return float2_to_half2(half_to_float(static_cast<u16>(v & 0xffffu)) * inv_norm[bt] *
-                                 half_to_float(static_cast<u16>(gamma & 0xffffu)),
-                             half_to_float(static_cast<u16>(v >> 16)) * inv_norm[bt] *
-                                 half_to_float(static_cast<u16>(gamma >> 16)));
-    } else if constexpr (LOAD == kLoadSiluMul) {
-      const u32 up = load_cached_u32(x_row[bt] + K + k);
-      const float g0 = half_to_float(static_cast<u16>(v & 0xffffu)), g1 = half_to_float(static_cast<u16>(v >> 16));
-      return float2_to_half2(g0 / (1.f + __expf(-g0)) * half_to_float(static_cast<u16>(up & 0xffffu)),
-                             g1 / (1.f + __expf(-g1)) * half_to_float(static_cast<u16>(up >> 16)));
-    } else {
-      return v;
-    }
-  };
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
 
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
@@ -156,8 +131,8 @@ __device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, con
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
         const int k = (k16_0 + ks) * 16;
-        b[bt][ks][0] = load_pair(bt, k);
-        b[bt][ks][1] = load_pair(bt, k + 8);
+        b[bt][ks][0] = has_row[bt] ? load_cached_u32(x_row[bt] + k) : 0u;
+        b[bt][ks][1] = has_row[bt] ? load_cached_u32(x_row[bt] + k + 8) : 0u;
       }
 
     // matmul
@@ -190,32 +165,74 @@ __device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, con
   // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64); a warp's 32
   // elements are always in one row (64 columns a row, blockDim a multiple of 32).
   auto store = [&](int r, long long idx, float v) {
-    if constexpr (STORE == kStoreResidual) {
+    if constexpr (STORE == kStoreResidualNorm) {
       const u16 h_new = float_to_half(half_to_float(fuse.residual[idx]) + half_to_float(float_to_half(v)));
       fuse.residual[idx] = h_new;
       const float sq = warp_sum_f32(half_to_float(h_new) * half_to_float(h_new));
-      if (lane == 0) atomicAdd(fuse.sum_sq_out + r, sq);
+      if (lane == 0) atomicAdd(fuse.sum_sq + r, sq);
     } else {
       out[idx] = float_to_half(v);
     }
   };
-  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
-  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-    const int r = i / 64, c = i % 64;
-    float v = 0.f;
+  if (split == 1) {
+    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+      const int r = i / 64, c = i % 64;
+      float v = 0.f;
 #pragma unroll
-    for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
-    const long long idx = (long long)r * N + strip * 64 + c;
-    if (partial) partial[idx] = v;
-    else store(r, idx, v);
+      for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
+      store(r, (long long)r * N + strip * 64 + c, v);
+    }
+  } else {
+    float* partial = workspace + (long long)blockIdx.z * M * N;
+    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+      const int r = i / 64, c = i % 64;
+      float v = 0.f;
+#pragma unroll
+      for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
+      partial[(long long)r * N + strip * 64 + c] = v;
+    }
+    if (!take_ticket(tile_counters + strip, split)) return;
+    const long long mn = (long long)M * N;
+    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+      const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
+      float v = 0.f;
+      for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
+      store(i / 64, idx, v);
+    }
   }
-  if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
-  const long long mn = (long long)M * N;
-  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-    const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
-    float v = 0.f;
-    for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
-    store(i / 64, idx, v);
+
+  if constexpr (STORE == kStoreResidualNorm) {
+    // the last strip: every row's RMSNorm, as decoder.cu add_rms_norm computes it (fp32, 8 at a time)
+    if (!take_ticket(fuse.counters, gridDim.y)) return;
+    float* inv = red;  // the reduction buffer is free again
+    if (threadIdx.x < rows) inv[threadIdx.x] = rsqrtf(load_l2_f32(fuse.sum_sq + threadIdx.x) / N + fuse.eps);
+    __syncthreads();
+    if (threadIdx.x < rows) fuse.sum_sq[threadIdx.x] = 0.f;  // ready for the next launch
+    const int chunks = N / 8;
+    for (int i = threadIdx.x; i < rows * chunks; i += kThreads) {
+      const int r = i / chunks, c = i % chunks;
+      const uint4 hv = load_l2_u4(fuse.residual + (long long)r * N + 8 * c);
+      const uint4 gv = reinterpret_cast<const uint4*>(fuse.norm_weight)[c];
+      const u32 hw[4] = {hv.x, hv.y, hv.z, hv.w}, gw[4] = {gv.x, gv.y, gv.z, gv.w};
+      u32 y[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        y[j] = float2_to_half2(half_to_float(static_cast<u16>(hw[j] & 0xffffu)) * inv[r] *
+                                   half_to_float(static_cast<u16>(gw[j] & 0xffffu)),
+                               half_to_float(static_cast<u16>(hw[j] >> 16)) * inv[r] *
+                                   half_to_float(static_cast<u16>(gw[j] >> 16)));
+      reinterpret_cast<uint4*>(fuse.norm_out + (long long)r * N)[c] = make_uint4(y[0], y[1], y[2], y[3]);
+    }
+  } else if constexpr (STORE == kStoreSiluPair) {
+    // the second strip of its (gate, up) pair: SiLU(gate) * up of the pair's 64 columns
+    const int pairs = N / 128, pair = strip % pairs, half = N / 2;
+    if (!take_ticket(fuse.counters + pair, 2)) return;
+    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+      const int r = i / 64, col = 64 * pair + i % 64;
+      const float g = half_to_float(load_l2_u16(out + (long long)r * N + col));
+      const float u = half_to_float(load_l2_u16(out + (long long)r * N + half + col));
+      fuse.act[(long long)r * half + col] = float_to_half(g / (1.f + __expf(-g)) * u);
+    }
   }
 }
 
@@ -224,21 +241,20 @@ __global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
                  int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
-  const DecodeFusion none{nullptr, nullptr, 0.f, nullptr, nullptr, nullptr};
-  quick_decode_body<TILE_M, TILE_K, WARPS, kLoadPlain, kStorePlain>(x, qweight, qzeros, scales, out, workspace,
-                                                                      tile_counters, M, K, N, group_size, split, none);
+  const DecodeFusion none{nullptr, nullptr, nullptr, nullptr, 0.f, nullptr, nullptr};
+  quick_decode_body<TILE_M, TILE_K, WARPS, kStorePlain>(x, qweight, qzeros, scales, out, workspace, tile_counters,
+                                                        M, K, N, group_size, split, none);
 }
 
-// The decode kernel with the decoder's neighbours fused in (LOAD, STORE above); `out` is unused with
-// kStoreResidual.
-template <int TILE_M, int TILE_K, int WARPS, int LOAD, int STORE>
+// The decode kernel with a fused tail (STORE above). kStoreResidualNorm does not write `out`.
+template <int TILE_M, int TILE_K, int WARPS, int STORE>
 __global__ void __launch_bounds__(32 * WARPS)
     quick_decode_fused(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                        const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
                        int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split,
-                       const u16* __restrict__ norm_weight, const float* __restrict__ sum_sq, float eps,
-                       u16* __restrict__ residual, float* __restrict__ sum_sq_out, float* __restrict__ sum_sq_clear) {
-  const DecodeFusion fuse{norm_weight, sum_sq, eps, residual, sum_sq_out, sum_sq_clear};
-  quick_decode_body<TILE_M, TILE_K, WARPS, LOAD, STORE>(x, qweight, qzeros, scales, out, workspace, tile_counters,
-                                                        M, K, N, group_size, split, fuse);
+                       u16* __restrict__ residual, float* __restrict__ sum_sq, const u16* __restrict__ norm_weight,
+                       u16* __restrict__ norm_out, float eps, u16* __restrict__ act, int* __restrict__ counters) {
+  const DecodeFusion fuse{residual, sum_sq, norm_weight, norm_out, eps, act, counters};
+  quick_decode_body<TILE_M, TILE_K, WARPS, STORE>(x, qweight, qzeros, scales, out, workspace, tile_counters,
+                                                  M, K, N, group_size, split, fuse);
 }

@@ -22,11 +22,11 @@ SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequan
 SUPPORT_TEMPLATES = {"decoder.cu": ("attention<128, 1>", "attention<128, 4>", "attention<128, 8>",
                                     "attention<128, 16>"),
                      # the decode kernel with the decoder's ops fused in (quick_lab/model/fused_gemm.py), for
-                     # the heuristic's decode tiles (dispatch.DECODE_TILES) x the three forms a layer uses:
-                     # norm-in-load (qkv, gate_up), residual-out (o), SiLU-in-load + residual-out (down)
-                     "quick_decode.cu": tuple(f"quick_decode_fused<{tile},{form}>"
+                     # the heuristic's decode tiles (dispatch.DECODE_TILES) x the two tails a layer uses:
+                     # residual add + the next RMSNorm (o, down), SiLU x up (gate_up)
+                     "quick_decode.cu": tuple(f"quick_decode_fused<{tile},{store}>"
                                               for tile in ("8,256,4", "16,512,8", "16,256,4", "32,256,4", "32,128,4")
-                                              for form in ("1,0", "0,1", "2,1"))}
+                                              for store in (1, 2))}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 

@@ -9,9 +9,9 @@ identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoP
 into the cache, attention over the cache (one launch; in a decode step RoPE and the cache write are
 inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up, the down GEMM (whose output
 the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. On the
-QUICK backend, where the dispatcher runs all four GEMMs on the decode kernel (small batch), the norms,
-residual adds and SiLU x up go inside the GEMMs (:mod:`quick_lab.model.fused_gemm`): 4 GEMMs and the
-attention launch a layer (``Model(fuse=False)`` keeps them apart). A layer is a
+QUICK backend, where the dispatcher runs all four GEMMs on the decode kernel (small batch), the residual
+adds, norms and SiLU x up run in the tails of the GEMMs before them (:mod:`quick_lab.model.fused_gemm`):
+4 GEMMs and the attention launch a layer (``Model(fuse=False)`` keeps them apart). A layer is a
 list of named ops (:meth:`Model.layer_ops`), which ``forward`` runs under NVTX ranges and
 :mod:`quick_lab.model.breakdown` times one class at a time. Matmuls go through
 :func:`quick_lab.model.cublas.matmul` and no op allocates outside CuPy's pool, so a forward can be
@@ -29,13 +29,15 @@ from quick_lab.model.cublas import matmul
 from quick_lab.model.reference import rope_tables
 from quick_lab.model.weights import ModelWeights
 
-__all__ = ["FP16_FALLBACK_M", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model", "StepState"]
+__all__ = ["FP16_FALLBACK_M", "FUSE_MAX_ROWS", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model", "StepState"]
 
 # AutoAWQ's WQLinear_GEMM switches to dequantize + fp16 matmul when batch*seq >= 1024; both quantized
 # backends do the same here, so only prefill of large batches is affected (decode M = batch <= 256).
 FP16_FALLBACK_M = 1024
 # Most key-range splits one decode attention launch may use (sizes the cache's workspace).
 MAX_ATTENTION_SPLITS = 32
+# Most rows a layer runs fused (fused_gemm): the last strip's norm tail is one block's pass over every row.
+FUSE_MAX_ROWS = 16
 # The op classes of a layer that are GEMMs (the rest is "everything else" in the breakdown).
 GEMM_OPS = ("qkv", "o", "gate_up", "down")
 
@@ -135,16 +137,17 @@ class KVCache:
 
 class StepState:
     """The activations one forward passes between ops: ``h`` the residual stream [rows, hidden] and
-    ``delta`` the branch output the next norm adds to it; the rest are each op's output. ``sum_sq``
-    [2, rows] fp32: the fused layers' row statistics of h (fused_gemm: the o GEMM fills row 0 for
-    gate_up's norm, the down GEMM row 1 for the next qkv's; each clears the other), zero at the start."""
+    ``delta`` the branch output the next norm adds to it; the rest are each op's output. Fused layers
+    (fused_gemm): ``sum_sq`` [rows] fp32 the row statistics a residual-norm tail gathers (zero between
+    launches), ``final`` whether ``x`` already holds the final norm's output (the last layer's tail)."""
 
     def __init__(self, h, pos: int, T: int):
         import cupy
 
         self.h, self.delta, self.pos, self.T = h, None, pos, T
         self.x = self.qkv = self.q = self.attn = self.gate_up = self.act = None
-        self.sum_sq = cupy.zeros((2, h.shape[0]), dtype=cupy.float32)
+        self.sum_sq = cupy.zeros(h.shape[0], dtype=cupy.float32)
+        self.final = False
 
 
 class Model:
@@ -175,8 +178,9 @@ class Model:
 
     def fused_launches(self, index: int, rows: int, backend: str) -> tuple[dict, ...] | None:
         """The decode-kernel launches of layer ``index``'s qkv, o, gate_up and down GEMMs for ``rows``
-        rows when the layer runs fused (QUICK backend, ``fuse``, all four on the decode kernel), else None."""
-        if backend != "quick" or not self.fuse:
+        rows when the layer runs fused (QUICK backend, ``fuse``, rows <= FUSE_MAX_ROWS, all four on the decode
+        kernel), else None."""
+        if backend != "quick" or not self.fuse or rows > FUSE_MAX_ROWS:
             return None
         layer = self.layers[index]
         launches = tuple(lin.decode_launch(rows) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
@@ -225,33 +229,28 @@ class Model:
             return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
                     ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
 
-        # Fused (fused_gemm): the first layer's input norm stays a launch (nothing before it leaves h's
-        # statistics); after that each norm is in the GEMM that reads it, each residual add in the GEMM
-        # that produces it.
+        # Fused (fused_gemm): the first layer's input norm stays a launch (nothing before it); after that
+        # each residual add and norm is the tail of the GEMM before it (o: the MLP norm; down: the next
+        # layer's input norm, or the final norm), SiLU x up the tail of gate_up.
         qkv_l, o_l, gate_up_l, down_l = launches
-        ss_mlp, ss_attn = st.sum_sq[0], st.sum_sq[1]
-
-        def qkv_fused():
-            st.qkv = fused_gemm.decode_gemm(st.h, layer.qkv.quick, **qkv_l, load=fused_gemm.LOAD_RMS_NORM,
-                                            norm_weight=layer.attn_norm, sum_sq=ss_attn, eps=eps)
+        last = index == len(self.layers) - 1
+        next_norm = self.norm if last else self.layers[index + 1].attn_norm
 
         def o_fused():
-            fused_gemm.decode_gemm(st.attn, layer.o.quick, **o_l, store=fused_gemm.STORE_RESIDUAL, residual=st.h,
-                                   sum_sq_out=ss_mlp, sum_sq_clear=ss_attn)
+            st.x = fused_gemm.decode_gemm(st.attn, layer.o.quick, **o_l, store=fused_gemm.STORE_RESIDUAL_NORM,
+                                          residual=st.h, sum_sq=st.sum_sq, norm_weight=layer.mlp_norm, eps=eps)
             st.delta = None
 
         def gate_up_fused():
-            st.gate_up = fused_gemm.decode_gemm(st.h, layer.gate_up.quick, **gate_up_l,
-                                                load=fused_gemm.LOAD_RMS_NORM, norm_weight=layer.mlp_norm,
-                                                sum_sq=ss_mlp, eps=eps)
+            st.act = fused_gemm.decode_gemm(st.x, layer.gate_up.quick, **gate_up_l, store=fused_gemm.STORE_SILU_PAIR)
 
         def down_fused():
-            fused_gemm.decode_gemm(st.gate_up, layer.down.quick, **down_l, load=fused_gemm.LOAD_SILU_MUL,
-                                   store=fused_gemm.STORE_RESIDUAL, residual=st.h, sum_sq_out=ss_attn,
-                                   sum_sq_clear=ss_mlp)
-            st.delta = None
+            st.x = fused_gemm.decode_gemm(st.act, layer.down.quick, **down_l, store=fused_gemm.STORE_RESIDUAL_NORM,
+                                          residual=st.h, sum_sq=st.sum_sq, norm_weight=next_norm, eps=eps)
+            st.delta, st.final = None, last
 
-        head = [("norm", attn_norm), ("qkv", qkv)] if index == 0 else [("qkv", qkv_fused)]
+        fused_before = index > 0 and self.fused_launches(index - 1, st.h.shape[0], backend) is not None
+        head = [("qkv", qkv)] if fused_before else [("norm", attn_norm), ("qkv", qkv)]
         return [*head, *attn_ops, ("o", o_fused), ("gate_up", gate_up_fused), ("down", down_fused)]
 
     def start(self, tokens, cache: KVCache, pos: int) -> StepState:
@@ -279,6 +278,9 @@ class Model:
         import cupy
 
         B = st.h.shape[0] // st.T
+        if st.final:  # the last layer's fused tail wrote the final norm's output
+            x = st.x.reshape(B, st.T, -1)
+            return cupy.ascontiguousarray(x[:, -1]) if last_only else x
         h, delta = st.h, st.delta
         if last_only and st.T > 1:
             h = cupy.ascontiguousarray(h.reshape(B, st.T, -1)[:, -1])
