@@ -29,59 +29,20 @@
 //                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
 //                    fp16: one launch, no second pass.
 //
-// Fused with the decoder's neighbouring ops (quick_decode_fused; quick_lab/model/fused_gemm.py): a small-
-// batch decode step on the QUICK backend then runs a layer's non-GEMM work, except attention, in the
-// tails of its GEMMs, a launch (~2 µs of graph time at batch 1) less for each. After write_result:
-//   kStoreResidualNorm (o, down): instead of writing out, h[m][n] = fp16(h + fp16(result)) (the
-//       residual add, rounded as decoder.cu add_rms_norm rounds it) and sum_sq[m] += the new row's
-//       squares (a warp sum per 32 columns, one atomicAdd each); then the last strip to finish (a
-//       second ticket over all N / 64 strips) writes norm_out = fp16(h * rsqrt(sum_sq / N + eps) *
-//       gamma) for every row, add_rms_norm's arithmetic, and resets sum_sq to zero for the next launch.
-//   kStoreSiluPair (gate_up, N = 2I): out as usual, then of the two strips holding gate columns
-//       64p .. 64p + 63 and up columns I + 64p .., the second to finish (a ticket per pair) writes
-//       act[m][64p + c] = fp16(silu(gate) * up), decoder.cu silu_mul's formula.
-// Work done once per element, never per strip: a variant that applied the norm and SiLU x up as the
-// next GEMM loaded its activations was slower than the launches it saved (every one of the N / 64
-// strips redid them: results/NOTES.md).
-//
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
-// loads at 25% occupancy), a register double buffer of the next chunk (fewer resident warps), folded
-// zero points and scales (fewer instructions, no faster), a bulk-copy ring filled by a producer warp
-// and L2 prefetch ahead of the chunk (both slower).
+// loads at 25% occupancy), and a register double buffer of the next chunk (fewer resident warps).
 // Grid = (1, N / 64, split). K must be a multiple of TILE_K (quick_lab/core/registry.py checks it); a
 // step's group is k / group_size, so a chunk may span several groups.
 #include "quick_layout.cuh"
 
 using namespace ql;
 
-enum DecodeStore { kStorePlain = 0, kStoreResidualNorm = 1, kStoreSiluPair = 2 };
-
-// The fused tails' operands (unused ones null): kStoreResidualNorm the residual stream h [M, N], the
-// row sums [M] (zero on entry, left zero), gamma [N], norm_out [M, N], eps; kStoreSiluPair act
-// [M, N / 2]; both their second-level ticket counters (1 or N / 128, zero, left zero).
-struct DecodeFusion {
-  u16* residual;
-  float* sum_sq;
-  const u16* norm_weight;
-  u16* norm_out;
-  float eps;
-  u16* act;
-  int* counters;
-};
-
-__device__ __forceinline__ float warp_sum_f32(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <int TILE_M, int TILE_K, int WARPS, int STORE>
-__device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, const uint4* __restrict__ qweight,
-                                                  const u32* __restrict__ qzeros, const uint4* __restrict__ scales,
-                                                  u16* __restrict__ out, float* __restrict__ workspace,
-                                                  int* __restrict__ tile_counters, int M, int K, int N,
-                                                  int group_size, int split, const DecodeFusion& fuse) {
+template <int TILE_M, int TILE_K, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
+    quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
+                 const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
+                 int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
   constexpr int kThreads = 32 * WARPS, kBatchTiles = TILE_M / 8;
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
@@ -162,99 +123,23 @@ __device__ __forceinline__ void quick_decode_body(const u16* __restrict__ x, con
         red[(warp * TILE_M + 8 * bt + 2 * t + (c & 1)) * kRedStride + 16 * v + 8 * (c >> 1) + g] = acc[bt][v][c];
   __syncthreads();
 
-  // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64); a warp's 32
-  // elements are always in one row (64 columns a row, blockDim a multiple of 32).
-  auto store = [&](int r, long long idx, float v) {
-    if constexpr (STORE == kStoreResidualNorm) {
-      const u16 h_new = float_to_half(half_to_float(fuse.residual[idx]) + half_to_float(float_to_half(v)));
-      fuse.residual[idx] = h_new;
-      const float sq = warp_sum_f32(half_to_float(h_new) * half_to_float(h_new));
-      if (lane == 0) atomicAdd(fuse.sum_sq + r, sq);
-    } else {
-      out[idx] = float_to_half(v);
-    }
-  };
-  if (split == 1) {
-    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-      const int r = i / 64, c = i % 64;
-      float v = 0.f;
+  // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
+  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
+  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+    const int r = i / 64, c = i % 64;
+    float v = 0.f;
 #pragma unroll
-      for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
-      store(r, (long long)r * N + strip * 64 + c, v);
-    }
-  } else {
-    float* partial = workspace + (long long)blockIdx.z * M * N;
-    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-      const int r = i / 64, c = i % 64;
-      float v = 0.f;
-#pragma unroll
-      for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
-      partial[(long long)r * N + strip * 64 + c] = v;
-    }
-    if (!take_ticket(tile_counters + strip, split)) return;
-    const long long mn = (long long)M * N;
-    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-      const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
-      float v = 0.f;
-      for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
-      store(i / 64, idx, v);
-    }
+    for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
+    const long long idx = (long long)r * N + strip * 64 + c;
+    if (partial) partial[idx] = v;
+    else out[idx] = float_to_half(v);
   }
-
-  if constexpr (STORE == kStoreResidualNorm) {
-    // the last strip: every row's RMSNorm, as decoder.cu add_rms_norm computes it (fp32, 8 at a time)
-    if (!take_ticket(fuse.counters, gridDim.y)) return;
-    float* inv = red;  // the reduction buffer is free again
-    if (threadIdx.x < rows) inv[threadIdx.x] = rsqrtf(load_l2_f32(fuse.sum_sq + threadIdx.x) / N + fuse.eps);
-    __syncthreads();
-    if (threadIdx.x < rows) fuse.sum_sq[threadIdx.x] = 0.f;  // ready for the next launch
-    const int chunks = N / 8;
-    for (int i = threadIdx.x; i < rows * chunks; i += kThreads) {
-      const int r = i / chunks, c = i % chunks;
-      const uint4 hv = load_l2_u4(fuse.residual + (long long)r * N + 8 * c);
-      const uint4 gv = reinterpret_cast<const uint4*>(fuse.norm_weight)[c];
-      const u32 hw[4] = {hv.x, hv.y, hv.z, hv.w}, gw[4] = {gv.x, gv.y, gv.z, gv.w};
-      u32 y[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        y[j] = float2_to_half2(half_to_float(static_cast<u16>(hw[j] & 0xffffu)) * inv[r] *
-                                   half_to_float(static_cast<u16>(gw[j] & 0xffffu)),
-                               half_to_float(static_cast<u16>(hw[j] >> 16)) * inv[r] *
-                                   half_to_float(static_cast<u16>(gw[j] >> 16)));
-      reinterpret_cast<uint4*>(fuse.norm_out + (long long)r * N)[c] = make_uint4(y[0], y[1], y[2], y[3]);
-    }
-  } else if constexpr (STORE == kStoreSiluPair) {
-    // the second strip of its (gate, up) pair: SiLU(gate) * up of the pair's 64 columns
-    const int pairs = N / 128, pair = strip % pairs, half = N / 2;
-    if (!take_ticket(fuse.counters + pair, 2)) return;
-    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-      const int r = i / 64, col = 64 * pair + i % 64;
-      const float g = half_to_float(load_l2_u16(out + (long long)r * N + col));
-      const float u = half_to_float(load_l2_u16(out + (long long)r * N + half + col));
-      fuse.act[(long long)r * half + col] = float_to_half(g / (1.f + __expf(-g)) * u);
-    }
+  if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
+  const long long mn = (long long)M * N;
+  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+    const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
+    float v = 0.f;
+    for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
+    out[idx] = float_to_half(v);
   }
-}
-
-template <int TILE_M, int TILE_K, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS)
-    quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
-                 const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
-                 int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
-  const DecodeFusion none{nullptr, nullptr, nullptr, nullptr, 0.f, nullptr, nullptr};
-  quick_decode_body<TILE_M, TILE_K, WARPS, kStorePlain>(x, qweight, qzeros, scales, out, workspace, tile_counters,
-                                                        M, K, N, group_size, split, none);
-}
-
-// The decode kernel with a fused tail (STORE above). kStoreResidualNorm does not write `out`.
-template <int TILE_M, int TILE_K, int WARPS, int STORE>
-__global__ void __launch_bounds__(32 * WARPS)
-    quick_decode_fused(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
-                       const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
-                       int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split,
-                       u16* __restrict__ residual, float* __restrict__ sum_sq, const u16* __restrict__ norm_weight,
-                       u16* __restrict__ norm_out, float eps, u16* __restrict__ act, int* __restrict__ counters) {
-  const DecodeFusion fuse{residual, sum_sq, norm_weight, norm_out, eps, act, counters};
-  quick_decode_body<TILE_M, TILE_K, WARPS, STORE>(x, qweight, qzeros, scales, out, workspace, tile_counters,
-                                                  M, K, N, group_size, split, fuse);
 }

@@ -317,8 +317,6 @@ def cmd_conflicts(args) -> int:
 
 
 def cmd_e2e(args) -> int:
-    if args.unfused and not args.breakdown:
-        return _fail("--unfused only applies to --breakdown (e2e.csv times the fused QUICK step)")
     if (msg := _need_gpu("e2e")):
         return _fail(msg)
     from quick_lab.lab.metadata import results_dir, write_metadata
@@ -371,23 +369,19 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
     cases = [(b, args.prefill) for b in args.batches]
     if args.long_context:
         cases += [(b, args.long_context) for b in args.long_batches]
-    # (backend, label, fused): --unfused adds the QUICK backend with its decode fusions off
-    runs = [(b, b, True) for b in args.backends]
-    if args.unfused and "quick" in args.backends:
-        runs.append(("quick", "quick-unfused", False))
-    rows, total, done = [], len(args.models) * len(cases) * len(runs), 0
+    rows, total, done = [], len(args.models) * len(cases) * len(args.backends), 0
     for name in args.models:
         cfg = preset(name)
-        for backend, label, fuse in runs:
+        for backend in args.backends:
             cupy.get_default_memory_pool().free_all_blocks()
             free = cupy.cuda.runtime.memGetInfo()[0]
             fit = sweep.layers_that_fit(cfg, (backend,), [(b, c + 1) for b, c in cases], free, lm_head=False)
             layers = min(args.layers or cfg.n_layers, fit)
             model = Model(random_weights(dataclasses.replace(cfg, n_layers=layers), distinct_layers=False),
-                          backends=(backend,), lm_head=False, fuse=fuse)
+                          backends=(backend,), lm_head=False)
             for batch, context in cases:
-                progress(done, total, f"{cfg.name} x{layers} M={batch} ctx={context} {label}")
-                rows += breakdown.breakdown(model, batch, context, backend, reps=max(args.reps, 10), label=label)
+                progress(done, total, f"{cfg.name} x{layers} M={batch} ctx={context} {backend}")
+                rows += breakdown.breakdown(model, batch, context, backend, reps=max(args.reps, 10))
                 done += 1
             del model
     progress(total, total, "done")
@@ -599,9 +593,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-batches", type=int_list, default=(1, 16), help="batches run at --long-context")
     p.add_argument("--breakdown", action="store_true",
                    help="write e2e_breakdown.csv (µs per op class per layer of one decode step) instead of e2e.csv")
-    p.add_argument("--unfused", action="store_true",
-                   help="with --breakdown: also time the quick backend with its decode fusions off (rows labelled "
-                        "quick-unfused), the before/after of the fused layers in one run")
     p.add_argument("--out", help="results directory (default results/<gpu>/)")
     p.set_defaults(func=cmd_e2e)
 

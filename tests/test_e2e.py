@@ -193,8 +193,6 @@ def test_cli_without_gpu_exits_2(monkeypatch, capsys):
     assert quick_lab.cli.main(["e2e", "--models", "mistral-7b"]) == 2
     err = capsys.readouterr().err
     assert "e2e measures on a GPU" in err and "no device (test)" in err
-    assert quick_lab.cli.main(["e2e", "--unfused"]) == 2  # before any device check
-    assert "--unfused only applies to --breakdown" in capsys.readouterr().err
 
 
 def test_e2e_sweep_signature_is_what_cli_passes():

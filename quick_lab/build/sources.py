@@ -20,13 +20,7 @@ SUPPORT_KERNELS = {"dequantize_awq": "dequant.cu", "dequantize_quick_t": "dequan
 # the ones the model presets launch (head dim 128; decode rows = query heads per KV head 1, 4, 8;
 # prefill rows 16). Other instantiations compile on first use.
 SUPPORT_TEMPLATES = {"decoder.cu": ("attention<128, 1>", "attention<128, 4>", "attention<128, 8>",
-                                    "attention<128, 16>"),
-                     # the decode kernel with the decoder's ops fused in (quick_lab/model/fused_gemm.py), for
-                     # the heuristic's decode tiles (dispatch.DECODE_TILES) x the two tails a layer uses:
-                     # residual add + the next RMSNorm (o, down), SiLU x up (gate_up)
-                     "quick_decode.cu": tuple(f"quick_decode_fused<{tile},{store}>"
-                                              for tile in ("8,256,4", "16,512,8", "16,256,4", "32,256,4", "32,128,4")
-                                              for store in (1, 2))}
+                                    "attention<128, 16>")}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 

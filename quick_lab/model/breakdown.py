@@ -9,10 +9,7 @@ step would read from DRAM. The graph launch is timed with CUDA events (median of
 divided by the number of layers. ``layer`` is the whole step (every op of every layer, one graph)
 per layer; ``gemm`` the sum of the four GEMM classes; ``other`` = ``layer`` - ``gemm``, the non-GEMM
 cost as it shows in the step (launch gaps included), which the per-class rows itemise. In a decode
-step RoPE and the KV-cache write run inside the attention launch, so ``rope_kv`` is 0 there. On the
-QUICK backend's fused layers (:mod:`quick_lab.model.fused_gemm`) the norms after the first layer's, the
-residual adds and SiLU x up run inside the GEMMs: their time is in the GEMM classes, ``norm`` is the
-first layer's input norm spread over the layers, ``silu_mul`` 0.
+step RoPE and the KV-cache write run inside the attention launch, so ``rope_kv`` is 0 there.
 """
 from __future__ import annotations
 
@@ -46,10 +43,8 @@ def _graph_time_us(fn, stream, reps: int) -> float:
     return statistics.median(times)
 
 
-def breakdown(model: Model, batch: int, context: int, backend: str, reps: int = 20, seed: int = 0,
-              label: str | None = None) -> list[dict]:
-    """Rows (op, us_per_layer) for one decode step of ``batch`` sequences at position ``context``;
-    ``label`` names the backend in the rows (default ``backend``)."""
+def breakdown(model: Model, batch: int, context: int, backend: str, reps: int = 20, seed: int = 0) -> list[dict]:
+    """Rows (op, us_per_layer) for one decode step of ``batch`` sequences at position ``context``."""
     import cupy
 
     cfg, layers = model.cfg, len(model.layers)
@@ -88,6 +83,6 @@ def breakdown(model: Model, batch: int, context: int, backend: str, reps: int = 
     times["gemm"] = sum(times[k] for k in GEMM_OPS)
     times["other"] = times["layer"] - times["gemm"]
     for op, us in times.items():
-        rows.append(dict(model=cfg.name, layers=layers, backend=label or backend, batch=batch, context=context,
-                         op=op, us_per_layer=us))
+        rows.append(dict(model=cfg.name, layers=layers, backend=backend, batch=batch, context=context, op=op,
+                         us_per_layer=us))
     return rows

@@ -8,10 +8,7 @@ interleaved weight); a Linear holds only the forms its backends need. Everything
 identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoPE writing k and v
 into the cache, attention over the cache (one launch; in a decode step RoPE and the cache write are
 inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up, the down GEMM (whose output
-the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. On the
-QUICK backend, where the dispatcher runs all four GEMMs on the decode kernel (small batch), the residual
-adds, norms and SiLU x up run in the tails of the GEMMs before them (:mod:`quick_lab.model.fused_gemm`):
-4 GEMMs and the attention launch a layer (``Model(fuse=False)`` keeps them apart). A layer is a
+the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. A layer is a
 list of named ops (:meth:`Model.layer_ops`), which ``forward`` runs under NVTX ranges and
 :mod:`quick_lab.model.breakdown` times one class at a time. Matmuls go through
 :func:`quick_lab.model.cublas.matmul` and no op allocates outside CuPy's pool, so a forward can be
@@ -23,21 +20,19 @@ import functools
 from dataclasses import dataclass
 
 from quick_lab.core.format import AWQWeight
-from quick_lab.model import fused, fused_gemm
+from quick_lab.model import fused
 from quick_lab.model.config import BACKENDS, ModelConfig
 from quick_lab.model.cublas import matmul
 from quick_lab.model.reference import rope_tables
 from quick_lab.model.weights import ModelWeights
 
-__all__ = ["FP16_FALLBACK_M", "FUSE_MAX_ROWS", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model", "StepState"]
+__all__ = ["FP16_FALLBACK_M", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model", "StepState"]
 
 # AutoAWQ's WQLinear_GEMM switches to dequantize + fp16 matmul when batch*seq >= 1024; both quantized
 # backends do the same here, so only prefill of large batches is affected (decode M = batch <= 256).
 FP16_FALLBACK_M = 1024
 # Most key-range splits one decode attention launch may use (sizes the cache's workspace).
 MAX_ATTENTION_SPLITS = 32
-# Most rows a layer runs fused (fused_gemm): the last strip's norm tail is one block's pass over every row.
-FUSE_MAX_ROWS = 16
 # The op classes of a layer that are GEMMs (the rest is "everything else" in the breakdown).
 GEMM_OPS = ("qkv", "o", "gate_up", "down")
 
@@ -85,14 +80,6 @@ class Linear:
             return ops.quick_gemm(x, self.quick, **_launch(backend, M, self.K, self.N, G))
         raise ValueError(f"backend {backend!r} not available; this Linear was built for {self.backends}")
 
-    def decode_launch(self, M: int) -> dict | None:
-        """The dispatcher's launch for M rows on the QUICK weight when it is the decode kernel (the one
-        with fused forms), else None."""
-        if self.quick is None or M >= FP16_FALLBACK_M:
-            return None
-        launch = _launch("quick", M, self.K, self.N, self.group_size)
-        return launch if fused_gemm.is_decode_config(launch["config"]) else None
-
     @property
     def backends(self) -> tuple[str, ...]:
         return tuple(b for b, w in (("fp16", self.fp16), ("awq", self.awq), ("quick", self.quick)) if w is not None)
@@ -137,29 +124,23 @@ class KVCache:
 
 class StepState:
     """The activations one forward passes between ops: ``h`` the residual stream [rows, hidden] and
-    ``delta`` the branch output the next norm adds to it; the rest are each op's output. Fused layers
-    (fused_gemm): ``sum_sq`` [rows] fp32 the row statistics a residual-norm tail gathers (zero between
-    launches), ``final`` whether ``x`` already holds the final norm's output (the last layer's tail)."""
+    ``delta`` the branch output the next norm adds to it; the rest are each op's output."""
 
     def __init__(self, h, pos: int, T: int):
-        import cupy
-
         self.h, self.delta, self.pos, self.T = h, None, pos, T
         self.x = self.qkv = self.q = self.attn = self.gate_up = self.act = None
-        self.sum_sq = cupy.zeros(h.shape[0], dtype=cupy.float32)
-        self.final = False
 
 
 class Model:
     """The decoder on the GPU. ``forward`` returns logits (or the final normed hidden without LM head)."""
 
-    def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True, fuse: bool = True):
+    def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True):
         import cupy
 
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             raise ValueError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
-        self.cfg, self.backends, self.fuse = weights.cfg, tuple(backends), fuse
+        self.cfg, self.backends = weights.cfg, tuple(backends)
         # Layers built from the same host arrays (random_weights(distinct_layers=False)) still get
         # separate GPU copies, so no layer's weights are found in L2 from the previous layer.
         self.layers = [_Layer(cupy.asarray(w.attn_norm), Linear(w.qkv, backends), Linear(w.o, backends),
@@ -175,16 +156,6 @@ class Model:
     def weight_bytes(self) -> int:
         """GPU bytes of the linear layers' weights (every form held)."""
         return sum(lin.nbytes() for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-
-    def fused_launches(self, index: int, rows: int, backend: str) -> tuple[dict, ...] | None:
-        """The decode-kernel launches of layer ``index``'s qkv, o, gate_up and down GEMMs for ``rows``
-        rows when the layer runs fused (QUICK backend, ``fuse``, rows <= FUSE_MAX_ROWS, all four on the decode
-        kernel), else None."""
-        if backend != "quick" or not self.fuse or rows > FUSE_MAX_ROWS:
-            return None
-        layer = self.layers[index]
-        launches = tuple(lin.decode_launch(rows) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        return None if any(launch is None for launch in launches) else launches
 
     def layer_ops(self, index: int, cache: KVCache, st: StepState, backend: str) -> list:
         """Layer ``index`` as ``(op class, fn)`` pairs; each ``fn()`` reads and writes ``st``."""
@@ -224,34 +195,8 @@ class Model:
                                            cache.workspace)
 
         attn_ops = [("attention", rope_attention)] if st.T == 1 else [("rope_kv", rope), ("attention", attention)]
-        launches = self.fused_launches(index, st.h.shape[0], backend)
-        if launches is None:
-            return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
-                    ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
-
-        # Fused (fused_gemm): the first layer's input norm stays a launch (nothing before it); after that
-        # each residual add and norm is the tail of the GEMM before it (o: the MLP norm; down: the next
-        # layer's input norm, or the final norm), SiLU x up the tail of gate_up.
-        qkv_l, o_l, gate_up_l, down_l = launches
-        last = index == len(self.layers) - 1
-        next_norm = self.norm if last else self.layers[index + 1].attn_norm
-
-        def o_fused():
-            st.x = fused_gemm.decode_gemm(st.attn, layer.o.quick, **o_l, store=fused_gemm.STORE_RESIDUAL_NORM,
-                                          residual=st.h, sum_sq=st.sum_sq, norm_weight=layer.mlp_norm, eps=eps)
-            st.delta = None
-
-        def gate_up_fused():
-            st.act = fused_gemm.decode_gemm(st.x, layer.gate_up.quick, **gate_up_l, store=fused_gemm.STORE_SILU_PAIR)
-
-        def down_fused():
-            st.x = fused_gemm.decode_gemm(st.act, layer.down.quick, **down_l, store=fused_gemm.STORE_RESIDUAL_NORM,
-                                          residual=st.h, sum_sq=st.sum_sq, norm_weight=next_norm, eps=eps)
-            st.delta, st.final = None, last
-
-        fused_before = index > 0 and self.fused_launches(index - 1, st.h.shape[0], backend) is not None
-        head = [("qkv", qkv)] if fused_before else [("norm", attn_norm), ("qkv", qkv)]
-        return [*head, *attn_ops, ("o", o_fused), ("gate_up", gate_up_fused), ("down", down_fused)]
+        return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
+                ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
 
     def start(self, tokens, cache: KVCache, pos: int) -> StepState:
         """Check ``tokens`` int32 [B, T] at ``pos`` against the cache and embed them."""
@@ -278,9 +223,6 @@ class Model:
         import cupy
 
         B = st.h.shape[0] // st.T
-        if st.final:  # the last layer's fused tail wrote the final norm's output
-            x = st.x.reshape(B, st.T, -1)
-            return cupy.ascontiguousarray(x[:, -1]) if last_only else x
         h, delta = st.h, st.delta
         if last_only and st.T > 1:
             h = cupy.ascontiguousarray(h.reshape(B, st.T, -1)[:, -1])
