@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from markdown_tables import md_tables
 from quick_lab import cli
 from quick_lab.build import paths
 from quick_lab.model.breakdown import OP_CLASSES
@@ -104,17 +105,6 @@ def reproduce_root(root: Path, monkeypatch) -> str:
     with contextlib.redirect_stdout(out):
         assert cli.main(["reproduce"]) == 0
     return out.getvalue()
-
-
-def md_tables(report: str) -> list[pd.DataFrame]:
-    tables, block = [], []
-    for line in report.splitlines() + [""]:
-        if line.startswith("|"):
-            block.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif block:
-            tables.append(pd.DataFrame(block[2:], columns=block[0]))
-            block = []
-    return tables
 
 
 def section(report: str, title: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from markdown_tables import md_tables
 from quick_lab import cli
 from quick_lab.build import paths
 from quick_lab.build.device import gpu_slug
@@ -101,18 +102,6 @@ def two_gpus(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- reading COMPARISON.md back
-
-
-def md_tables(text: str) -> list[pd.DataFrame]:
-    """Every markdown table in ``text`` as a DataFrame of strings."""
-    tables, block = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            block.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif block:
-            tables.append(pd.DataFrame([r for r in block[2:]], columns=block[0]))
-            block = []
-    return tables
 
 
 def table_with(text: str, column: str) -> pd.DataFrame:
