@@ -125,6 +125,15 @@ __device__ __forceinline__ u32 load_stream_u32(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
+// Pull `bytes` (a multiple of 16, 16-byte aligned) at p into L2 without waiting for them: one bulk
+// request, no registers, no completion to track (PTX ISA, data movement instructions:
+// cp.async.bulk.prefetch.L2, sm_90). Before sm_90 it does nothing.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, u32 bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // Scales and zeros are tiny and re-read by the 4 lanes of a quad and by later k-tiles: keep them in L1.
 __device__ __forceinline__ uint4 load_cached_u4(const void* p) {
   uint4 v;
@@ -274,6 +283,31 @@ __device__ __forceinline__ void store_fragment(const float (&c)[4], u16* out_h, 
       else *reinterpret_cast<u32*>(out_h + idx) = float2_to_half2(c[2 * h], c[2 * h + 1]);
     }
   }
+}
+
+// ---------------------------------------------------------------- programmatic dependent launch
+// A kernel launched with the programmatic-stream-serialization attribute may start while the kernel
+// before it on the stream is still running (CUDA C++ Programming Guide, programmatic dependent launch).
+// Such a kernel may read only what no earlier kernel writes (weights, tables) before it calls
+// wait_for_prior_grid(), which returns once the previous grid has completed and its writes are
+// visible (PTX ISA, parallel synchronization instructions: griddepcontrol, sm_90); it writes nothing
+// before that point. Every kernel that waits calls allow_dependent_launch() right after, so the next
+// kernel's blocks are placed and run their own prologue while this one works: one kernel ahead, no
+// further. Launched normally (or before sm_90) both are no-ops.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Both, in the order every dependent kernel here uses them.
+__device__ __forceinline__ void start_after_prior_grid() {
+  wait_for_prior_grid();
+  allow_dependent_launch();
 }
 
 // Split-K / stream-K ticket: `arrivals` blocks each publish a partial tile, then call this once; it

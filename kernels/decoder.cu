@@ -46,6 +46,7 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
     add_rms_norm(u16* __restrict__ h, const u16* __restrict__ delta, const u16* __restrict__ weight,
                  u16* __restrict__ out, int H, float eps) {
   __shared__ float warp_sums[kNormThreads / 32];
+  start_after_prior_grid();  // h and delta come from the kernels before
   const long long row = blockIdx.x;
   const int chunks = H / 8;
   uint4* h_row = reinterpret_cast<uint4*>(h + row * H);
@@ -104,6 +105,7 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
 extern "C" __global__ void rope_kv(const u16* __restrict__ qkv, const float* __restrict__ cos_t,
                                    const float* __restrict__ sin_t, u16* __restrict__ q_out, u16* __restrict__ k_cache,
                                    u16* __restrict__ v_cache, int T, int Hq, int Hkv, int D, int pos, int max_seq) {
+  start_after_prior_grid();  // qkv is the GEMM before's output
   const int row = blockIdx.x, head = blockIdx.y, j = threadIdx.x;
   const int b = row / T, t = row % T, half = D / 2, p = pos + t;
   const u16* src = qkv + (long long)row * (Hq + 2 * Hkv) * D + head * D;
@@ -125,6 +127,7 @@ extern "C" __global__ void rope_kv(const u16* __restrict__ qkv, const float* __r
 // ---------------------------------------------------------------- SiLU(gate) * up
 // gate_up [rows, 2 I] (gate | up) -> out [rows, I]; one thread per 8 outputs (16-byte loads).
 extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __restrict__ out, int rows, int I) {
+  start_after_prior_grid();  // gate_up is the GEMM before's output
   const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int per_row = I / 8;
   if (chunk >= (long long)rows * per_row) return;
@@ -202,6 +205,17 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const int key_end = pos + t0 + rows_t;  // keys 0 .. key_end - 1 are visible to some row
   const int k_begin = split * chunk, k_end = min(key_end, k_begin + chunk);
   const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
+
+  // prologue: keys and values before `pos` were written by earlier steps, not by the kernels just
+  // before, so while the qkv GEMM still runs this block asks L2 for its range of them (two bulk
+  // prefetches of whole contiguous rows); then it waits for q (and the new k, v) to be ready.
+  const int cached_end = min(k_end, pos);
+  if (threadIdx.x == 0 && cached_end > k_begin) {
+    const u32 bytes = (u32)(cached_end - k_begin) * D * 2;
+    prefetch_l2_bulk(k_cache + kv_base + (long long)k_begin * D, bytes);
+    prefetch_l2_bulk(v_cache + kv_base + (long long)k_begin * D, bytes);
+  }
+  start_after_prior_grid();
 
   if (qkv == nullptr) {
 #pragma unroll

@@ -38,6 +38,10 @@
 
 using namespace ql;
 
+// Weight bytes one launch may prefetch into L2 before its activations are ready: about what DRAM
+// delivers during a small kernel (~3 TB/s x ~3 us) and well under an H100's 50 MB of L2.
+constexpr long long kPrefetchBytes = 8ll << 20;
+
 template <int TILE_M, int TILE_K, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
@@ -69,6 +73,20 @@ __global__ void __launch_bounds__(32 * WARPS)
     x_row[bt] = x + (long long)(has_row[bt] ? 8 * bt + g : 0) * K + 2 * t;
   }
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
+
+  // prologue: the weights depend on no earlier kernel, so before waiting on the one before (launched as
+  // a programmatic dependent, this block may be placed while it still runs) warp 0 asks L2 for the
+  // first k16 rows of the block's range, one 512-byte bulk prefetch per row, up to kPrefetchBytes for
+  // the whole grid: DRAM then streams this GEMM's weights during the previous kernel (a norm, the
+  // attention, SiLU x up) instead of idling. Nothing here writes; the activations are read after.
+  if (warp == 0) {
+    const int k16_begin = kt_begin * (TILE_K / 16), k16_end = kt_end * (TILE_K / 16);
+    const long long blocks = (long long)gridDim.y * gridDim.z;
+    const int rows_allowed = (int)min((long long)(k16_end - k16_begin), kPrefetchBytes / (blocks * 512));
+    for (int r = lane; r < rows_allowed; r += 32)
+      prefetch_l2_bulk(qweight + layout.word(k16_begin + r, strip, 0), 512);
+  }
+  start_after_prior_grid();
 
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
   for (int kt = kt_begin; kt < kt_end; ++kt) {

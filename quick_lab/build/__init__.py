@@ -7,4 +7,5 @@ not tile configs.
 - ``loader``: run-time compilation and loading (``cupy.RawModule``; sm_90a cubins through ``nvrtc``).
 - ``isa``: the PTX instruction mix of a compiled kernel.
 - ``device``: the GPU at hand (usable?, name, slug, SM count), never importing cupy eagerly.
+- ``launch``: kernel launches, plain or as programmatic dependents of the kernel before (``cuLaunchKernelEx``).
 """

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from quick_lab.build import device, loader
+from quick_lab.build.launch import launch
 from quick_lab.core import configs, dispatch, interop, registry, validation, variants
 from quick_lab.core.format import AWQWeight
 from quick_lab.core.interleave import QuickWeight
@@ -76,7 +77,8 @@ class GemmPlan:
     def run(self):
         with interop.launch_context(self.caller):
             if self.M > 0:
-                self._kernel(self._grid, (self.config.threads,), self._args, shared_mem=self._shared_bytes)
+                launch(self._kernel, self._grid, (self.config.threads,), self._args, self._shared_bytes,
+                       waits_on_prior_grid=self.family.waits_on_prior_grid)
             return interop.to_caller(self._out, self.caller, self.given_out)
 
     @property

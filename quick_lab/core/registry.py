@@ -287,6 +287,8 @@ class KernelFamily:
     compute_capability: str | None = None  # the only GPU it runs on (None: sm_80 and later)
     stream_k: bool = False       # split_k = STREAM_K is allowed (and the default)
     problem_rules: Callable[..., list[str]] = _tile_problem_rules  # (cfg, M, K, N, G) -> broken rules
+    waits_on_prior_grid: bool = False  # starts with start_after_prior_grid (common.cuh): may launch as a
+    #                                    programmatic dependent (quick_lab.build.launch)
     doc: str = field(default="", compare=False)
 
     def accepts(self, cfg: TileConfig) -> bool:
@@ -341,7 +343,7 @@ QUICK_WGMMA = KernelFamily(
 QUICK_DECODE = KernelFamily(
     "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
-    problem_rules=_decode_problem_rules,
+    problem_rules=_decode_problem_rules, waits_on_prior_grid=True,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from quick_lab.build.launch import dependent_launches
 from quick_lab.core.format import AWQWeight
 from quick_lab.model import fused
 from quick_lab.model.config import BACKENDS, ModelConfig
@@ -134,12 +135,19 @@ class StepState:
 class Model:
     """The decoder on the GPU. ``forward`` returns logits (or the final normed hidden without LM head)."""
 
-    def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True):
+    def __init__(self, weights: ModelWeights, backends=BACKENDS, lm_head: bool = True,
+                 dependent_launch: bool = True):
         import cupy
 
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             raise ValueError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
+        if not isinstance(dependent_launch, bool):
+            raise TypeError(f"dependent_launch must be a bool, got {type(dependent_launch).__name__}")
+        # Launch the fused ops and the decode GEMMs as programmatic dependents (quick_lab.build.launch):
+        # each one's blocks are placed while the op before runs and prefetch what they can (weights, the
+        # past KV cache) before they wait for its output. Only on compute capability 9.0 and later.
+        self.dependent_launch = dependent_launch
         self.cfg, self.backends = weights.cfg, tuple(backends)
         # Layers built from the same host arrays (random_weights(distinct_layers=False)) still get
         # separate GPU copies, so no layer's weights are found in L2 from the previous layer.
@@ -195,8 +203,16 @@ class Model:
                                            cache.workspace)
 
         attn_ops = [("attention", rope_attention)] if st.T == 1 else [("rope_kv", rope), ("attention", attention)]
-        return [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
-                ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
+        ops = [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
+               ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
+        return [(name, self._launched(fn)) for name, fn in ops]
+
+    def _launched(self, fn):
+        """``fn`` run with this model's launch mode."""
+        def run():
+            with dependent_launches(self.dependent_launch):
+                fn()
+        return run
 
     def start(self, tokens, cache: KVCache, pos: int) -> StepState:
         """Check ``tokens`` int32 [B, T] at ``pos`` against the cache and embed them."""

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from quick_lab.build import device, loader
+from quick_lab.build.launch import launch
 
 __all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows", "decode_splits",
            "rope_attention", "rope_kv", "silu_mul"]
@@ -54,7 +55,7 @@ def add_rms_norm(h, weight, eps: float, delta=None, out=None):
     out = cupy.empty_like(h) if out is None else out
     if rows:
         args = (h, _NULL if delta is None else delta, weight, out, np.int32(H), np.float32(eps))
-        loader.support_kernel("add_rms_norm")((rows,), (256,), args)
+        launch(loader.support_kernel("add_rms_norm"), (rows,), (256,), args, waits_on_prior_grid=True)
     return out
 
 
@@ -75,7 +76,8 @@ def rope_kv(qkv, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int, pos:
     if rows:
         args = (qkv, cos, sin, q, k_cache, v_cache, np.int32(T), np.int32(n_heads), np.int32(n_kv_heads),
                 np.int32(D), np.int32(pos), np.int32(max_seq))
-        loader.support_kernel("rope_kv")((rows, n_heads + 2 * n_kv_heads), (D // 2,), args)
+        launch(loader.support_kernel("rope_kv"), (rows, n_heads + 2 * n_kv_heads), (D // 2,), args,
+               waits_on_prior_grid=True)
     return q
 
 
@@ -91,7 +93,8 @@ def silu_mul(gate_up):
     out = cupy.empty((rows, inter), dtype=cupy.float16)
     chunks = rows * inter // 8
     if chunks:
-        loader.support_kernel("silu_mul")((-(-chunks // 256),), (256,), (gate_up, out, np.int32(rows), np.int32(inter)))
+        launch(loader.support_kernel("silu_mul"), (-(-chunks // 256),), (256,),
+               (gate_up, out, np.int32(rows), np.int32(inter)), waits_on_prior_grid=True)
     return out
 
 
@@ -179,11 +182,11 @@ def _launch_attention(q, qkv, cos, sin, k_cache, v_cache, n_heads: int, pos: int
     chunk = -(-chunk // 32) * 32
     out = cupy.empty((B * T, n_heads * D), dtype=cupy.float16)
     partial, tickets = (workspace.partial, workspace.tickets) if splits > 1 else (_NULL, _NULL)
-    _attention_kernel(D, rows)((splits, Hkv, B * q_tiles), (ATTENTION_WARPS * 32,),
-                               (_NULL if q is None else q, _NULL if qkv is None else qkv,
-                                _NULL if cos is None else cos, _NULL if sin is None else sin, k_cache, v_cache, out,
-                                partial, tickets, np.int32(T), np.int32(n_heads), np.int32(Hkv), np.int32(pos),
-                                np.int32(max_seq), np.int32(chunk), np.float32(1.0 / math.sqrt(D))))
+    launch(_attention_kernel(D, rows), (splits, Hkv, B * q_tiles), (ATTENTION_WARPS * 32,),
+           (_NULL if q is None else q, _NULL if qkv is None else qkv,
+            _NULL if cos is None else cos, _NULL if sin is None else sin, k_cache, v_cache, out,
+            partial, tickets, np.int32(T), np.int32(n_heads), np.int32(Hkv), np.int32(pos),
+            np.int32(max_seq), np.int32(chunk), np.float32(1.0 / math.sqrt(D))), waits_on_prior_grid=True)
     return out
 
 
