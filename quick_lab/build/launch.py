@@ -114,6 +114,7 @@ def launch(function, grid, block, args, shared_mem: int = 0, *, waits_on_prior_g
     attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     config = _LaunchConfig(*grid, *block, shared_mem, cupy.cuda.get_current_stream().ptr,
                            ctypes.pointer(attribute), 1)
-    status = _driver().cuLaunchKernelEx(ctypes.byref(config), function.ptr, pointers, None)
+    handle = function.kernel.ptr  # a cupy.RawKernel: its loaded CUfunction
+    status = _driver().cuLaunchKernelEx(ctypes.byref(config), handle, pointers, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {status}")
