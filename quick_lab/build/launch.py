@@ -80,14 +80,16 @@ def _driver() -> ctypes.CDLL:
 
 
 def kernel_arguments(args) -> list:
-    """ctypes values of a kernel's arguments, as CuPy would pass them: a device array by its pointer,
-    a NumPy scalar by its own type (the kernels' int, float and pointer parameters)."""
+    """ctypes values of a kernel's arguments, as CuPy would pass them: a device array by its pointer, None
+    as a null pointer, a NumPy scalar by its own type (the kernels' int, float and pointer parameters)."""
     import cupy
 
     out = []
     for i, arg in enumerate(args):
         if isinstance(arg, cupy.ndarray):
             out.append(ctypes.c_void_p(arg.data.ptr))
+        elif arg is None:  # a null pointer (an unused workspace), as CuPy passes None
+            out.append(ctypes.c_void_p(None))
         elif isinstance(arg, np.int32):
             out.append(ctypes.c_int32(int(arg)))
         elif isinstance(arg, np.uint64):
@@ -95,8 +97,8 @@ def kernel_arguments(args) -> list:
         elif isinstance(arg, np.float32):
             out.append(ctypes.c_float(float(arg)))
         else:
-            raise TypeError(f"kernel argument {i} must be a cupy.ndarray, numpy.int32, numpy.uint64 or "
-                            f"numpy.float32, got {type(arg).__name__}")
+            raise TypeError(f"kernel argument {i} must be a cupy.ndarray, None, numpy.int32, numpy.uint64 "
+                            f"or numpy.float32, got {type(arg).__name__}")
     return out
 
 
