@@ -40,7 +40,10 @@ using namespace ql;
 
 // Weight bytes one launch may prefetch into L2 before its activations are ready: about what DRAM
 // delivers during a small kernel (~3 TB/s x ~3 us) and well under an H100's 50 MB of L2.
-constexpr long long kPrefetchBytes = 8ll << 20;
+#ifndef QL_DECODE_PREFETCH_BYTES
+#define QL_DECODE_PREFETCH_BYTES (8ll << 20)
+#endif
+constexpr long long kPrefetchBytes = QL_DECODE_PREFETCH_BYTES;
 
 template <int TILE_M, int TILE_K, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
