@@ -41,7 +41,7 @@ using namespace ql;
 // Weight bytes one launch may prefetch into L2 before its activations are ready: about what DRAM
 // delivers during a small kernel (~3 TB/s x ~3 us) and well under an H100's 50 MB of L2.
 #ifndef QL_DECODE_PREFETCH_BYTES
-#define QL_DECODE_PREFETCH_BYTES (8ll << 20)
+#define QL_DECODE_PREFETCH_BYTES 0ll
 #endif
 constexpr long long kPrefetchBytes = QL_DECODE_PREFETCH_BYTES;
 
@@ -89,7 +89,11 @@ __global__ void __launch_bounds__(32 * WARPS)
     for (int r = lane; r < rows_allowed; r += 32)
       prefetch_l2_bulk(qweight + layout.word(k16_begin + r, strip, 0), 512);
   }
+#ifdef QL_LATE_TRIGGER
+  wait_for_prior_grid();
+#else
   start_after_prior_grid();
+#endif
 
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
   for (int kt = kt_begin; kt < kt_end; ++kt) {
@@ -134,6 +138,9 @@ __global__ void __launch_bounds__(32 * WARPS)
     }
   }
 
+#ifdef QL_LATE_TRIGGER
+  allow_dependent_launch();
+#endif
   // reduce: acc[bt][v] c0, c1 -> batch rows 8 bt + 2t, + 1 at column 16 v + g; c2, c3 -> column + 8.
 #pragma unroll
   for (int bt = 0; bt < kBatchTiles; ++bt)
