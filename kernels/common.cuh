@@ -291,9 +291,11 @@ __device__ __forceinline__ void store_fragment(const float (&c)[4], u16* out_h, 
 // Such a kernel may read only what no earlier kernel writes (weights, tables) before it calls
 // wait_for_prior_grid(), which returns once the previous grid has completed and its writes are
 // visible (PTX ISA, parallel synchronization instructions: griddepcontrol, sm_90); it writes nothing
-// before that point. Every kernel that waits calls allow_dependent_launch() right after, so the next
-// kernel's blocks are placed and run their own prologue while this one works: one kernel ahead, no
-// further. Launched normally (or before sm_90) both are no-ops.
+// before that point. After its wait a kernel calls allow_dependent_launch(), so the next kernel's
+// blocks are placed and run their own prologue while this one finishes: one kernel ahead, no further.
+// The small kernels allow it at once; a GEMM or the attention only after its main loop (on an H100,
+// blocks of the next kernel placed during the loop slowed it). Launched normally (or before sm_90)
+// both are no-ops.
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -304,7 +306,7 @@ __device__ __forceinline__ void allow_dependent_launch() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// Both, in the order every dependent kernel here uses them.
+// Both at once: the start of a small kernel, which reads its input first thing.
 __device__ __forceinline__ void start_after_prior_grid() {
   wait_for_prior_grid();
   allow_dependent_launch();

@@ -210,18 +210,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   // before, so while the qkv GEMM still runs this block asks L2 for its range of them (two bulk
   // prefetches of whole contiguous rows); then it waits for q (and the new k, v) to be ready.
   const int cached_end = min(k_end, pos);
-#ifndef QL_NO_KV_PREFETCH
   if (threadIdx.x == 0 && cached_end > k_begin) {
     const u32 bytes = (u32)(cached_end - k_begin) * D * 2;
     prefetch_l2_bulk(k_cache + kv_base + (long long)k_begin * D, bytes);
     prefetch_l2_bulk(v_cache + kv_base + (long long)k_begin * D, bytes);
   }
-#endif
-#ifdef QL_LATE_TRIGGER
   wait_for_prior_grid();
-#else
-  start_after_prior_grid();
-#endif
 
   if (qkv == nullptr) {
 #pragma unroll
@@ -391,9 +385,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     __syncwarp();  // the V tile is consumed before the next cp.async overwrites it
   }
 
-#ifdef QL_LATE_TRIGGER
-  allow_dependent_launch();
-#endif
+  allow_dependent_launch();  // the next kernel's blocks may be placed during the merge and the write
   // Merge the warps: (m, l) per warp and row, then the O rows through shared memory.
   __syncthreads();  // every warp is done with its V tile: the union's other member takes over
   if (t4 == 0) {

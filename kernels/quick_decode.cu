@@ -20,6 +20,9 @@
 //                    (ld.global.nc.L1::no_allocate: read once, never re-read by this SM), the zero /
 //                    scale words of every group that starts in the chunk and its activation pairs, so
 //                    a warp has kSteps x 512 bytes of weights in flight before it waits on anything.
+//                    Launched as a programmatic dependent (quick_lab.build.launch), a block waits for
+//                    the kernel before only after the first chunk's weights are in flight, and lets
+//                    the next kernel's blocks be placed once its loop is done.
 //   2. matmul:       per k16 step, per word: dequantize with its group's pair, 1 mma.m16n8k16 per 8
 //                    batch rows.
 //   3. reduce:       the warps' partial 64 x TILE_M tiles are summed through shared memory, so a
@@ -37,13 +40,6 @@
 #include "quick_layout.cuh"
 
 using namespace ql;
-
-// Weight bytes one launch may prefetch into L2 before its activations are ready: about what DRAM
-// delivers during a small kernel (~3 TB/s x ~3 us) and well under an H100's 50 MB of L2.
-#ifndef QL_DECODE_PREFETCH_BYTES
-#define QL_DECODE_PREFETCH_BYTES 0ll
-#endif
-constexpr long long kPrefetchBytes = QL_DECODE_PREFETCH_BYTES;
 
 template <int TILE_M, int TILE_K, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
@@ -77,24 +73,9 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
 
-  // prologue: the weights depend on no earlier kernel, so before waiting on the one before (launched as
-  // a programmatic dependent, this block may be placed while it still runs) warp 0 asks L2 for the
-  // first k16 rows of the block's range, one 512-byte bulk prefetch per row, up to kPrefetchBytes for
-  // the whole grid: DRAM then streams this GEMM's weights during the previous kernel (a norm, the
-  // attention, SiLU x up) instead of idling. Nothing here writes; the activations are read after.
-  if (warp == 0) {
-    const int k16_begin = kt_begin * (TILE_K / 16), k16_end = kt_end * (TILE_K / 16);
-    const long long blocks = (long long)gridDim.y * gridDim.z;
-    const int rows_allowed = (int)min((long long)(k16_end - k16_begin), kPrefetchBytes / (blocks * 512));
-    for (int r = lane; r < rows_allowed; r += 32)
-      prefetch_l2_bulk(qweight + layout.word(k16_begin + r, strip, 0), 512);
-  }
-#ifdef QL_LATE_TRIGGER
+#ifdef QL_WAIT_BEFORE_LOOP
   wait_for_prior_grid();
-#else
-  start_after_prior_grid();
 #endif
-
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
   for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int k16_0 = kt * (TILE_K / 16) + warp * kSteps;  // this warp's first k16 block
@@ -112,6 +93,9 @@ __global__ void __launch_bounds__(32 * WARPS)
         z[ks] = load_cached_u32(qzeros + QuickLayout::zero(gb, g));
       }
     }
+    // Launched as a programmatic dependent, the first chunk's weights and group records are in flight
+    // while the kernel before still runs; the activations are its output (common.cuh).
+    if (kt == kt_begin) wait_for_prior_grid();
 #pragma unroll
     for (int bt = 0; bt < kBatchTiles; ++bt)
 #pragma unroll
@@ -138,9 +122,8 @@ __global__ void __launch_bounds__(32 * WARPS)
     }
   }
 
-#ifdef QL_LATE_TRIGGER
-  allow_dependent_launch();
-#endif
+  wait_for_prior_grid();     // a block with no k-tiles waits here (a second wait returns at once)
+  allow_dependent_launch();  // the next kernel's blocks may be placed during the reduction and the tail
   // reduce: acc[bt][v] c0, c1 -> batch rows 8 bt + 2t, + 1 at column 16 v + g; c2, c3 -> column + 8.
 #pragma unroll
   for (int bt = 0; bt < kBatchTiles; ++bt)
