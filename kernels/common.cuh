@@ -145,6 +145,14 @@ __device__ __forceinline__ u32 load_cached_u32(const void* p) {
   asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
+// An activation is written by the kernel before, which a programmatic dependent launch lets run on
+// while this one starts: not the non-coherent path (.nc promises data read-only for the kernel's
+// whole life, PTX ISA ld), but a plain load issued after wait_for_prior_grid().
+__device__ __forceinline__ u32 load_activation_u32(const void* p) {
+  u32 v;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ uint2 load_cached_u2(const void* p) {
   uint2 v;
   asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));

@@ -9,6 +9,10 @@
 // Layouts: activations are row-major [rows, features] fp16 (a row = one token of one sequence); the
 // KV cache is [batch, n_kv_heads, max_seq, D] fp16; the RoPE tables are float32 [max_seq, D / 2]
 // (rotate-half convention: element j pairs with j + D/2).
+// An input another kernel writes (delta, gate_up, qkv, q) is not declared const __restrict__: that
+// lets the compiler read it through the non-coherent path, which promises the data is read-only for
+// the kernel's whole life (PTX ISA, ld.global.nc), and launched as a programmatic dependent
+// (common.cuh) a kernel starts while the one writing its input still runs.
 #include "common.cuh"
 
 using namespace ql;
@@ -43,7 +47,7 @@ __device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) 
 constexpr int kNormThreads = 256, kNormMaxChunks = 8;
 
 extern "C" __global__ void __launch_bounds__(kNormThreads)
-    add_rms_norm(u16* __restrict__ h, const u16* __restrict__ delta, const u16* __restrict__ weight,
+    add_rms_norm(u16* __restrict__ h, const u16* delta, const u16* __restrict__ weight,
                  u16* __restrict__ out, int H, float eps) {
   __shared__ float warp_sums[kNormThreads / 32];
   start_after_prior_grid();  // h and delta come from the kernels before
@@ -102,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
 // of their position; q goes to q_out [B*T, Hq D], k and v to the caches [B, Hkv, max_seq, D]. One
 // block per (row, head) rather than per row: a decode step has a single row, and a block looping
 // over its 48 heads would wait on 48 dependent load latencies.
-extern "C" __global__ void rope_kv(const u16* __restrict__ qkv, const float* __restrict__ cos_t,
+extern "C" __global__ void rope_kv(const u16* qkv, const float* __restrict__ cos_t,
                                    const float* __restrict__ sin_t, u16* __restrict__ q_out, u16* __restrict__ k_cache,
                                    u16* __restrict__ v_cache, int T, int Hq, int Hkv, int D, int pos, int max_seq) {
   start_after_prior_grid();  // qkv is the GEMM before's output
@@ -126,7 +130,7 @@ extern "C" __global__ void rope_kv(const u16* __restrict__ qkv, const float* __r
 
 // ---------------------------------------------------------------- SiLU(gate) * up
 // gate_up [rows, 2 I] (gate | up) -> out [rows, I]; one thread per 8 outputs (16-byte loads).
-extern "C" __global__ void silu_mul(const u16* __restrict__ gate_up, u16* __restrict__ out, int rows, int I) {
+extern "C" __global__ void silu_mul(const u16* gate_up, u16* __restrict__ out, int rows, int I) {
   start_after_prior_grid();  // gate_up is the GEMM before's output
   const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int per_row = I / 8;
@@ -189,7 +193,7 @@ struct __align__(16) AttentionSmem {  // 16: cp.async and ldmatrix rows
 
 template <int D, int R>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-    attention(const u16* __restrict__ q, const u16* __restrict__ qkv, const float* __restrict__ cos_t,
+    attention(const u16* q, const u16* qkv, const float* __restrict__ cos_t,
               const float* __restrict__ sin_t, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
               u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
               int pos, int max_seq, int chunk, float scale) {

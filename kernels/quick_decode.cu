@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
         const int k = (k16_0 + ks) * 16;
-        b[bt][ks][0] = has_row[bt] ? load_cached_u32(x_row[bt] + k) : 0u;
-        b[bt][ks][1] = has_row[bt] ? load_cached_u32(x_row[bt] + k + 8) : 0u;
+        b[bt][ks][0] = has_row[bt] ? load_activation_u32(x_row[bt] + k) : 0u;
+        b[bt][ks][1] = has_row[bt] ? load_activation_u32(x_row[bt] + k + 8) : 0u;
       }
 
     // matmul
