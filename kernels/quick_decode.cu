@@ -73,9 +73,6 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
 
-#ifdef QL_WAIT_BEFORE_LOOP
-  wait_for_prior_grid();
-#endif
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
   for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int k16_0 = kt * (TILE_K / 16) + warp * kSteps;  // this warp's first k16 block

@@ -333,11 +333,12 @@ def cmd_e2e(args) -> int:
     df = sweep.e2e_sweep(args.models, args.batches, args.backends, n_layers=args.layers, prefill=args.prefill,
                          decode_steps=args.decode, graph=not args.no_graph, lm_head=not args.no_lm_head,
                          reps=args.reps, long_context=args.long_context, long_batches=args.long_batches,
-                         progress=progress)
+                         progress=progress, dependent_launch=not args.plain_launches)
     df.to_csv(out_dir / "e2e.csv", index=False)
     write_metadata(out_dir / "e2e.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
                    prefill=args.prefill, decode=args.decode, cuda_graph=not args.no_graph,
                    lm_head=not args.no_lm_head, reps=args.reps, long_context=args.long_context,
+                   dependent_launch=not args.plain_launches,
                    long_batches=list(args.long_batches), weights="random int4, group size 128",
                    note="each row's model was built with `layers` of its `full_layers` layers (full depth wherever "
                         "it fits the GPU); tokens_per_s is measured for the layers built; "
@@ -378,7 +379,7 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
             fit = sweep.layers_that_fit(cfg, (backend,), [(b, c + 1) for b, c in cases], free, lm_head=False)
             layers = min(args.layers or cfg.n_layers, fit)
             model = Model(random_weights(dataclasses.replace(cfg, n_layers=layers), distinct_layers=False),
-                          backends=(backend,), lm_head=False)
+                          backends=(backend,), lm_head=False, dependent_launch=not args.plain_launches)
             for batch, context in cases:
                 progress(done, total, f"{cfg.name} x{layers} M={batch} ctx={context} {backend}")
                 rows += breakdown.breakdown(model, batch, context, backend, reps=max(args.reps, 10))
@@ -389,6 +390,7 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
     df.to_csv(out_dir / "e2e_breakdown.csv", index=False)
     write_metadata(out_dir / "e2e_breakdown.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
                    reps=max(args.reps, 10), weights="random int4, group size 128",
+                   dependent_launch=not args.plain_launches,
                    note="us_per_layer: one decode step's ops of one class in every layer, back to back in one CUDA "
                         "graph (median of reps), divided by the layers built; layer = the whole step per layer; "
                         "gemm = qkv + o + gate_up + down; other = layer - gemm")
@@ -588,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=1, help="timed runs per phase after one untimed run (best reported)")
     p.add_argument("--no-graph", action="store_true", help="time the eager loop instead of a CUDA graph replay")
     p.add_argument("--no-lm-head", action="store_true", help="skip the fp16 LM head (tokens fed, not sampled)")
+    p.add_argument("--plain-launches", action="store_true",
+                   help="launch every decode op after the one before has finished (default: as programmatic "
+                        "dependents on compute capability 9.0+, each placed while the op before runs)")
     p.add_argument("--long-context", type=int, default=4096,
                    help="also decode at this context (cache filled, prefill not timed); 0 turns it off")
     p.add_argument("--long-batches", type=int_list, default=(1, 16), help="batches run at --long-context")

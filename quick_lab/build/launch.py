@@ -22,7 +22,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["dependent_launches", "dependent_launches_active", "kernel_arguments", "launch"]
+__all__ = ["dependent_launches", "dependent_launches_active", "dependent_launches_supported", "kernel_arguments",
+           "launch"]
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h CUlaunchAttributeID
 
@@ -61,10 +62,11 @@ def dependent_launches(enabled: bool = True):
 
 def dependent_launches_active() -> bool:
     """Whether a launch with ``waits_on_prior_grid=True`` here would be a programmatic dependent."""
-    return getattr(_state, "enabled", False) and _supported()
+    return getattr(_state, "enabled", False) and dependent_launches_supported()
 
 
-def _supported() -> bool:
+def dependent_launches_supported() -> bool:
+    """Whether the current GPU runs programmatic dependent launches (compute capability 9.0 or later)."""
     from quick_lab.build import device
 
     return int(device.compute_capability(device.current_device())) >= 90

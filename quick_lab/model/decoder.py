@@ -8,7 +8,10 @@ interleaved weight); a Linear holds only the forms its backends need. Everything
 identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoPE writing k and v
 into the cache, attention over the cache (one launch; in a decode step RoPE and the cache write are
 inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up, the down GEMM (whose output
-the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. A layer is a
+the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. On
+compute capability 9.0 those launches are programmatic dependents (:mod:`quick_lab.build.launch`): each
+op's blocks are placed while the op before still runs, load what no earlier op writes (the GEMM's first
+weights, the attention's past KV range) and then wait for its output. A layer is a
 list of named ops (:meth:`Model.layer_ops`), which ``forward`` runs under NVTX ranges and
 :mod:`quick_lab.model.breakdown` times one class at a time. Matmuls go through
 :func:`quick_lab.model.cublas.matmul` and no op allocates outside CuPy's pool, so a forward can be

@@ -24,6 +24,7 @@ import functools
 
 import numpy as np
 
+from quick_lab.build import launch as launch_mode
 from quick_lab.model.config import BACKENDS, PRESETS, ModelConfig, memory_estimate, preset
 from quick_lab.model.decoder import Model
 from quick_lab.model.generate import decode, greedy
@@ -124,6 +125,7 @@ def decode_throughput(cfg: ModelConfig, batch: int, backend: str, prefill: int =
     return dict(model=cfg.name, layers=layers, full_layers=cfg.n_layers, batch=batch, backend=backend,
                 prefill=prefill, decode=decode_steps, context=prefill, prefill_timed=not fill_cache,
                 cuda_graph=graph, lm_head=model.lm_head is not None,
+                dependent_launch=model.dependent_launch and launch_mode.dependent_launches_supported(),
                 prefill_ms=prefill_ms, decode_ms=decode_ms, lm_head_ms=head_ms,
                 tokens_per_s=tokens / (decode_ms * 1e-3),
                 full_depth_tokens_per_s_estimate=tokens / (full_ms * 1e-3))
@@ -220,11 +222,13 @@ def _run_case(cfg, batch, backend, context, decode_steps, model, graph, reps, fi
 
 def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
               n_layers: int | None = None, prefill: int = 128, decode_steps: int = 128, graph: bool = True,
-              lm_head: bool = True, reps: int = 1, long_context: int = 0, long_batches=(1, 16), progress=None):
+              lm_head: bool = True, reps: int = 1, long_context: int = 0, long_batches=(1, 16), progress=None,
+              dependent_launch: bool = True):
     """One row per (model, batch, backend[, long context]). Depth: full where it fits (see the module
     doc); ``n_layers`` caps it. ``long_context`` > 0 adds decode at that context for ``long_batches``
     (cache filled, prefill not timed). A case that runs out of GPU memory gets NaN timings and an
-    ``error``."""
+    ``error``. ``dependent_launch``: the models launch their decode ops as programmatic dependents
+    (:class:`~quick_lab.model.decoder.Model`)."""
     import cupy
     import pandas as pd
 
@@ -239,7 +243,8 @@ def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
         free = cupy.cuda.runtime.memGetInfo()[0]
         for group, layers, runs in sweep_plan(cfg, backends, cases, free, lm_head, n_layers, decode_steps):
             run_cfg = dataclasses.replace(cfg, n_layers=layers)
-            model = Model(random_weights(run_cfg, distinct_layers=False), backends=group, lm_head=lm_head)
+            model = Model(random_weights(run_cfg, distinct_layers=False), backends=group, lm_head=lm_head,
+                          dependent_launch=dependent_launch)
             for batch, context, fill in runs:
                 for backend in group:
                     if progress:
