@@ -5,7 +5,8 @@
 Every fused decoder kernel (:mod:`quick_lab.model.fused`) on small cases that reach each code path:
 add + RMSNorm with and without the residual, SiLU x up, RoPE + cache write (prefill), attention in
 prefill tiles (a partial last tile, a start past 0) and decode (unsplit, split with the ticket merge,
-more splits than keys), and the decode step with RoPE fused in. Outputs and unused cache rows are
+more splits than keys), and the decode step with RoPE fused in; every case launched plainly and as a
+programmatic dependent. Outputs and unused cache rows are
 NaN first; each result is compared with a float64 NumPy reference. Same protocol as
 :mod:`quick_lab.lab.sanitizer_target`: ``QL-CASE <i> <label>`` before each case, ``QL-MISMATCH <why>``,
 ``QL-DONE <n> cases, <m> mismatches``, exit 3 on a mismatch. CuPy's memory pool is off (each array
@@ -18,6 +19,7 @@ import sys
 
 import numpy as np
 
+from quick_lab.build.launch import dependent_launches
 from quick_lab.lab.sanitizer_target import TARGET_MISMATCH_EXIT
 from quick_lab.model import fused
 
@@ -137,7 +139,20 @@ def case_decode(rng, B, pos, Hq, Hkv, D, splits, fused_rope: bool):
 
 
 def cases():
-    """(label, fn(rng) -> relative error)."""
+    """(label, fn(rng) -> relative error): each case launched plainly, then again as programmatic
+    dependents (quick_lab.build.launch; the same as plain before compute capability 9.0)."""
+    plain = _plain_cases()
+    return plain + [(f"{label} (dependent launch)", _dependent(fn)) for label, fn in plain]
+
+
+def _dependent(fn):
+    def run(rng):
+        with dependent_launches():
+            return fn(rng)
+    return run
+
+
+def _plain_cases():
     return [
         ("add_rms_norm rows=7 H=4096 residual", lambda r: case_norm(r, 7, 4096, True)),
         ("add_rms_norm rows=1 H=5120", lambda r: case_norm(r, 1, 5120, False)),
