@@ -74,7 +74,11 @@ __global__ void __launch_bounds__(32 * WARPS)
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
 
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
-  for (int kt = kt_begin; kt < kt_end; ++kt) {
+  // One k-tile: fetch, then matmul. The block's first chunk waits for the kernel before
+  // between its weight loads and its activation loads: launched as a programmatic dependent, the block
+  // is placed while that kernel runs, and the weights depend on nothing it writes. The steady chunks
+  // carry no wait, so nothing splits their instruction schedule.
+  auto chunk = [&](const int kt, const bool first) {  // inlined: `first` is a constant at each call
     const int k16_0 = kt * (TILE_K / 16) + warp * kSteps;  // this warp's first k16 block
     // fetch: weights, the group records that start here, activations; nothing waits yet.
     uint4 w[kSteps], s[kSteps];
@@ -90,9 +94,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         z[ks] = load_cached_u32(qzeros + QuickLayout::zero(gb, g));
       }
     }
-    // Launched as a programmatic dependent, the first chunk's weights and group records are in flight
-    // while the kernel before still runs; the activations are its output (common.cuh).
-    if (kt == kt_begin) wait_for_prior_grid();
+    if (first) wait_for_prior_grid();  // the activations are its output
 #pragma unroll
     for (int bt = 0; bt < kBatchTiles; ++bt)
 #pragma unroll
@@ -117,7 +119,14 @@ __global__ void __launch_bounds__(32 * WARPS)
         for (int bt = 0; bt < kBatchTiles; ++bt) mma_m16n8k16(acc[bt][v], a, b[bt][ks][0], b[bt][ks][1]);
       }
     }
-  }
+  };
+#ifdef QL_WAIT_BEFORE_LOOP
+  wait_for_prior_grid();
+  for (int kt = kt_begin; kt < kt_end; ++kt) chunk(kt, false);
+#else
+  if (kt_begin < kt_end) chunk(kt_begin, true);
+  for (int kt = kt_begin + 1; kt < kt_end; ++kt) chunk(kt, false);
+#endif
 
   wait_for_prior_grid();     // a block with no k-tiles waits here (a second wait returns at once)
   allow_dependent_launch();  // the next kernel's blocks may be placed during the reduction and the tail

@@ -68,8 +68,9 @@ def test_the_decode_gemm_reads_activations_through_coherent_loads():
     # weights, scales, zeros: ld.global.nc (read-only for the kernel's life); the activations, which
     # the kernel before writes while a dependent launch already runs, must not take that path.
     body = _kernel_ptx(isa.ptx("quick_decode.cu", "quick_decode<8, 256, 4>", "sm_90"), "quick_decode")
-    assert len(re.findall(r"\bld\.global\.nc\.L1::no_allocate\.v4\.u32\b", body)) == 4  # weights
-    assert len(re.findall(r"\bld\.global\.u32\b", body)) == 2 * 4  # x: two words per k16 step, 4 steps
+    # two copies of a chunk (a block's first, which waits, and the steady loop's), each 4 k16 steps
+    assert len(re.findall(r"\bld\.global\.nc\.L1::no_allocate\.v4\.u32\b", body)) == 2 * 4  # weights
+    assert len(re.findall(r"\bld\.global\.u32\b", body)) == 2 * 2 * 4  # x: two words per k16 step
 
 
 def _kernel_ptx(ptx: str, name: str) -> str:
