@@ -150,11 +150,7 @@ __device__ __forceinline__ u32 load_cached_u32(const void* p) {
 // whole life, PTX ISA ld), but a plain load issued after wait_for_prior_grid().
 __device__ __forceinline__ u32 load_activation_u32(const void* p) {
   u32 v;
-#ifdef QL_NC_ACTIVATIONS
-  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
-#else
   asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
-#endif
   return v;
 }
 __device__ __forceinline__ uint2 load_cached_u2(const void* p) {

@@ -120,13 +120,8 @@ __global__ void __launch_bounds__(32 * WARPS)
       }
     }
   };
-#ifdef QL_WAIT_BEFORE_LOOP
-  wait_for_prior_grid();
-  for (int kt = kt_begin; kt < kt_end; ++kt) chunk(kt, false);
-#else
   if (kt_begin < kt_end) chunk(kt_begin, true);
   for (int kt = kt_begin + 1; kt < kt_end; ++kt) chunk(kt, false);
-#endif
 
   wait_for_prior_grid();     // a block with no k-tiles waits here (a second wait returns at once)
   allow_dependent_launch();  // the next kernel's blocks may be placed during the reduction and the tail
