@@ -3,9 +3,9 @@
 A *programmatic dependent launch* (CUDA C++ Programming Guide; compute capability 9.0) lets a kernel's
 blocks be placed while the kernel before it on the stream still runs: they run a prologue that reads
 only what no earlier kernel writes (weights, a past KV cache), then wait in ``griddepcontrol.wait``
-for the previous grid to complete (``kernels/common.cuh``: ``start_after_prior_grid``). In a decode
-step that turns the gap between two kernels, and the small kernels themselves, into time in which
-DRAM already streams the next GEMM's weights into L2. The attribute is a driver launch attribute that
+for the previous grid to complete (``kernels/common.cuh``: ``wait_for_prior_grid``). In a decode
+step that hides the gap between two kernels and the next one's start (its launch, the decode GEMM's
+first weight loads, the attention's KV prefetch) under the kernel before. The attribute is a driver launch attribute that
 CuPy's kernel call does not expose, so such launches go through ``cuLaunchKernelEx`` here (ctypes,
 like the cuBLAS binding of the model); stream capture records them as programmatic graph edges.
 

@@ -148,8 +148,8 @@ class Model:
         if not isinstance(dependent_launch, bool):
             raise TypeError(f"dependent_launch must be a bool, got {type(dependent_launch).__name__}")
         # Launch the fused ops and the decode GEMMs as programmatic dependents (quick_lab.build.launch):
-        # each one's blocks are placed while the op before runs and prefetch what they can (weights, the
-        # past KV cache) before they wait for its output. Only on compute capability 9.0 and later.
+        # each one's blocks are placed while the op before runs and load what no earlier op writes (the
+        # GEMM's first weights, the past KV cache) before they wait for its output. Compute capability 9.0+.
         self.dependent_launch = dependent_launch
         self.cfg, self.backends = weights.cfg, tuple(backends)
         # Layers built from the same host arrays (random_weights(distinct_layers=False)) still get
