@@ -320,25 +320,6 @@ __device__ __forceinline__ void start_after_prior_grid() {
   allow_dependent_launch();
 }
 
-// Stream-K schedule (quick_wgmma.cu, quick_decode.cu): the problem is U units (output tile major,
-// k-tile minor); block b of the P launched takes units [b U / P, (b + 1) U / P), so every block gets
-// the same number of k-tiles whatever the tile count. Which block holds a unit, and whether a block's
-// first unit lies in a given tile (its partial of that tile goes to workspace slot 0, else slot 1: a
-// block shares at most its first and its last tile).
-// The divisions run in 32 bits when the product fits (a 64-bit division is a long subroutine on the
-// GPU, and start() sits before a block's first load).
-struct StreamK {
-  int units, k_tiles, P;
-  __device__ __forceinline__ static int div(unsigned long long n, int d) {
-    return n >> 32 ? (int)(n / (unsigned)d) : (int)((unsigned)n / (unsigned)d);
-  }
-  __device__ __forceinline__ int start(int b) const { return div((unsigned long long)b * units, P); }
-  __device__ __forceinline__ int block_of(int u) const {
-    return div((unsigned long long)(u + 1) * P + units - 1, units) - 1;
-  }
-  __device__ __forceinline__ int slot(int b, int tile) const { return start(b) / k_tiles == tile ? 0 : 1; }
-};
-
 // Split-K / stream-K ticket: `arrivals` blocks each publish a partial tile, then call this once; it
 // returns true, in every thread, in the block that arrives last (the one that sums the partials),
 // after resetting the counter to 0 for the next launch (no memset between launches).

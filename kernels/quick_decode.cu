@@ -2,14 +2,10 @@
 //
 // At decode batch sizes the GEMM is a weight stream: every packed byte is read once and the arithmetic
 // is tiny, so what matters is bytes in flight per SM (Little's law: ~3 TB/s x ~1 us of loaded DRAM
-// latency over 132 SMs is ~23 KB per SM on an H100), no work that waits on anything but DRAM, and
-// every SM streaming until the end. The problem is (n64 strip, k-tile) units, strip major, split
-// among the P blocks by the stream-K schedule (common.cuh StreamK): block b takes a contiguous run
-// of units, which may finish one strip and go on into the next. With P = the resident blocks every
-// SM gets the same number of k-tiles, so none idles while the last blocks of a split-K grid stream
-// (measured on an H100, 8192 x 28672 at M = 1: with split-K 4 the blocks' loops end between 29 and
-// 48 us); with P = strips x s it is split-K by s. Warp w owns k16 steps [w kSteps, (w + 1) kSteps) of
-// every k-tile (its chunk) and never waits for another warp before a strip's reduction.
+// latency over 132 SMs is ~23 KB per SM on an H100) and no work that waits on anything but DRAM. A block
+// owns one n64 strip of the output (64 columns, the QUICK layout's unit) and a contiguous K range; warp
+// w owns k16 steps [w kSteps, (w + 1) kSteps) of every k-tile of that range (its chunk) and never waits
+// for another warp before the final reduction.
 //
 // The product is computed transposed, out^T = W^T x^T, so the weights are the mma A operand (16 rows
 // of N) and the activations the B operand (n8 = 8 batch rows): TILE_M = 8 serves M <= 8 with no mma
@@ -29,30 +25,27 @@
 //                    the next kernel's blocks be placed once its loop is done.
 //   2. matmul:       per k16 step, per word: dequantize with its group's pair, 1 mma.m16n8k16 per 8
 //                    batch rows.
-//   3. finish a strip (when the block's run leaves it or ends): the warps' partial 64 x TILE_M tiles are
-//                    summed through shared memory; a strip the block covered whole is written as fp16;
-//                    else the block stores its fp32 partial (workspace [P][2][TILE_M x 64]: a block
-//                    shares at most its first and its last strip) and takes the strip's ticket
-//                    (common.cuh take_ticket); the last of its blocks to arrive sums the partials in
-//                    block order (deterministic) and writes fp16: one launch, no second pass.
+//   3. reduce:       the warps' partial 64 x TILE_M tiles are summed through shared memory, so a
+//                    block writes one partial, not WARPS;
+//   4. write_result: split == 1: fp16 straight out; else the fp32 partial goes to
+//                    workspace[split][M][N] and the block that takes the last ticket on its strip
+//                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
+//                    fp16: one launch, no second pass.
 //
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
 // loads at 25% occupancy), and a register double buffer of the next chunk (fewer resident warps).
-// Grid = (P, 1, 1). K must be a multiple of TILE_K (quick_lab/core/registry.py checks it); a
+// Grid = (1, N / 64, split). K must be a multiple of TILE_K (quick_lab/core/registry.py checks it); a
 // step's group is k / group_size, so a chunk may span several groups.
 #include "quick_layout.cuh"
 
 using namespace ql;
 
-// Warps per SM each tile height keeps (the registers the split-K version of this kernel used; the
-// run-of-units bookkeeping would otherwise cost the 16- and 32-row tiles a resident block).
-__host__ __device__ constexpr int decode_min_warps(int tile_m) { return tile_m == 8 ? 20 : tile_m == 16 ? 16 : 8; }
 template <int TILE_M, int TILE_K, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS, decode_min_warps(TILE_M) / WARPS)
+__global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
-                 int* __restrict__ tile_counters, int M, int K, int N, int group_size, int /* blocks: gridDim.x */) {
+                 int* __restrict__ tile_counters, int M, int K, int N, int group_size, int split) {
   constexpr int kThreads = 32 * WARPS, kBatchTiles = TILE_M / 8;
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
@@ -64,12 +57,11 @@ __global__ void __launch_bounds__(32 * WARPS, decode_min_warps(TILE_M) / WARPS)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
+  const int strip = blockIdx.y;  // n64 block: output columns 64 strip .. 64 strip + 63
   const int rows = min(M, TILE_M);
   const QuickLayout layout(N);
-  const int k_tiles = K / TILE_K;
-  const StreamK sk{(N / 64) * k_tiles, k_tiles, (int)gridDim.x};
-  const int me = blockIdx.x;
-  const int u_begin = sk.start(me), u_end = sk.start(me + 1);
+  int kt_begin, kt_end;
+  split_k_range(K / TILE_K, split, kt_begin, kt_end);
 
   // B operand: batch row 8 bt + g feeds n8 tile bt; a row past M is never read and stays 0.
   bool has_row[kBatchTiles];
@@ -82,11 +74,11 @@ __global__ void __launch_bounds__(32 * WARPS, decode_min_warps(TILE_M) / WARPS)
   auto starts_group = [&](int ks, int k) { return ks == 0 || k % group_size == 0; };  // warp-uniform
 
   float acc[kBatchTiles][4][4] = {};  // [batch tile][word = n16 block][c]
-  // One k-tile of one strip: fetch, then matmul. The block's first chunk waits for the kernel before
+  // One k-tile: fetch, then matmul. The block's first chunk waits for the kernel before
   // between its weight loads and its activation loads: launched as a programmatic dependent, the block
   // is placed while that kernel runs, and the weights depend on nothing it writes. The steady chunks
   // carry no wait, so nothing splits their instruction schedule.
-  auto chunk = [&](const int strip, const int kt, const bool first) {  // inlined: `first` is a constant
+  auto chunk = [&](const int kt, const bool first) {  // inlined: `first` is a constant at each call
     const int k16_0 = kt * (TILE_K / 16) + warp * kSteps;  // this warp's first k16 block
     // fetch: weights, the group records that start here, activations; nothing waits yet.
     uint4 w[kSteps], s[kSteps];
@@ -128,59 +120,38 @@ __global__ void __launch_bounds__(32 * WARPS, decode_min_warps(TILE_M) / WARPS)
       }
     }
   };
+  if (kt_begin < kt_end) chunk(kt_begin, true);
+  for (int kt = kt_begin + 1; kt < kt_end; ++kt) chunk(kt, false);
 
-  // finish a strip, after k-tiles [kt0, kt_end) of it: acc[bt][v] c0, c1 -> batch rows 8 bt + 2t, + 1 at
-  // column 16 v + g; c2, c3 -> column + 8; summed over the warps, then written (fp16, or the partial
-  // and the fix-up).
-  auto finish_strip = [&](const int strip, const int kt0, const int kt_end) {
-    __syncthreads();  // the previous strip's reads of `red` are done
+  wait_for_prior_grid();     // a block with no k-tiles waits here (a second wait returns at once)
+  allow_dependent_launch();  // the next kernel's blocks may be placed during the reduction and the tail
+  // reduce: acc[bt][v] c0, c1 -> batch rows 8 bt + 2t, + 1 at column 16 v + g; c2, c3 -> column + 8.
 #pragma unroll
-    for (int bt = 0; bt < kBatchTiles; ++bt)
+  for (int bt = 0; bt < kBatchTiles; ++bt)
 #pragma unroll
-      for (int v = 0; v < 4; ++v)
+    for (int v = 0; v < 4; ++v)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          red[(warp * TILE_M + 8 * bt + 2 * t + (c & 1)) * kRedStride + 16 * v + 8 * (c >> 1) + g] = acc[bt][v][c];
-          acc[bt][v][c] = 0.f;
-        }
-    __syncthreads();
-    // Blocks sharing the strip: b_first (holds its first k-tile) .. b_last. Only b_first can have started
-    // in an earlier strip, so only its partial may sit in slot 1 (StreamK::slot).
-    const bool whole = kt0 == 0 && kt_end == k_tiles;
-    const int strip_first = strip * k_tiles;
-    const int b_first = whole ? me : sk.block_of(strip_first);
-    const int b_last = whole ? me : sk.block_of(strip_first + k_tiles - 1);
-    const int first_slot = whole ? 0 : sk.slot(b_first, strip);
-    auto slot = [&](int blk) {
-      return workspace + ((long long)blk * 2 + (blk == b_first ? first_slot : 0)) * (TILE_M * 64);
-    };
-    float* partial = whole ? nullptr : slot(me);
-    // thread i of rows x 64 sums the warps' partials of element (i / 64, i % 64).
-    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-      const int r = i / 64, c = i % 64;
-      float v = 0.f;
-#pragma unroll
-      for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
-      if (partial) partial[i] = v;
-      else out[(long long)r * N + strip * 64 + c] = float_to_half(v);
-    }
-    if (whole || !take_ticket(tile_counters + strip, b_last - b_first + 1)) return;
-    for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-      float v = 0.f;
-      for (int blk = b_first; blk <= b_last; ++blk) v += load_l2_f32(slot(blk) + i);  // block order
-      out[(long long)(i / 64) * N + strip * 64 + i % 64] = float_to_half(v);
-    }
-  };
+      for (int c = 0; c < 4; ++c)
+        red[(warp * TILE_M + 8 * bt + 2 * t + (c & 1)) * kRedStride + 16 * v + 8 * (c >> 1) + g] = acc[bt][v][c];
+  __syncthreads();
 
-  // The block's run of units, strip by strip; its very first chunk is peeled (the only one that waits).
-  for (int u = u_begin; u < u_end;) {
-    const int strip = u / k_tiles, kt0 = u - strip * k_tiles, kt_end = min(k_tiles, kt0 + (u_end - u));
-    int kt = kt0;
-    if (u == u_begin) chunk(strip, kt++, true);
-#pragma unroll 1
-    for (; kt < kt_end; ++kt) chunk(strip, kt, false);
-    u += kt_end - kt0;
-    if (u == u_end) allow_dependent_launch();  // the next kernel's blocks may be placed during the last reduction
-    finish_strip(strip, kt0, kt_end);
+  // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
+  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
+  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+    const int r = i / 64, c = i % 64;
+    float v = 0.f;
+#pragma unroll
+    for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
+    const long long idx = (long long)r * N + strip * 64 + c;
+    if (partial) partial[idx] = v;
+    else out[idx] = float_to_half(v);
+  }
+  if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
+  const long long mn = (long long)M * N;
+  for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
+    const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
+    float v = 0.f;
+    for (int s = 0; s < split; ++s) v += load_l2_f32(workspace + s * mn + idx);
+    out[idx] = float_to_half(v);
   }
 }

@@ -93,6 +93,15 @@ __device__ __forceinline__ u32 pick(const u32 (&v)[4], int i) {
   return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3];
 }
 
+// Units [b U / P, (b + 1) U / P) of block b, and which block holds a unit.
+struct StreamK {
+  int units, k_tiles, P;
+  __device__ __forceinline__ int start(int b) const { return (int)((long long)b * units / P); }
+  __device__ __forceinline__ int block_of(int u) const {
+    return (int)(((long long)(u + 1) * P + units - 1) / units - 1);
+  }
+};
+
 // Where a unit is: output tile (m fastest), its corner and the k-tile. Stepped one unit at a time so
 // the mainloop divides only when it crosses into the next tile.
 struct Unit {
@@ -237,7 +246,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       return;
     }
     auto slot = [&](int b) {  // a block's first tile goes to slot 0, its last to slot 1
-      return workspace + ((long long)b * 2 + sk.slot(b, w.tile)) * TILE_M * TILE_N;
+      return workspace + ((long long)b * 2 + (sk.start(b) / sk.k_tiles == w.tile ? 0 : 1)) * TILE_M * TILE_N;
     };
     store_acc(nullptr, slot(blockIdx.x), TILE_N, w.m0, w.n0);
     if (!take_ticket(tile_counters + w.tile, b_last - b_first + 1)) return;  // common.cuh

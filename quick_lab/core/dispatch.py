@@ -163,13 +163,6 @@ def default_split_k(kind: str, cfg: TileConfig, M: int, K: int, N: int, num_sms:
     if kind == "awq" and cfg in (configs.AWQ_DEFAULT, configs.AWQ_DEFAULT_N64):
         return min(configs.AWQ_DEFAULT_SPLIT_K, k_tiles)
     sms = num_sms if num_sms is not None else device.num_sms(device.current_device())
-    if cfg.decode:
-        strips = N // cfg.tile_n
-        split = 1
-        while (strips * split < DECODE_BLOCKS_PER_SM[cfg.tile_m] * sms
-               and split * 2 <= min(16, k_tiles // DECODE_MIN_K_TILES[cfg.tile_m])):
-            split *= 2
-        return split
     if fam.stream_k:
         tiles = -(-M // cfg.tile_m) * (N // cfg.tile_n)
         slots = sms * registry.resident_blocks(fam, cfg, WGMMA_REGISTERS_ASSUMED, 0)
@@ -177,6 +170,13 @@ def default_split_k(kind: str, cfg: TileConfig, M: int, K: int, N: int, num_sms:
             return STREAM_K
         split = 1
         while tiles * split * 2 <= slots and k_tiles >= MIN_K_TILES_PER_BLOCK * split * 2:
+            split *= 2
+        return split
+    if cfg.decode:
+        strips = N // cfg.tile_n
+        split = 1
+        while (strips * split < DECODE_BLOCKS_PER_SM[cfg.tile_m] * sms
+               and split * 2 <= min(16, k_tiles // DECODE_MIN_K_TILES[cfg.tile_m])):
             split *= 2
         return split
     blocks = (N // cfg.tile_n) * -(-M // cfg.tile_m)

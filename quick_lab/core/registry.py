@@ -342,9 +342,9 @@ QUICK_WGMMA = KernelFamily(
 
 QUICK_DECODE = KernelFamily(
     "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
-    configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _stream_k_launch,
-    stream_k=True, problem_rules=_decode_problem_rules, waits_on_prior_grid=True,
-    doc="QUICK for decode (M <= 32): a stream-K GEMV on mma.sync, the weights as the A operand")
+    configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
+    problem_rules=_decode_problem_rules, waits_on_prior_grid=True,
+    doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)
 KINDS = configs.KINDS
