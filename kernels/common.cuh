@@ -320,42 +320,6 @@ __device__ __forceinline__ void start_after_prior_grid() {
   allow_dependent_launch();
 }
 
-// ---------------------------------------------------------------- thread block clusters (sm_90)
-// A grid launched with a cluster dimension (quick_lab.build.launch) groups its blocks into clusters that
-// run at once on one GPC and see each other's shared memory (CUDA C++ Programming Guide, distributed
-// shared memory). Launched without one, or before sm_90, a block is a cluster of one.
-__device__ __forceinline__ u32 cluster_blocks() {
-  u32 n = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-#endif
-  return n;
-}
-__device__ __forceinline__ u32 cluster_rank() {
-  u32 r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-  return r;
-}
-// Every thread of every block of the cluster arrives; the release / acquire pair makes each block's
-// shared-memory writes before it visible to the others' reads after it (PTX ISA, barrier.cluster).
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// The float at shared address p of the cluster's block `rank` (PTX ISA, mapa; ld.shared::cluster).
-__device__ __forceinline__ float load_cluster_f32(const float* p, u32 rank) {
-  float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  u32 remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-#endif
-  return v;
-}
-
 // Split-K / stream-K ticket: `arrivals` blocks each publish a partial tile, then call this once; it
 // returns true, in every thread, in the block that arrives last (the one that sums the partials),
 // after resetting the counter to 0 for the next launch (no memset between launches).

@@ -27,16 +27,10 @@
 //                    batch rows.
 //   3. reduce:       the warps' partial 64 x TILE_M tiles are summed through shared memory, so a
 //                    block writes one partial, not WARPS;
-//   4. write_result: split == 1: fp16 straight out. Launched with the split slices of a strip as one
-//                    thread block cluster (Hopper; quick_lab.build.launch, split <= 8): every block
-//                    leaves its fp32 partial in its shared memory, and after a cluster barrier slice 0
-//                    reads the others' through distributed shared memory, sums them in slice order and
-//                    writes fp16: no global round trip (on an H100 the ticket path below costs ~1.7 us
-//                    from a block's partial to the output, on the critical path of every split GEMM).
-//                    Otherwise the fp32 partial goes to workspace[split][M][N] and the block that takes
-//                    the last ticket on its strip (common.cuh take_ticket) sums the slices in split
-//                    order and writes fp16. Both sum in the same order, so both give the same bits:
-//                    one launch, no second pass.
+//   4. write_result: split == 1: fp16 straight out; else the fp32 partial goes to
+//                    workspace[split][M][N] and the block that takes the last ticket on its strip
+//                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
+//                    fp16: one launch, no second pass.
 //
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
@@ -60,7 +54,6 @@ __global__ void __launch_bounds__(32 * WARPS)
   // (g, t) at row 2t, column g, i.e. bank (8t + g) mod 32, all 32 banks distinct.
   constexpr int kRedStride = 64 + 4;
   __shared__ __align__(16) float red[WARPS * TILE_M * kRedStride];
-  __shared__ float cluster_partial[TILE_M * 64];  // the block's partial, read by slice 0 of its cluster
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -143,28 +136,15 @@ __global__ void __launch_bounds__(32 * WARPS)
   __syncthreads();
 
   // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
-  const bool in_cluster = split > 1 && cluster_blocks() == (u32)split;  // cluster = the strip's slices
-  float* partial = split > 1 && !in_cluster ? workspace + (long long)blockIdx.z * M * N : nullptr;
+  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
   for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
     const int r = i / 64, c = i % 64;
     float v = 0.f;
 #pragma unroll
     for (int wp = 0; wp < WARPS; ++wp) v += red[(wp * TILE_M + r) * kRedStride + c];
     const long long idx = (long long)r * N + strip * 64 + c;
-    if (in_cluster) cluster_partial[i] = v;
-    else if (partial) partial[idx] = v;
+    if (partial) partial[idx] = v;
     else out[idx] = float_to_half(v);
-  }
-  if (in_cluster) {
-    cluster_sync();  // every slice's partial is in its block's shared memory
-    if (cluster_rank() == 0)
-      for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
-        float v = 0.f;
-        for (int s = 0; s < split; ++s) v += load_cluster_f32(cluster_partial + i, s);  // slice order
-        out[(long long)(i / 64) * N + strip * 64 + i % 64] = float_to_half(v);
-      }
-    cluster_sync();  // slice 0 has read them: the others' shared memory may go
-    return;
   }
   if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
   const long long mn = (long long)M * N;

@@ -53,11 +53,7 @@ def test_problem_rules_allow_a_k_tile_across_groups_but_not_more_rows_than_tile_
 def test_launch_is_a_grid_of_n64_strips_by_split():
     launch = registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 8)  # grid (1, N / 64, split)
     assert launch.grid == (1, 64, 8) and launch.workspace == (8, 7, 4096) and launch.counters == 64
-    assert launch.cluster == (1, 1, 8)  # a strip's slices: one cluster, reduced in distributed shared memory
-    assert registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 3).cluster == (1, 1, 3)
-    assert registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 16).cluster is None  # past a portable cluster
-    whole = registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 1)
-    assert whole.workspace is None and whole.cluster is None
+    assert registry.QUICK_DECODE.launch(BASE, 7, 4096, 4096, 1).workspace is None
 
 
 def test_a_decode_table_row_is_skipped_for_a_batch_it_cannot_run():
@@ -74,19 +70,7 @@ def test_every_decode_variant_builds_without_spills(arch):
     for report in variants.compile_variants("quick", DECODE, arch):
         cfg = TileConfig.parse(report.config)
         assert not report.spills and report.dynamic_smem_bytes == 0
-        cluster_partial = 0 if arch == "sm_90" else cfg.tile_m * 64 * 4  # before sm_90: no clusters, no buffer
-        assert report.static_smem_bytes == registry.decode_reduction_bytes(cfg) - cluster_partial + 4  # + ticket flag
-
-
-def test_ptx_reduces_a_cluster_through_distributed_shared_memory_on_sm_90_only():
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    def ops(arch):
-        return [line.strip().split()[0] for line in variants.ptx("quick", BASE, arch).splitlines() if line.strip()]
-
-    hopper = ops("sm_90")
-    assert hopper.count("barrier.cluster.arrive.release.aligned;") == 2  # partials written; partials read
-    assert "ld.shared::cluster.f32" in hopper and "mapa.shared::cluster.u32" in hopper
-    assert not any("cluster" in op for op in ops("sm_80"))
+        assert report.static_smem_bytes == registry.decode_reduction_bytes(cfg) + 4  # + take_ticket's flag
 
 
 @pytest.mark.parametrize("name,batch_tiles", [("16x64x256_w1x4_s1_dc", 2), ("8x64x256_w1x4_s1_dc", 1)])
@@ -144,25 +128,3 @@ def test_decode_split_is_deterministic_and_leaves_counters_zero():
     for _ in range(3):
         assert cupy.array_equal(ops.quick_gemm(x, quick, config=BASE, split_k=4), first)
     assert int(ops.tile_counters(1024 // 64).max()) == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("split", (2, 3, 8, 16))
-def test_cluster_and_ticket_reductions_match_float64_and_each_other(split):
-    """On a Hopper GPU a split <= 8 reduces in its cluster; launched without clusters the same kernel
-    takes the ticket path. Both match float64 and, summing in slice order, give the same bits."""
-    import cupy
-
-    from quick_lab.build import launch
-    from quick_lab.core import ops
-
-    M, K, N = 5, BASE.tile_k * 16, 64 * 5
-    with launch.cluster_launches(False):
-        ticket, _ = run_and_check("quick", M, K, N, 128, config=BASE, split_k=split)
-    with launch.cluster_launches(True):
-        cluster, _ = run_and_check("quick", M, K, N, 128, config=BASE, split_k=split)
-        plan = ops.plan_quick_gemm(cupy.zeros((M, K), cupy.float16), weights(K, N, 128)[2], config=BASE,
-                                   split_k=split)
-        assert plan._cluster == ((1, 1, split) if split <= 8 else None)
-    assert np.array_equal(ticket, cluster)
-    assert int(ops.tile_counters(N // 64).max()) == 0

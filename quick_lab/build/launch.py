@@ -12,12 +12,6 @@ like the cuBLAS binding of the model); stream capture records them as programmat
 Only kernels that wait before they read or write anything an earlier kernel touches may be launched
 this way (a launch names that with ``waits_on_prior_grid=True``); every other launch, and every launch
 outside :func:`dependent_launches`, is CuPy's plain call.
-
-A launch may also name a *thread block cluster* shape (``cluster=(x, y, z)``, compute capability 9.0):
-the blocks of a cluster run at once on one GPC and read each other's shared memory (the decode GEMM
-reduces its split-K slices that way). It is a launch attribute too, so it takes the same path; on an
-older GPU, or inside ``cluster_launches(False)``, the grid launches without clusters and the kernel
-sees clusters of one block (it must work both ways).
 """
 from __future__ import annotations
 
@@ -28,18 +22,17 @@ import threading
 
 import numpy as np
 
-__all__ = ["cluster_launches", "cluster_launches_active", "dependent_launches", "dependent_launches_active",
-           "dependent_launches_supported", "kernel_arguments", "launch"]
+__all__ = ["dependent_launches", "dependent_launches_active", "dependent_launches_supported", "kernel_arguments",
+           "launch"]
 
-# cuda.h CUlaunchAttributeID
-_CLUSTER_DIMENSION = 4
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h CUlaunchAttributeID
 
 
 class _LaunchAttribute(ctypes.Structure):
-    """cuda.h ``CUlaunchAttribute``: a 4-byte id, padding to 8, a 64-byte value union (as 16 unsigned
-    ints: ``programmaticStreamSerializationAllowed`` is the first, ``clusterDim`` the first three)."""
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+    """cuda.h ``CUlaunchAttribute``: a 4-byte id, padding to 8, a 64-byte value union (its first int is
+    ``programmaticStreamSerializationAllowed``)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_pad", ctypes.c_char * 60)]
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -67,33 +60,13 @@ def dependent_launches(enabled: bool = True):
         _state.enabled = before
 
 
-@contextlib.contextmanager
-def cluster_launches(enabled: bool = True):
-    """Within this block (this thread), launches that name a cluster shape use it (the default, on a GPU
-    of compute capability 9.0 or later); ``False`` launches them without clusters (their other path)."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    before = getattr(_state, "clusters", True)
-    _state.clusters = enabled
-    try:
-        yield
-    finally:
-        _state.clusters = before
-
-
-def cluster_launches_active() -> bool:
-    """Whether a launch naming a cluster shape here would launch with it."""
-    return getattr(_state, "clusters", True) and dependent_launches_supported()
-
-
 def dependent_launches_active() -> bool:
     """Whether a launch with ``waits_on_prior_grid=True`` here would be a programmatic dependent."""
     return getattr(_state, "enabled", False) and dependent_launches_supported()
 
 
 def dependent_launches_supported() -> bool:
-    """Whether the current GPU runs programmatic dependent launches and thread block clusters (compute
-    capability 9.0 or later)."""
+    """Whether the current GPU runs programmatic dependent launches (compute capability 9.0 or later)."""
     from quick_lab.build import device
 
     return int(device.compute_capability(device.current_device())) >= 90
@@ -131,20 +104,10 @@ def kernel_arguments(args) -> list:
     return out
 
 
-def launch(function, grid, block, args, shared_mem: int = 0, *, waits_on_prior_grid: bool = False,
-           cluster: tuple[int, int, int] | None = None) -> None:
+def launch(function, grid, block, args, shared_mem: int = 0, *, waits_on_prior_grid: bool = False) -> None:
     """Launch ``function`` (a CuPy kernel function) on the current stream; as a programmatic dependent
-    when ``waits_on_prior_grid`` and :func:`dependent_launches` is active, in clusters of shape
-    ``cluster`` (each grid dimension a multiple of it) when :func:`cluster_launches_active`; else
-    through CuPy."""
-    attributes = []
-    if waits_on_prior_grid and dependent_launches_active():
-        attributes.append(_LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION))
-        attributes[-1].value[0] = 1
-    if cluster is not None and cluster_launches_active():
-        attributes.append(_LaunchAttribute(id=_CLUSTER_DIMENSION))
-        attributes[-1].value[0], attributes[-1].value[1], attributes[-1].value[2] = (tuple(cluster) + (1, 1))[:3]
-    if not attributes:
+    when ``waits_on_prior_grid`` and :func:`dependent_launches` is active, else through CuPy."""
+    if not (waits_on_prior_grid and dependent_launches_active()):
         function(grid, block, args, shared_mem=shared_mem)
         return
     import cupy
@@ -152,9 +115,9 @@ def launch(function, grid, block, args, shared_mem: int = 0, *, waits_on_prior_g
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
     values = kernel_arguments(args)
     pointers = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
-    attribute_array = (_LaunchAttribute * len(attributes))(*attributes)
+    attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     config = _LaunchConfig(*grid, *block, shared_mem, cupy.cuda.get_current_stream().ptr,
-                           ctypes.cast(attribute_array, ctypes.POINTER(_LaunchAttribute)), len(attributes))
+                           ctypes.pointer(attribute), 1)
     handle = function.kernel.ptr  # a cupy.RawKernel: its loaded CUfunction
     status = _driver().cuLaunchKernelEx(ctypes.byref(config), handle, pointers, None)
     if status != 0:

@@ -73,13 +73,12 @@ class GemmPlan:
     caller: interop.Caller | None = None  # a torch / array-API x: its stream, its kind back (None: CuPy)
     given_out: object = None               # the caller's own ``out``, returned as given
     _shared_bytes: int = 0                 # the dynamic shared memory of each launch, from the family
-    _cluster: tuple | None = None          # thread block cluster shape of each launch (None: none)
 
     def run(self):
         with interop.launch_context(self.caller):
             if self.M > 0:
                 launch(self._kernel, self._grid, (self.config.threads,), self._args, self._shared_bytes,
-                       waits_on_prior_grid=self.family.waits_on_prior_grid, cluster=self._cluster)
+                       waits_on_prior_grid=self.family.waits_on_prior_grid)
             return interop.to_caller(self._out, self.caller, self.given_out)
 
     @property
@@ -117,7 +116,7 @@ def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: in
     args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
             np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch.split_arg))
     return GemmPlan(kind, cfg, split, M, K, N, fam, kernel, launch.grid, args, out,
-                    _shared_bytes=fam.shared_bytes(cfg), _cluster=launch.cluster)
+                    _shared_bytes=fam.shared_bytes(cfg))
 
 
 def _as_cupy_args(x, weight, out):

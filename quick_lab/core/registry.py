@@ -112,9 +112,8 @@ def decode_steps(cfg: TileConfig) -> int:
 
 
 def decode_reduction_bytes(cfg: TileConfig) -> int:
-    """quick_decode.cu's static shared memory: the cross-warp reduction buffer (WARPS x TILE_M batch rows
-    x (64 + 4) fp32) and the block's partial its cluster reads (TILE_M x 64 fp32)."""
-    return (cfg.warps_n * cfg.tile_m * (64 + 4) + cfg.tile_m * 64) * 4
+    """quick_decode.cu's static cross-warp reduction buffer: WARPS x TILE_M batch rows x (64 + 4) fp32."""
+    return cfg.warps_n * cfg.tile_m * (64 + 4) * 4
 
 
 def _quick_decode_layout(cfg: TileConfig) -> StageLayout:
@@ -201,7 +200,7 @@ def _quick_decode_rules(cfg: TileConfig) -> list[str]:
     if cfg.stages != 1 or cfg.async_weights:
         out.append("the decode kernel streams weights into registers: stages = 1, no _cp")
     if decode_reduction_bytes(cfg) > 48 * 1024:
-        out.append("the reduction buffers are static shared memory: (warps_n x 68 + 64) x tile_m floats, at most 48 KB")
+        out.append("the reduction buffer is static shared memory: warps_n x tile_m x 68 floats, at most 48 KB")
     return out
 
 
@@ -247,7 +246,6 @@ class Launch:
     workspace: tuple[int, ...] | None
     counters: int
     split_arg: int
-    cluster: tuple[int, int, int] | None = None  # thread block cluster shape, where a GPU runs clusters
 
 
 def _tile_grid_launch(cfg: TileConfig, M: int, K: int, N: int, split: int, slots: int) -> Launch:
@@ -257,21 +255,6 @@ def _tile_grid_launch(cfg: TileConfig, M: int, K: int, N: int, split: int, slots
     if split > 1 and M > 0:
         return Launch(grid, (split, M, N), grid[0] * grid[1], split)
     return Launch(grid, None, 0, split)
-
-
-# Most blocks a cluster may hold without the non-portable opt-in (CUDA C++ Programming Guide, thread
-# block clusters).
-MAX_PORTABLE_CLUSTER = 8
-
-
-def _decode_launch(cfg: TileConfig, M: int, K: int, N: int, split: int, slots: int) -> Launch:
-    """The decode kernel's tile grid (quick_decode.cu), the split slices of a strip (grid z) one thread
-    block cluster where the split fits a portable cluster: they reduce through distributed shared
-    memory. The workspace and tickets stay for a launch without clusters (before sm_90)."""
-    launch = _tile_grid_launch(cfg, M, K, N, split, slots)
-    if 1 < split <= MAX_PORTABLE_CLUSTER:
-        return Launch(launch.grid, launch.workspace, launch.counters, launch.split_arg, (1, 1, split))
-    return launch
 
 
 def _stream_k_launch(cfg: TileConfig, M: int, K: int, N: int, split: int, slots: int) -> Launch:
@@ -359,7 +342,7 @@ QUICK_WGMMA = KernelFamily(
 
 QUICK_DECODE = KernelFamily(
     "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
-    configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _decode_launch,
+    configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
     problem_rules=_decode_problem_rules, waits_on_prior_grid=True,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
