@@ -52,6 +52,14 @@ __device__ __forceinline__ float half_to_float(u16 h) {
   return f;
 }
 
+// The MLP's activation, silu(gate) * up, of two fp16 values in fp32: the one copy used by both the
+// silu_mul kernel (decoder.cu) and the decode GEMM's fused writer (quick_decode.cu), so the two agree bit
+// for bit.
+__device__ __forceinline__ u16 silu_mul_half(u16 gate, u16 up) {
+  const float g = half_to_float(gate);
+  return float_to_half(g / (1.f + __expf(-g)) * half_to_float(up));
+}
+
 // ---------------------------------------------------------------- int4 -> fp16 dequantizer
 // The lop3 "magic number" trick: OR-ing a nibble into the mantissa of 0x6400 (fp16 1024.0) makes the
 // fp16 number 1024 + nibble, with no integer-to-float conversion. One LOP3 handles two nibbles, one per

@@ -129,22 +129,24 @@ extern "C" __global__ void rope_kv(const u16* qkv, const float* __restrict__ cos
 }
 
 // ---------------------------------------------------------------- SiLU(gate) * up
-// gate_up [rows, 2 I] (gate | up) -> out [rows, I]; one thread per 8 outputs (16-byte loads).
+// gate_up [rows, 2 I] in (gate, up) pairs of 32 columns (gate 32j .. 32j + 31, then up 32j .. 32j + 31:
+// the layout that lets the decode GEMM apply it in its writer, quick_decode.cu) -> out [rows, I]; one
+// thread per 8 outputs (16-byte loads).
 extern "C" __global__ void silu_mul(const u16* gate_up, u16* __restrict__ out, int rows, int I) {
   start_after_prior_grid();  // gate_up is the GEMM before's output
   const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int per_row = I / 8;
   if (chunk >= (long long)rows * per_row) return;
-  const long long r = chunk / per_row, c = chunk % per_row;
-  float g[8], u[8];
-  halves8_to_float(reinterpret_cast<const uint4*>(gate_up + r * 2 * I)[c], g);
-  halves8_to_float(reinterpret_cast<const uint4*>(gate_up + r * 2 * I + I)[c], u);
-  float y[8];
+  const long long r = chunk / per_row, c = chunk % per_row;  // outputs 8c .. 8c + 7 of row r
+  const u16* pair = gate_up + r * 2 * I + 64 * (c / 4) + 8 * (c % 4);
+  const uint4 g = *reinterpret_cast<const uint4*>(pair), u = *reinterpret_cast<const uint4*>(pair + 32);
+  const u16* gh = reinterpret_cast<const u16*>(&g);
+  const u16* uh = reinterpret_cast<const u16*>(&u);
+  u32 y[4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) y[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
-  reinterpret_cast<uint4*>(out + r * I)[c] =
-      make_uint4(float2_to_half2(y[0], y[1]), float2_to_half2(y[2], y[3]), float2_to_half2(y[4], y[5]),
-                 float2_to_half2(y[6], y[7]));
+  for (int j = 0; j < 4; ++j)
+    y[j] = silu_mul_half(gh[2 * j], uh[2 * j]) | (u32)silu_mul_half(gh[2 * j + 1], uh[2 * j + 1]) << 16;
+  reinterpret_cast<uint4*>(out + r * I)[c] = make_uint4(y[0], y[1], y[2], y[3]);
 }
 
 // ---------------------------------------------------------------- attention over the KV cache

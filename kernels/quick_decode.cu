@@ -30,7 +30,14 @@
 //   4. write_result: split == 1: fp16 straight out; else the fp32 partial goes to
 //                    workspace[split][M][N] and the block that takes the last ticket on its strip
 //                    (common.cuh take_ticket) sums the slices in split order (deterministic) and writes
-//                    fp16: one launch, no second pass.
+//                    fp16: one launch, no second pass. EPILOGUE = kSiluMul: the weight's columns come
+//                    in (gate, up) pairs of 32 (a fused gate_up projection, laid out so by
+//                    quick_lab.core.format.pair_gate_up), so a strip holds both halves of 32 outputs
+//                    and the writer stores silu(gate) * up [M, N / 2] instead of y: the MLP's
+//                    activation needs no launch of its own. Each half is rounded to fp16 first, so it
+//                    is bit for bit y followed by decoder.cu's silu_mul. A template parameter, not an
+//                    argument: with a run-time flag the store path's main loop was scheduled
+//                    differently and ran up to 6% slower on an H100 (results/NOTES.md).
 //
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
@@ -41,7 +48,10 @@
 
 using namespace ql;
 
-template <int TILE_M, int TILE_K, int WARPS>
+// The writer's epilogue (quick_lab/core/registry.py EPILOGUES, in this order).
+constexpr int kStore = 0, kSiluMul = 1;
+
+template <int TILE_M, int TILE_K, int WARPS, int EPILOGUE>
 __global__ void __launch_bounds__(32 * WARPS)
     quick_decode(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u32* __restrict__ qzeros,
                  const uint4* __restrict__ scales, u16* __restrict__ out, float* __restrict__ workspace,
@@ -50,6 +60,7 @@ __global__ void __launch_bounds__(32 * WARPS)
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
   static_assert(TILE_M == 8 || TILE_M == 16 || TILE_M == 32, "one, two or four n8 tiles of batch rows");
+  static_assert(EPILOGUE == kStore || EPILOGUE == kSiluMul, "store y, or silu(gate) * up of its column pairs");
   // Reduction rows (one per batch row) padded to 68 floats: the stores of one (tile, word) put lane
   // (g, t) at row 2t, column g, i.e. bank (8t + g) mod 32, all 32 banks distinct.
   constexpr int kRedStride = 64 + 4;
@@ -137,6 +148,19 @@ __global__ void __launch_bounds__(32 * WARPS)
 
   // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
   float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
+  if (EPILOGUE == kSiluMul && !partial) {  // silu(gate) * up of the 32 pairs: gate columns 0..31, up 32..63
+    for (int i = threadIdx.x; i < rows * 32; i += kThreads) {
+      const int r = i / 32, c = i % 32;
+      float gate = 0.f, up = 0.f;
+#pragma unroll
+      for (int wp = 0; wp < WARPS; ++wp) {
+        gate += red[(wp * TILE_M + r) * kRedStride + c];
+        up += red[(wp * TILE_M + r) * kRedStride + c + 32];
+      }
+      out[(long long)r * (N / 2) + strip * 32 + c] = silu_mul_half(float_to_half(gate), float_to_half(up));
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
     const int r = i / 64, c = i % 64;
     float v = 0.f;
@@ -148,6 +172,18 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
   if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
   const long long mn = (long long)M * N;
+  if (EPILOGUE == kSiluMul) {
+    for (int i = threadIdx.x; i < rows * 32; i += kThreads) {
+      const long long idx = (long long)(i / 32) * N + strip * 64 + i % 32;
+      float gate = 0.f, up = 0.f;
+      for (int s = 0; s < split; ++s) {
+        gate += load_l2_f32(workspace + s * mn + idx);
+        up += load_l2_f32(workspace + s * mn + idx + 32);
+      }
+      out[(long long)(i / 32) * (N / 2) + strip * 32 + i % 32] = silu_mul_half(float_to_half(gate), float_to_half(up));
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < rows * 64; i += kThreads) {
     const long long idx = (long long)(i / 64) * N + strip * 64 + i % 64;
     float v = 0.f;

@@ -77,9 +77,12 @@ def test_fused_equals_parts_and_quantized_concatenation(tiny_checkpoint):
         np.testing.assert_array_equal(layer.qkv.qzeros, whole.qzeros)
         np.testing.assert_array_equal(layer.qkv.scales, whole.scales)
         mlp = f"model.layers.{i}.mlp"
+        # gate_up holds (gate, up) pairs of 32 columns: columns 64j .. 64j + 31 are gate 32j .., the next 32 up's
         gate_up = dequantize(layer.gate_up)
-        np.testing.assert_array_equal(gate_up[:, :256], dequantize(quantize_awq(dense[f"{mlp}.gate_proj"])))
-        np.testing.assert_array_equal(gate_up[:, 256:], dequantize(quantize_awq(dense[f"{mlp}.up_proj"])))
+        gate, up = (dequantize(quantize_awq(dense[f"{mlp}.{n}_proj"])) for n in ("gate", "up"))
+        for j in range(256 // 32):
+            np.testing.assert_array_equal(gate_up[:, 64 * j:64 * j + 32], gate[:, 32 * j:32 * j + 32])
+            np.testing.assert_array_equal(gate_up[:, 64 * j + 32:64 * j + 64], up[:, 32 * j:32 * j + 32])
 
 
 def test_group_size_64_is_inferred(tmp_path):

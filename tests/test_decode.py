@@ -18,7 +18,11 @@ def test_names_round_trip_and_select_the_decode_family():
     for cfg in DECODE:
         assert cfg.name.endswith("_dc") and TileConfig.parse(cfg.name) == cfg
         assert registry.family("quick", cfg) is registry.QUICK_DECODE
-        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n}>"
+        assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},0>"
+        assert registry.QUICK_DECODE.template_name(cfg, "silu_mul") == \
+            f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},1>"
+    with pytest.raises(ValueError, match="no epilogue 'silu_mul'"):
+        registry.QUICK_MMA.template_name(configs.QUICK_DEFAULT, "silu_mul")
     assert set(DECODE) <= set(registry.variants("quick"))
 
 
@@ -128,3 +132,69 @@ def test_decode_split_is_deterministic_and_leaves_counters_zero():
     for _ in range(3):
         assert cupy.array_equal(ops.quick_gemm(x, quick, config=BASE, split_k=4), first)
     assert int(ops.tile_counters(1024 // 64).max()) == 0
+
+
+# ---------------------------------------------------------------- the SiLU x up writer
+
+
+def test_only_the_decode_family_applies_silu_mul():
+    assert registry.QUICK_DECODE.epilogues == ("store", "silu_mul")
+    assert all(f.epilogues == ("store",) for f in registry.FAMILIES if f is not registry.QUICK_DECODE)
+    assert registry.EPILOGUES == ("store", "silu_mul")
+
+
+def _silu_cases():
+    out = []
+    for v, cfg in enumerate(DECODE):
+        K = cfg.tile_k * 4
+        for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (cfg.tile_m, 4, 64)]):
+            out.append((cfg, M, K, 64 * (3 + 2 * ((v + i) % 3)), G, split))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg,M,K,N,G,split", _silu_cases(),
+                         ids=[f"{c.name}-M{m}-K{k}-N{n}-G{g}-s{s}" for c, m, k, n, g, s in _silu_cases()])
+def test_silu_mul_writer_matches_float64_and_the_unfused_pair(cfg, M, K, N, G, split):
+    """epilogue='silu_mul' on a (gate, up)-paired weight: silu(gate) * up against float64, and bit for bit the
+    stored product followed by the model's silu_mul kernel (the same fp16 rounding of each half)."""
+    import cupy
+
+    from quick_lab.core import ops
+    from quick_lab.core.format import reference_gemm, split_gate_up
+    from quick_lab.model import fused
+
+    host, _, quick = weights(K, N, G)
+    x_host = np.random.default_rng(M * 31 + split).standard_normal((M, K)).astype(np.float16)
+    x = cupy.asarray(x_host)
+    out = cupy.full((M, N // 2), np.nan, dtype=cupy.float16)
+    got = ops.quick_gemm(x, quick, config=cfg, split_k=split, out=out, epilogue="silu_mul")
+    assert got is out
+    got = cupy.asnumpy(got)
+    assert np.isfinite(got).all(), "NaN/Inf: an output the writer never stored"
+    g, u = split_gate_up(reference_gemm(x_host, host))
+    ref = g / (1 + np.exp(-g)) * u
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-3
+    unfused = fused.silu_mul(ops.quick_gemm(x, quick, config=cfg, split_k=split))
+    assert cupy.array_equal(cupy.asarray(got), unfused)
+    assert int(ops.tile_counters(N // 64).max()) == 0
+
+
+@pytest.mark.gpu
+def test_silu_mul_writer_rejects_what_it_cannot_run():
+    import cupy
+
+    from quick_lab.core import ops
+
+    _, _, quick = weights(2048, 1024, 128)
+    x = cupy.ones((3, 2048), dtype=cupy.float16)
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=1, epilogue="gelu")
+    with pytest.raises(TypeError, match="epilogue must be a str"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=1, epilogue=1)
+    with pytest.raises(ValueError, match="quick_gemm, which only stores y"):
+        ops.quick_gemm(x, quick, config="16x128x32_w1x2_s2", split_k=1, epilogue="silu_mul")
+    with pytest.raises(ValueError, match=r"out must have shape \[M, N / 2\]"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=1, epilogue="silu_mul", out=cupy.empty((3, 1024), cupy.float16))
+    assert ops.applies_epilogue("quick", BASE, "silu_mul") and not ops.applies_epilogue("quick", "16x128x32_w1x2_s2",
+                                                                                          "silu_mul")

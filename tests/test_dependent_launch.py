@@ -12,7 +12,8 @@ import pytest
 from quick_lab.build import isa, launch
 from quick_lab.core import registry
 
-DEPENDENT_KERNELS = [("quick_decode.cu", "quick_decode<8, 256, 4>"), ("decoder.cu", "add_rms_norm"),
+DEPENDENT_KERNELS = [("quick_decode.cu", "quick_decode<8, 256, 4, 0>"), ("quick_decode.cu", "quick_decode<8, 256, 4, 1>"),
+                     ("decoder.cu", "add_rms_norm"),
                      ("decoder.cu", "silu_mul"), ("decoder.cu", "rope_kv"), ("decoder.cu", "attention<128, 4>")]
 
 
@@ -67,7 +68,7 @@ def test_kernels_launched_as_dependents_wait_and_allow_on_sm90_only(filename, na
 def test_the_decode_gemm_reads_activations_through_coherent_loads():
     # weights, scales, zeros: ld.global.nc (read-only for the kernel's life); the activations, which
     # the kernel before writes while a dependent launch already runs, must not take that path.
-    body = _kernel_ptx(isa.ptx("quick_decode.cu", "quick_decode<8, 256, 4>", "sm_90"), "quick_decode")
+    body = _kernel_ptx(isa.ptx("quick_decode.cu", "quick_decode<8, 256, 4, 0>", "sm_90"), "quick_decode")
     # two copies of a chunk (a block's first, which waits, and the steady loop's), each 4 k16 steps
     assert len(re.findall(r"\bld\.global\.nc\.L1::no_allocate\.v4\.u32\b", body)) == 2 * 4  # weights
     assert len(re.findall(r"\bld\.global\.u32\b", body)) == 2 * 2 * 4  # x: two words per k16 step

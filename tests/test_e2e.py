@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from quick_lab.core.format import dequantize
+from quick_lab.core.format import dequantize, pair_gate_up, split_gate_up
 from quick_lab.model.config import (BACKENDS, LLAMA2_13B, LLAMA2_70B, MISTRAL_7B, PRESETS, ModelConfig,
                                     memory_estimate, preset)
 from quick_lab.model.cublas import matmul
@@ -57,6 +57,27 @@ def test_linear_shapes_fit_the_kernels():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelConfig(hidden=256, intermediate=512, n_heads=4, n_kv_heads=3, n_layers=1)
+    with pytest.raises(ValueError, match="intermediate must be a multiple of 32"):
+        ModelConfig(hidden=256, intermediate=520, n_heads=4, n_kv_heads=2, n_layers=1)
+
+
+def test_gate_up_pairs_are_exact_and_split_back():
+    gate, up = random_quantized_linear(256, 96, seed=1, group_size=64), random_quantized_linear(256, 96, seed=2,
+                                                                                                group_size=64)
+    paired = pair_gate_up(gate, up)
+    assert (paired.K, paired.N, paired.group_size) == (256, 192, 64)
+    dense, g, u = dequantize(paired), dequantize(gate), dequantize(up)
+    for j in range(3):  # columns 64j .. 64j + 31 are gate's 32j .., the next 32 up's
+        np.testing.assert_array_equal(dense[:, 64 * j:64 * j + 32], g[:, 32 * j:32 * j + 32])
+        np.testing.assert_array_equal(dense[:, 64 * j + 32:64 * j + 64], u[:, 32 * j:32 * j + 32])
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    got_g, got_u = split_gate_up(x @ dense)
+    np.testing.assert_allclose(got_g, x @ g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_u, x @ u, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must match"):
+        pair_gate_up(gate, random_quantized_linear(256, 64, seed=3, group_size=64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pair_gate_up(*(random_quantized_linear(256, 40, seed=s, group_size=64) for s in (4, 5)))
 
 
 def test_memory_estimates():
@@ -360,6 +381,36 @@ def test_decode_with_cache_matches_full_sequence(tiny_model):
         for t in range(12, 20):
             step = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, t:t + 1]), cache, t, backend))
             assert rel(step, ref[:, t]) < 2e-2, (backend, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config,split", [("8x64x256_w1x4_s1_dc", 1), ("32x64x128_w1x4_s1_dc", 2)])
+def test_quick_decode_applies_silu_mul_in_the_gate_up_writer(tiny_model, monkeypatch, config, split):
+    # The QUICK decode GEMM pinned for every decode-size launch: the layer then has no silu_mul op (the
+    # gate_up GEMM's writer applies it to the paired columns) and decode steps still match the reference.
+    import cupy
+
+    from quick_lab.core.configs import TileConfig
+    from quick_lab.model import decoder
+
+    weights, model = tiny_model
+    pinned = {"config": TileConfig.parse(config), "split_k": split}
+    real = decoder._launch
+    monkeypatch.setattr(decoder, "_launch", lambda kind, M, K, N, G: pinned if kind == "quick" and M <= 8
+                        else real(kind, M, K, N, G))
+    tokens = _tokens(2, 14, seed=4)
+    ref = reference_forward(weights, tokens)
+    cache = model.new_cache(2, 16)
+    model.forward(cupy.asarray(tokens[:, :10]), cache, 0, "quick")
+    st = model.start(cupy.asarray(tokens[:, 10:11]), cache, 10)
+    assert model.layers[0].gate_up.fuses_silu_mul(2, "quick") and not model.layers[0].gate_up.fuses_silu_mul(2, "awq")
+    assert [n for n, _ in model.layer_ops(0, cache, st, "quick")].count("silu_mul") == 0
+    assert [n for n, _ in model.layer_ops(0, cache, st, "awq")].count("silu_mul") == 1
+    for t in range(10, 14):
+        step = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, t:t + 1]), cache, t, "quick"))
+        assert np.isfinite(step).all() and rel(step, ref[:, t]) < 2e-2, t
+    with pytest.raises(ValueError, match="runs only in the QUICK decode GEMM"):
+        model.layers[0].gate_up(cupy.ones((2, TINY.hidden), cupy.float16), "fp16", epilogue="silu_mul")
 
 
 @pytest.mark.gpu

@@ -84,13 +84,15 @@ def test_add_rms_norm_matches_reference(rows, H, with_delta):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows,inter", [(1, 14336), (7, 8), (33, 520)])
+@pytest.mark.parametrize("rows,inter", [(1, 14336), (7, 32), (33, 544)])
 def test_silu_mul_matches_reference(rows, inter):
     import cupy
 
     gu = np.random.default_rng(inter).standard_normal((rows, 2 * inter)).astype(np.float16)
     got = cupy.asnumpy(fused.silu_mul(cupy.asarray(gu)))
-    g, u = gu[:, :inter].astype(np.float64), gu[:, inter:].astype(np.float64)
+    # (gate, up) pairs of 32 columns: output column 32j + c is gate column 64j + c times up 64j + 32 + c
+    pairs = gu.astype(np.float64).reshape(rows, inter // 32, 2, 32)
+    g, u = pairs[:, :, 0].reshape(rows, inter), pairs[:, :, 1].reshape(rows, inter)
     ref = g / (1 + np.exp(-g)) * u
     assert np.isfinite(got).all() and _rel(got, ref) < 2e-3
 
@@ -235,6 +237,8 @@ def test_fused_ops_reject_bad_input():
         fused.silu_mul(cupy.ones((2, 32), dtype=cupy.float32))
     with pytest.raises(TypeError, match="cupy.ndarray"):
         fused.silu_mul(np.ones((2, 32), dtype=np.float16))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fused.silu_mul(cupy.ones((2, 96), dtype=cupy.float16))  # 48 outputs: not whole pairs of 32
     cache = cupy.zeros((1, 2, 8, 64), dtype=cupy.float16)
     q = cupy.ones((1, 4 * 64), dtype=cupy.float16)
     with pytest.raises(ValueError, match="do not fit the cache"):

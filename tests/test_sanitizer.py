@@ -217,7 +217,12 @@ def test_decode_cases_cover_every_decode_variant_split_and_group_size_within_its
         mine = [c for c in cases if c.config == cfg.name]
         assert {c.split_k for c in mine} == set(sanitizer.SPLITS) and {c.G for c in mine} == {32, 64, 128}
         assert all(1 <= c.M <= cfg.tile_m and c.K % cfg.tile_k == 0 for c in mine)
+        # the SiLU x up writer: every split of every variant, on whole (gate, up) pairs
+        silu = [c for c in mine if c.op == "gemm_silu_mul"]
+        assert {c.split_k for c in silu} == set(sanitizer.SPLITS) and all(c.N % 64 == 0 for c in silu)
     assert len({c.M for c in cases}) > 2  # odd batches rotate
+    assert {c.op for c in cases} == {"gemm", "gemm_silu_mul"}
+    assert all(c.op in sanitizer_target.OPS for c in cases)
 
 
 @pytest.mark.parametrize("flags", [["--wgmma", "--decode"], ["--decode", "--decoder"], ["--wgmma", "--decoder"]])

@@ -21,8 +21,14 @@ AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
 
 VALID_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 
+# A fused MLP gate/up weight holds (gate, up) pairs of GATE_UP_PAIR columns (pair_gate_up): one
+# 64-column strip of the QUICK decode GEMM then holds both halves of 32 outputs, so its writer can
+# apply SiLU x up (the "silu_mul" epilogue, quick_lab.core.registry.EPILOGUES).
+GATE_UP_PAIR = 32
+
 __all__ = [
     "AWQ_ORDER",
+    "GATE_UP_PAIR",
     "VALID_GROUP_SIZES",
     "AWQWeight",
     "quantize",
@@ -34,6 +40,8 @@ __all__ = [
     "reference_gemm",
     "validate_awq",
     "random_awq",
+    "pair_gate_up",
+    "split_gate_up",
 ]
 
 
@@ -260,3 +268,33 @@ def random_awq(K: int, N: int, group_size: int = 128, seed: int = 0) -> AWQWeigh
     qzeros = words(K // G)
     scales = rng.uniform(0.001, 0.01, size=(K // G, N)).astype(np.float16)
     return AWQWeight(qweight, qzeros, scales, G)
+
+
+# ---------------------------------------------------------------- fused gate/up
+
+
+def _pair_columns(gate: np.ndarray, up: np.ndarray, per_item: int) -> np.ndarray:
+    """[..., n] arrays whose items hold ``per_item`` columns each -> [..., 2n] in pairs of blocks."""
+    block = GATE_UP_PAIR // per_item
+    a, b = (np.asarray(x).reshape(*x.shape[:-1], -1, block) for x in (gate, up))
+    return np.stack([a, b], axis=-2).reshape(*a.shape[:-2], -1)
+
+
+def pair_gate_up(gate: AWQWeight, up: AWQWeight) -> AWQWeight:
+    """The MLP's gate and up projections fused into one AutoAWQ weight [K, 2 I] whose columns come in
+    (gate, up) pairs of ``GATE_UP_PAIR``: gate 32j .. 32j + 31, then up 32j .. 32j + 31. Exact on the
+    packed words (a pair is 4 whole words of 8 columns), and the layout that lets the QUICK decode GEMM
+    apply SiLU x up in its writer (one strip of 64 columns holds both halves of 32 outputs)."""
+    if (gate.K, gate.N, gate.group_size) != (up.K, up.N, up.group_size):
+        raise ValueError(f"gate (K, N, group size) = {(gate.K, gate.N, gate.group_size)} and up "
+                         f"{(up.K, up.N, up.group_size)} must match")
+    if gate.N % GATE_UP_PAIR:
+        raise ValueError(f"gate/up: N = {gate.N} must be a multiple of {GATE_UP_PAIR} to pair columns")
+    return AWQWeight(_pair_columns(gate.qweight, up.qweight, 8), _pair_columns(gate.qzeros, up.qzeros, 8),
+                     _pair_columns(gate.scales, up.scales, 1), gate.group_size)
+
+
+def split_gate_up(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(gate, up), each [..., I], of a gate_up product [..., 2 I] in :func:`pair_gate_up`'s layout."""
+    pairs = y.reshape(*y.shape[:-1], -1, 2, GATE_UP_PAIR)
+    return (pairs[..., 0, :].reshape(*y.shape[:-1], -1), pairs[..., 1, :].reshape(*y.shape[:-1], -1))

@@ -99,14 +99,17 @@ class GemmPlan:
 
 
 def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: int, out, *,
-                 variant_checked: bool = False) -> GemmPlan:
+                 variant_checked: bool = False, epilogue: str = "store") -> GemmPlan:
     """The launch of (kind, config, split) on validated arrays; the problem rules are checked here."""
     import cupy
 
     validation.check_problem(kind, cfg, max(M, 1), K, N, G, split, variant_checked=variant_checked)
     fam = registry.family(kind, cfg)
-    out = _output(out, M, N)
-    kernel = variants.gemm_kernel(kind, cfg)
+    if epilogue not in fam.epilogues:
+        raise ValueError(f"epilogue {epilogue!r} needs a kernel whose writer applies it ({_epilogue_families(epilogue)}); "
+                         f"config {cfg.name} is {fam.name}, which only stores y")
+    out = _output(out, M, N // 2, "[M, N / 2] (epilogue 'silu_mul')") if epilogue == "silu_mul" else _output(out, M, N)
+    kernel = variants.gemm_kernel(kind, cfg, epilogue)
     slots = 0
     if fam.stream_k and split == configs.STREAM_K:
         slots = registry.resident_blocks(fam, cfg, kernel.num_regs, kernel.shared_size_bytes) * _num_sms()
@@ -135,31 +138,47 @@ def _caller_plan(make, x, weight, out):
     return plan
 
 
-def _plan(kind: str, x, weight, config, split_k, out):
+def _plan(kind: str, x, weight, config, split_k, out, epilogue: str = "store"):
     def make(x, weight, out):
-        return _plan_views(kind, x, weight, config, split_k, out)
+        return _plan_views(kind, x, weight, config, split_k, out, epilogue)
 
     return _caller_plan(make, x, weight, out)
 
 
-def _plan_views(kind: str, x, weight, config, split_k, out):
+def _epilogue_families(epilogue: str) -> str:
+    return ", ".join(f.name for f in registry.FAMILIES if epilogue in f.epilogues)
+
+
+def _check_epilogue(epilogue) -> None:
+    """A QUICK weight's N is a multiple of 64 (validation), so whole (gate, up) pairs always fit."""
+    if not isinstance(epilogue, str):
+        raise TypeError(f"epilogue must be a str, got {type(epilogue).__name__}")
+    if epilogue not in registry.EPILOGUES:
+        raise ValueError(f"epilogue must be one of {registry.EPILOGUES}, got {epilogue!r}")
+
+
+def _plan_views(kind: str, x, weight, config, split_k, out, epilogue: str = "store"):
     K, N, G = validation.check_weight(weight, kind)
     M = validation.check_activations(x, K)
+    _check_epilogue(epilogue)
     if config is None and split_k is None:
         choice = dispatch.choose(kind, M, K, N, G, device.current_device())
         if choice.kernel == dispatch.FALLBACK:
+            if epilogue != "store":
+                raise ValueError(f"epilogue {epilogue!r} needs a kernel whose writer applies it "
+                                 f"({_epilogue_families(epilogue)}); at M = {M} the dispatch chose dequantize + cuBLAS")
             return _fallback_plan(x, weight, M, K, N, out)
-        return _kernel_plan(kind, choice.config, choice.split_k, x, weight, M, K, N, G, out)
+        return _kernel_plan(kind, choice.config, choice.split_k, x, weight, M, K, N, G, out, epilogue=epilogue)
     cfg = validation.check_variant(kind, dispatch.pinned_config(kind, config, M, N, G))
     split = dispatch.default_split_k(kind, cfg, max(M, 1), K, N) if split_k is None else split_k
-    return _kernel_plan(kind, cfg, split, x, weight, M, K, N, G, out, variant_checked=True)
+    return _kernel_plan(kind, cfg, split, x, weight, M, K, N, G, out, variant_checked=True, epilogue=epilogue)
 
 
 def _num_sms() -> int:
     return device.num_sms(device.current_device())
 
 
-def _output(out, M: int, N: int):
+def _output(out, M: int, N: int, what: str = "[M, N]"):
     """The caller's ``out`` once checked (fp16 device array of shape [M, N]), or a new one."""
     import cupy
 
@@ -167,7 +186,7 @@ def _output(out, M: int, N: int):
         return cupy.empty((M, N), dtype=cupy.float16)
     validation.check_device_array(out, "out", np.float16)
     if out.shape != (M, N):
-        raise ValueError(f"out must have shape [M, N] = {(M, N)}, got {out.shape}")
+        raise ValueError(f"out must have shape {what} = {(M, N)}, got {out.shape}")
     return out
 
 
@@ -179,12 +198,22 @@ def plan_awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None) 
     return _plan("awq", x, weight, config, split_k, out)
 
 
-def plan_quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
+def plan_quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None, epilogue: str = "store"):
     """QUICK's launch: ``config`` and/or ``split_k`` pin a variant (the other from the heuristic);
-    with neither, the dispatcher's choice (a GemmPlan, or a FallbackPlan at large batch)."""
+    with neither, the dispatcher's choice (a GemmPlan, or a FallbackPlan at large batch).
+    ``epilogue="silu_mul"``: the weight's columns are (gate, up) pairs of 32 and the op returns
+    ``silu(gate) * up`` [M, N / 2] from its writer; only the decode kernel has it (a ValueError
+    names the kernel chosen otherwise; check :func:`applies_epilogue` first)."""
     if not isinstance(weight, QuickWeight):
         raise TypeError(f"weight must be a QuickWeight (interleave an AWQWeight first), got {type(weight).__name__}")
-    return _plan("quick", x, weight, config, split_k, out)
+    return _plan("quick", x, weight, config, split_k, out, epilogue)
+
+
+def applies_epilogue(kind: str, config, epilogue: str) -> bool:
+    """Whether the kernel family of ``config`` (a TileConfig or its name) applies ``epilogue`` in its
+    writer."""
+    cfg = configs.TileConfig.parse(config) if isinstance(config, str) else config
+    return epilogue in registry.family(kind, cfg).epilogues
 
 
 def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
@@ -192,10 +221,11 @@ def awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None):
     return plan_awq_gemm(x, weight, config=config, split_k=split_k, out=out).run()
 
 
-def quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None):
+def quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=None, epilogue: str = "store"):
     """QUICK W4A16 GEMM on interleaved weights. With no ``config`` (a TileConfig or its name) and no
-    ``split_k`` the per-GPU dispatch table picks the kernel config and split-K, or dequantize + cuBLAS."""
-    return plan_quick_gemm(x, weight, config=config, split_k=split_k, out=out).run()
+    ``split_k`` the per-GPU dispatch table picks the kernel config and split-K, or dequantize + cuBLAS.
+    ``epilogue``: see :func:`plan_quick_gemm`."""
+    return plan_quick_gemm(x, weight, config=config, split_k=split_k, out=out, epilogue=epilogue).run()
 
 
 @dataclass

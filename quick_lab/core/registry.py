@@ -27,6 +27,9 @@ MAX_DECODE_STEPS = 8  # k16 steps per warp per chunk of quick_decode.cu: ~13 reg
 SMEM_PER_BLOCK_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on sm_80 / sm_90
 SMEM_PER_SM = 228 * 1024           # sm_90: 228 KB per SM, 1 KB of it reserved per resident block
 SMEM_RESERVED_PER_BLOCK = 1024
+# What a GEMM's writer stores: "store" y itself; "silu_mul" silu(gate) * up [M, N / 2] of a weight whose
+# columns come in (gate, up) pairs of 32 (quick_lab.core.format.pair_gate_up), the MLP activation.
+EPILOGUES = ("store", "silu_mul")
 REGISTERS_PER_SM = 65536
 REGISTER_ALLOCATION_UNIT = 256     # registers are allocated per warp in units of 256
 MAX_WARPS_PER_SM = 64
@@ -289,6 +292,8 @@ class KernelFamily:
     problem_rules: Callable[..., list[str]] = _tile_problem_rules  # (cfg, M, K, N, G) -> broken rules
     waits_on_prior_grid: bool = False  # starts with start_after_prior_grid (common.cuh): may launch as a
     #                                    programmatic dependent (quick_lab.build.launch)
+    epilogues: tuple[str, ...] = ("store",)  # what the writer may store (EPILOGUES); with more than one,
+    #                                    its index is the template's last argument (one instantiation each)
     doc: str = field(default="", compare=False)
 
     def accepts(self, cfg: TileConfig) -> bool:
@@ -296,9 +301,14 @@ class KernelFamily:
         (``_wg``: the wgmma mainloop; no marker: the mma.sync kernels)."""
         return cfg.marker == self.marker
 
-    def template_name(self, cfg: TileConfig) -> str:
-        """The C++ name expression NVRTC instantiates for this variant."""
-        return f"{self.name}<{','.join(str(int(getattr(cfg, p))) for p in self.params)}>"
+    def template_name(self, cfg: TileConfig, epilogue: str = "store") -> str:
+        """The C++ name expression NVRTC instantiates for this variant (and writer epilogue)."""
+        args = [str(int(getattr(cfg, p))) for p in self.params]
+        if len(self.epilogues) > 1:
+            args.append(str(self.epilogues.index(epilogue)))
+        elif epilogue not in self.epilogues:
+            raise ValueError(f"{self.name} has no epilogue {epilogue!r} (it has {self.epilogues})")
+        return f"{self.name}<{','.join(args)}>"
 
     def target_arch(self, arch: str) -> str:
         return self.arch or arch
@@ -343,7 +353,7 @@ QUICK_WGMMA = KernelFamily(
 QUICK_DECODE = KernelFamily(
     "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
-    problem_rules=_decode_problem_rules, waits_on_prior_grid=True,
+    problem_rules=_decode_problem_rules, waits_on_prior_grid=True, epilogues=("store", "silu_mul"),
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)

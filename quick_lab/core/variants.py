@@ -15,8 +15,9 @@ from quick_lab.core.configs import TileConfig
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_kernel(kind: str, cfg: TileConfig):
-    """The compiled GEMM variant, its dynamic shared-memory limit raised to what the tile needs."""
+def gemm_kernel(kind: str, cfg: TileConfig, epilogue: str = "store"):
+    """The compiled GEMM variant (with that writer epilogue), its dynamic shared-memory limit raised to
+    what the tile needs."""
     registry.check(kind, cfg)
     fam = registry.family(kind, cfg)
     if fam.compute_capability is not None:
@@ -26,22 +27,24 @@ def gemm_kernel(kind: str, cfg: TileConfig):
         if cc != fam.compute_capability:
             raise ValueError(f"{fam.template_name(cfg)} uses Hopper wgmma: it needs a compute capability "
                              f"{fam.compute_capability[0]}.{fam.compute_capability[1:]} GPU, this one is {cc}")
-    return loader.load_function(fam.source, fam.template_name(cfg), arch=fam.arch,
+    return loader.load_function(fam.source, fam.template_name(cfg, epilogue), arch=fam.arch,
                                 dynamic_smem=fam.shared_bytes(cfg))
 
 
 def compile_variants(kind: str, cfgs, arch: str) -> list[CompileReport]:
-    """Compile a batch of one kind's variants, one NVRTC program per family and target arch."""
+    """Compile a batch of one kind's variants (each writer epilogue its family has), one NVRTC program
+    per family and target arch."""
     batches: dict[tuple, list] = {}
     for cfg in cfgs:
         fam = registry.family(kind, cfg)
         batches.setdefault((fam, fam.target_arch(arch)), []).append(cfg)
     reports = []
     for (fam, target), batch in batches.items():
-        names = tuple(fam.template_name(c) for c in batch)
+        instances = [(c, e) for c in batch for e in fam.epilogues]
+        names = tuple(fam.template_name(c, e) for c, e in instances)
         lowered, log = nvrtc.compile_source(fam.source, names, target)
         usage = nvrtc.parse_ptxas_log(log)
-        for cfg, name in zip(batch, names):
+        for (cfg, _), name in zip(instances, names):
             if lowered[name] not in usage:
                 raise NvrtcError(f"ptxas printed no resource report for {name} ({lowered[name]}) on {target}; "
                                  f"log tail:\n{log[-1500:]}")

@@ -103,13 +103,15 @@ class Case:
 
     @property
     def label(self) -> str:
-        what = f"{self.kind}:{self.config}:split{self.split_k}" if self.op == "gemm" else f"{self.op}:{self.kind}"
+        what = (f"{self.kind}:{self.config}:split{self.split_k}" if self.op == "gemm" else
+                f"{self.op}:{self.kind}:{self.config}:split{self.split_k}" if self.op == "gemm_silu_mul" else
+                f"{self.op}:{self.kind}")
         return f"{what}:M{self.M}:K{self.K}:N{self.N}:G{self.G}"
 
     @property
     def launches(self) -> int:
         """Kernel launches of this case (upper bound; split-K reduces inside the GEMM launch)."""
-        return {"gemm": 1, "default": 1, "fallback": 2, "dequantize": 1, "dequantize_quick_t": 1, "interleave": 1,
+        return {"gemm": 1, "gemm_silu_mul": 1, "default": 1, "fallback": 2, "dequantize": 1, "dequantize_quick_t": 1, "interleave": 1,
                 "empty": 0}[self.op]
 
 
@@ -177,7 +179,8 @@ def wgmma_cases() -> list[Case]:
 def decode_cases() -> list[Case]:
     """``check --decode``: every decode-kernel variant (kernels/quick_decode.cu) x split x group size,
     M rotating through odd batches up to its tile_m (one row, a part-filled batch tile, the last row of
-    its last batch tile), N one or two strips; no support ops."""
+    its last batch tile), N one or two strips; then each variant x split once more with its SiLU x up
+    writer (``gemm_silu_mul``, the group size rotating); no support ops."""
     out = []
     for v, cfg in enumerate(configs.QUICK_DECODE_VARIANTS):
         batches = sorted({1, 7, cfg.tile_m - 3, cfg.tile_m})
@@ -186,6 +189,9 @@ def decode_cases() -> list[Case]:
                 i = v + s + g
                 out.append(Case("gemm", "quick", batches[i % len(batches)], _k_for(cfg, G, split),
                                 cfg.tile_n * (1 + i % 2), G, cfg.name, split))
+            i, G = v + s, GROUP_SIZES[(v + s) % len(GROUP_SIZES)]
+            out.append(Case("gemm_silu_mul", "quick", batches[(i + 1) % len(batches)], _k_for(cfg, G, split),
+                            cfg.tile_n * (1 + i % 2), G, cfg.name, split))
     return out
 
 
@@ -268,7 +274,9 @@ def variant_labels() -> dict[str, str]:
     out = {}
     for fam in registry.families():
         for cfg in fam.variants:
-            out[fam.template_name(cfg).replace(" ", "")] = f"{fam.kind}:{cfg.name}"
+            for epilogue in fam.epilogues:
+                tag = "" if epilogue == "store" else f":{epilogue}"
+                out[fam.template_name(cfg, epilogue).replace(" ", "")] = f"{fam.kind}:{cfg.name}{tag}"
     return out
 
 

@@ -4,8 +4,9 @@
 
 ``CASES.json`` is the case list :func:`quick_lab.lab.sanitizer.write_cases` writes: a JSON list of
 objects with ``op``, ``kind``, ``M``, ``K``, ``N``, ``G``, ``config``, ``split_k`` and ``label``. Each
-case is one op call (an explicit GEMM variant and split, the default op, the dequantize + cuBLAS
-fallback, a standalone dequantizer, the GPU interleave or an empty batch), printed as
+case is one op call (an explicit GEMM variant and split, the decode GEMM with its SiLU x up writer, the
+default op, the dequantize + cuBLAS fallback, a standalone dequantizer, the GPU interleave or an empty
+batch), printed as
 ``QL-CASE <i> <label>`` before it runs. Outputs are pre-filled with NaN, so an element the op does not
 write fails; every GEMM result is compared with a float64 NumPy reference (relative Frobenius error
 below :data:`REL_TOL`) and the dequantizers and the interleave must be bit-exact. A mismatch prints
@@ -31,7 +32,7 @@ import numpy as np
 
 import quick_lab
 from quick_lab.core import ops
-from quick_lab.core.format import dequantize_fp16, random_awq, reference_gemm
+from quick_lab.core.format import dequantize_fp16, random_awq, reference_gemm, split_gate_up
 from quick_lab.lab import target_program
 from quick_lab.core.interleave import interleave
 
@@ -40,7 +41,7 @@ REL_TOL = 2e-3
 TARGET_MISMATCH_EXIT = 3
 USAGE_EXIT = target_program.USAGE_EXIT
 CASE_KEYS = ("op", "kind", "M", "K", "N", "G", "config", "split_k", "label")
-OPS = ("gemm", "default", "fallback", "dequantize", "dequantize_quick_t", "interleave", "empty")
+OPS = ("gemm", "gemm_silu_mul", "default", "fallback", "dequantize", "dequantize_quick_t", "interleave", "empty")
 
 
 # ---------------------------------------------------------------- how the parent runs it
@@ -100,12 +101,16 @@ def poisoned_out(M, N):
     return out
 
 
-def check_gemm(y, x_host, host, label):
-    """None when ``y`` matches the float64 reference, else why not."""
+def check_gemm(y, x_host, host, label, silu_mul: bool = False):
+    """None when ``y`` matches the float64 reference (``silu_mul``: silu(gate) * up of its (gate, up)
+    column pairs), else why not."""
     import cupy
 
     y = cupy.asnumpy(y)
     ref = reference_gemm(x_host, host)
+    if silu_mul:
+        gate, up = split_gate_up(ref)
+        ref = gate / (1 + np.exp(-gate)) * up
     if not np.isfinite(y).all():
         return f"{label}: NaN/Inf in the output"
     err = float(np.linalg.norm(y.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -126,6 +131,10 @@ def run(case):
     if op == "gemm":
         y = gemm(x, weight, config=case["config"], split_k=case["split_k"], out=poisoned_out(M, N))
         return check_gemm(y, x_host, host, label)
+    if op == "gemm_silu_mul":
+        y = gemm(x, weight, config=case["config"], split_k=case["split_k"], out=poisoned_out(M, N // 2),
+                 epilogue="silu_mul")
+        return check_gemm(y, x_host, host, label, silu_mul=True)
     if op == "default":
         return check_gemm(gemm(x, weight, out=poisoned_out(M, N)), x_host, host, label)
     if op == "fallback":

@@ -9,7 +9,8 @@ step would read from DRAM. The graph launch is timed with CUDA events (median of
 divided by the number of layers. ``layer`` is the whole step (every op of every layer, one graph)
 per layer; ``gemm`` the sum of the four GEMM classes; ``other`` = ``layer`` - ``gemm``, the non-GEMM
 cost as it shows in the step (launch gaps included), which the per-class rows itemise. In a decode
-step RoPE and the KV-cache write run inside the attention launch, so ``rope_kv`` is 0 there.
+step RoPE and the KV-cache write run inside the attention launch, so ``rope_kv`` is 0 there; on the
+QUICK backend SiLU x up runs in the decode GEMM's writer, so ``silu_mul`` is 0 and ``gate_up`` holds it.
 """
 from __future__ import annotations
 

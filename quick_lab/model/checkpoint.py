@@ -8,9 +8,10 @@ Tensor names follow Hugging Face: ``model.layers.{i}.self_attn.{q,k,v,o}_proj.{q
 ``model.layers.{i}.mlp.{gate,up,down}_proj.*``, ``model.layers.{i}.{input,post_attention}_layernorm.weight``,
 ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``. NumPy only (no torch).
 
-q/k/v and gate/up are fused by concatenating along N. In the AutoAWQ format that is exact: each packed
-int32 word holds 8 consecutive columns of one row, so whole words of each part line up, provided
-every part's N is a multiple of 8 (checked).
+q/k/v are fused by concatenating along N, gate/up by interleaving (gate, up) pairs of 32 columns
+(:func:`quick_lab.core.format.pair_gate_up`). In the AutoAWQ format both are exact: each packed int32
+word holds 8 consecutive columns of one row, so whole words of each part line up, provided every
+part's N is a multiple of 8 (checked; the config's intermediate size a multiple of 32).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quick_lab.core.format import VALID_GROUP_SIZES, AWQWeight
+from quick_lab.core.format import VALID_GROUP_SIZES, AWQWeight, pair_gate_up
 from quick_lab.model.config import ModelConfig
 from quick_lab.model.weights import LayerWeights, ModelWeights
 
@@ -247,8 +248,8 @@ def load_linear(tensors: dict, prefix: str) -> AWQWeight:
         raise CheckpointError(f"{prefix}: {exc}") from None
 
 
-def fuse(parts: list[AWQWeight], names: list[str]) -> AWQWeight:
-    """Concatenate AutoAWQ linears of equal K and group size along N (exact; see module doc)."""
+def _same_k(parts: list[AWQWeight], names: list[str]) -> list[AWQWeight]:
+    """``parts`` once checked to share K and the group size, and to hold whole packed words."""
     first = parts[0]
     for awq, name in zip(parts, names):
         if awq.K != first.K or awq.group_size != first.group_size:
@@ -256,6 +257,12 @@ def fuse(parts: list[AWQWeight], names: list[str]) -> AWQWeight:
                                   f"K = {first.K}, group size {first.group_size}; cannot fuse")
         if awq.N % 8:
             raise CheckpointError(f"{name}: N = {awq.N} is not a multiple of 8; cannot fuse packed words")
+    return parts
+
+
+def fuse(parts: list[AWQWeight], names: list[str]) -> AWQWeight:
+    """Concatenate AutoAWQ linears of equal K and group size along N (exact; see module doc)."""
+    first = _same_k(parts, names)[0]
     cat = lambda field: np.concatenate([np.asarray(getattr(p, field)) for p in parts], axis=1)  # noqa: E731
     return AWQWeight(cat("qweight"), cat("qzeros"), cat("scales"), first.group_size)
 
@@ -301,7 +308,7 @@ def load_awq_checkpoint(path, cfg: ModelConfig | None = None, tie_word_embedding
             qkv=fuse([lin["q"], lin["k"], lin["v"]], [attn.format(n) for n in "qkv"]),
             o=lin["o"],
             mlp_norm=_fp16(tensors, f"model.layers.{i}.post_attention_layernorm.weight", (H,)),
-            gate_up=fuse([lin["gate"], lin["up"]], [mlp.format(n) for n in ("gate", "up")]),
+            gate_up=pair_gate_up(*_same_k([lin["gate"], lin["up"]], [mlp.format(n) for n in ("gate", "up")])),
             down=lin["down"]))
 
     embed = _fp16(tensors, "model.embed_tokens.weight", (cfg.vocab, H))

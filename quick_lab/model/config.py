@@ -1,5 +1,5 @@
 """Model shapes: :class:`ModelConfig`, the three presets the paper measures (Fig. 4) and a GPU memory
-estimate. No GPU needed; NumPy-free.
+estimate. No GPU needed.
 
 ``BACKENDS`` names the three ways a linear layer can run over the *same* int4 weights: ``fp16`` (cuBLAS
 on the dequantized weight), ``awq`` (the AutoAWQ-style kernel) or ``quick`` (the QUICK kernel on the
@@ -8,6 +8,8 @@ interleaved weight); :mod:`quick_lab.model.decoder` implements them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from quick_lab.core.format import GATE_UP_PAIR
 
 __all__ = ["BACKENDS", "GROUP_SIZE", "LLAMA2_13B", "LLAMA2_70B", "MISTRAL_7B", "PRESETS", "ModelConfig",
            "memory_estimate", "model_shapes", "preset"]
@@ -34,13 +36,17 @@ class ModelConfig:
                              f"hidden={self.hidden}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}")
         if self.n_layers < 1:
             raise ValueError(f"{self.name}: n_layers must be >= 1, got {self.n_layers}")
+        if self.intermediate % GATE_UP_PAIR:
+            raise ValueError(f"{self.name}: intermediate must be a multiple of {GATE_UP_PAIR} (the fused gate_up "
+                             f"weight holds (gate, up) pairs of {GATE_UP_PAIR} columns), got {self.intermediate}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.n_heads
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(K, N) of the four linears of a layer; q|k|v and gate|up are fused along N."""
+        """(K, N) of the four linears of a layer; q|k|v and gate/up (in pairs of GATE_UP_PAIR columns)
+        are fused along N."""
         D = self.head_dim
         return {"qkv": (self.hidden, (self.n_heads + 2 * self.n_kv_heads) * D),
                 "o": (self.n_heads * D, self.hidden),

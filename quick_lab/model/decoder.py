@@ -7,8 +7,10 @@ dequantized weight), ``awq`` (the AutoAWQ-style kernel) or ``quick`` (the QUICK 
 interleaved weight); a Linear holds only the forms its backends need. Everything else is fused and
 identical for all backends: per layer, residual add + RMSNorm, the qkv GEMM, RoPE writing k and v
 into the cache, attention over the cache (one launch; in a decode step RoPE and the cache write are
-inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up, the down GEMM (whose output
-the next layer's norm adds to the residual): a decode step is 4 GEMMs and 4 other launches a layer. On
+inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up (inside the gate_up GEMM's
+writer where that is the QUICK decode kernel: the weight's columns come in (gate, up) pairs of 32), the
+down GEMM (whose output the next layer's norm adds to the residual): a QUICK decode step is 4 GEMMs and
+3 other launches a layer. On
 compute capability 9.0 those launches are programmatic dependents (:mod:`quick_lab.build.launch`): each
 op's blocks are placed while the op before still runs, load what no earlier op writes (the GEMM's first
 weights, the attention's past KV range) and then wait for its output. A layer is a
@@ -68,10 +70,26 @@ class Linear:
         self.fp16 = ops.dequantize(on_device) if "fp16" in backends else None
         self.awq = on_device if "awq" in backends else None
 
-    def __call__(self, x, backend: str):
+    def fuses_silu_mul(self, M: int, backend: str) -> bool:
+        """Whether ``self(x, backend, epilogue="silu_mul")`` runs for ``M`` rows: the QUICK kernel the
+        dispatch picks applies SiLU x up in its writer (the decode GEMM; this weight a paired gate_up)."""
+        from quick_lab.core import ops
+
+        return (backend == "quick" and self.quick is not None and 0 < M < FP16_FALLBACK_M
+                and ops.applies_epilogue("quick", _launch("quick", M, self.K, self.N, self.group_size)["config"],
+                                         "silu_mul"))
+
+    def __call__(self, x, backend: str, epilogue: str = "store"):
+        """``x @ W`` on ``backend``; ``epilogue="silu_mul"`` (where :meth:`fuses_silu_mul`) returns
+        ``silu(gate) * up`` [M, N / 2] of a paired gate_up weight instead."""
         from quick_lab.core import ops
 
         M, G = x.shape[0], self.group_size
+        if epilogue != "store":
+            if not self.fuses_silu_mul(M, backend):
+                raise ValueError(f"epilogue {epilogue!r} runs only in the QUICK decode GEMM; not on backend "
+                                 f"{backend!r} at M = {M}")
+            return ops.quick_gemm(x, self.quick, epilogue=epilogue, **_launch(backend, M, self.K, self.N, G))
         if backend == "fp16" and self.fp16 is not None:
             return matmul(x, self.fp16)
         if backend == "awq" and self.awq is not None:
@@ -198,6 +216,9 @@ class Model:
         def act():
             st.act = fused.silu_mul(st.gate_up)
 
+        def gate_up_act():  # the decode GEMM's writer applies SiLU x up: one launch less
+            st.act = layer.gate_up(st.x, backend, epilogue="silu_mul")
+
         def down():
             st.delta = layer.down(st.act, backend)
 
@@ -206,8 +227,9 @@ class Model:
                                            cache.workspace)
 
         attn_ops = [("attention", rope_attention)] if st.T == 1 else [("rope_kv", rope), ("attention", attention)]
-        ops = [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o),
-               ("norm", mlp_norm), ("gate_up", gate_up), ("silu_mul", act), ("down", down)]
+        mlp_ops = ([("gate_up", gate_up_act)] if layer.gate_up.fuses_silu_mul(st.h.shape[0], backend)
+                   else [("gate_up", gate_up), ("silu_mul", act)])
+        ops = [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o), ("norm", mlp_norm), *mlp_ops, ("down", down)]
         return [(name, self._launched(fn)) for name, fn in ops]
 
     def _launched(self, fn):

@@ -1,6 +1,7 @@
 """The decoder's fused non-GEMM ops (``kernels/decoder.cu``) on CuPy arrays: residual add + RMSNorm,
 RoPE with the KV-cache write, attention over the cache (flash-decoding split, online softmax, causal)
-and SiLU x up. Launch code only; the decoder (:mod:`quick_lab.model.decoder`) decides what runs when.
+and SiLU x up (of the paired gate_up layout). Launch code only; the decoder
+(:mod:`quick_lab.model.decoder`) decides what runs when.
 
 Every op launches on the current stream and allocates nothing that outlives the call except its
 output, so a decode step is capturable in one CUDA graph. Shapes are checked here once per call
@@ -15,6 +16,7 @@ import numpy as np
 
 from quick_lab.build import device, loader
 from quick_lab.build.launch import launch
+from quick_lab.core.format import GATE_UP_PAIR
 
 __all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows", "decode_splits",
            "rope_attention", "rope_kv", "silu_mul"]
@@ -82,13 +84,15 @@ def rope_kv(qkv, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int, pos:
 
 
 def silu_mul(gate_up):
-    """``SiLU(gate) * up`` of ``gate_up`` [rows, 2 I] (gate | up) -> [rows, I]."""
+    """``SiLU(gate) * up`` of ``gate_up`` [rows, 2 I] in (gate, up) pairs of 32 columns
+    (:func:`quick_lab.core.format.pair_gate_up`'s layout) -> [rows, I]."""
     import cupy
 
     _check_fp16(gate_up, "gate_up", 2)
     rows, two_i = gate_up.shape
-    if two_i % 16:
-        raise ValueError(f"gate_up: width must be 2 x a multiple of 8, got {two_i}")
+    if two_i % (2 * GATE_UP_PAIR):
+        raise ValueError(f"gate_up: width must be a multiple of {2 * GATE_UP_PAIR} ((gate, up) pairs of "
+                         f"{GATE_UP_PAIR} columns), got {two_i}")
     inter = two_i // 2
     out = cupy.empty((rows, inter), dtype=cupy.float16)
     chunks = rows * inter // 8

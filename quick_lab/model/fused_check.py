@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from quick_lab.build.launch import dependent_launches
+from quick_lab.core.format import split_gate_up
 from quick_lab.lab.sanitizer_target import TARGET_MISMATCH_EXIT
 from quick_lab.model import fused
 
@@ -75,7 +76,7 @@ def case_silu(rng, rows: int, inter: int):
     import cupy
 
     gu = rng.standard_normal((rows, 2 * inter)).astype(np.float16)
-    g, u = gu[:, :inter].astype(np.float64), gu[:, inter:].astype(np.float64)
+    g, u = (half.astype(np.float64) for half in split_gate_up(gu))
     return _rel(cupy.asnumpy(fused.silu_mul(cupy.asarray(gu))), g / (1 + np.exp(-g)) * u)
 
 
@@ -156,7 +157,7 @@ def _plain_cases():
     return [
         ("add_rms_norm rows=7 H=4096 residual", lambda r: case_norm(r, 7, 4096, True)),
         ("add_rms_norm rows=1 H=5120", lambda r: case_norm(r, 1, 5120, False)),
-        ("silu_mul rows=3 I=520", lambda r: case_silu(r, 3, 520)),
+        ("silu_mul rows=3 I=544", lambda r: case_silu(r, 3, 544)),
         ("rope_kv+attention prefill B=2 T=17 pos=0 GQA 4/2 D=64", lambda r: case_prefill(r, 2, 17, 0, 4, 2, 64)),
         ("rope_kv+attention prefill B=1 T=5 pos=9 GQA 32/8 D=128", lambda r: case_prefill(r, 1, 5, 9, 32, 8, 128)),
         ("attention decode B=2 pos=40 MHA 4/4 D=128 unsplit", lambda r: case_decode(r, 2, 40, 4, 4, 128, 1, False)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quick_lab.core.format import dequantize_fp16
+from quick_lab.core.format import dequantize_fp16, split_gate_up
 from quick_lab.model.config import ModelConfig
 from quick_lab.model.weights import ModelWeights
 
@@ -55,7 +55,7 @@ def reference_forward(weights: ModelWeights, tokens: np.ndarray, lm_head: bool =
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         h = h + linear(np.einsum("bhts,bshd->bthd", p, v).reshape(B, T, Hq * D), layer.o)
-        gate, up = np.split(linear(norm(h, layer.mlp_norm), layer.gate_up), 2, axis=-1)
+        gate, up = split_gate_up(linear(norm(h, layer.mlp_norm), layer.gate_up))
         h = h + linear(gate / (1 + np.exp(-gate)) * up, layer.down)
         if stats is not None:
             stats["max_abs_residual"] = max(stats.get("max_abs_residual", 0.0), float(np.abs(h).max()))

@@ -24,7 +24,7 @@ class LayerWeights:
     qkv: AWQWeight         # [hidden, (n_heads + 2 n_kv_heads) head_dim], columns q | k | v
     o: AWQWeight
     mlp_norm: np.ndarray
-    gate_up: AWQWeight     # [hidden, 2 intermediate], columns gate | up
+    gate_up: AWQWeight     # [hidden, 2 intermediate], (gate, up) column pairs of 32: format.pair_gate_up
     down: AWQWeight
 
 

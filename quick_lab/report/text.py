@@ -241,7 +241,9 @@ def _report_e2e_breakdown(breakdown: pd.DataFrame) -> list[str]:
            f"the whole step, `gemm` = {' + '.join(GEMM_OPS)}, `other` = layer - gemm (the non-GEMM time as it "
            f"shows in the step, launch gaps included)."
            + (" RoPE and the KV-cache write run inside the attention launch in a decode step: `rope_kv` is 0."
-              if "rope_kv" in wide and (wide.rope_kv == 0).all() else ""), ""]
+              if "rope_kv" in wide and (wide.rope_kv == 0).all() else "")
+           + (" On the quick backend SiLU x up runs in the decode GEMM's writer (`silu_mul` 0, inside `gate_up`)."
+              if "silu_mul" in wide and (wide[wide.backend == "quick"].silu_mul == 0).any() else ""), ""]
     lines = []
     for model, m in wide.groupby("model", sort=False):
         parts = []
