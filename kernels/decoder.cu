@@ -221,6 +221,44 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     prefetch_l2_bulk(k_cache + kv_base + (long long)k_begin * D, bytes);
     prefetch_l2_bulk(v_cache + kv_base + (long long)k_begin * D, bytes);
   }
+  // Each warp's tiles: V rows -> its shared-memory tile (cp.async; rows past the chunk zero-filled, so
+  // 0 * NaN never occurs), K rows -> B fragments (n-tile nt holds keys tile + 8nt .. +7, this lane
+  // loads key tile + 8nt + g; .cg: another block or kernel may have written the row, never this SM's
+  // L1). Both take the keys in [lo, hi) only, so a tile can be loaded in two parts.
+  u16* v_s = &sm.u.v[warp][0][0];
+  uint4 kb[4][D / 32];
+  auto load_v = [&](int tile, int lo, int hi, bool zero_fill) {
+#pragma unroll
+    for (int c = lane; c < 32 * (D / 8); c += 32) {
+      const int row = c / (D / 8), col = 8 * (c % (D / 8)), key = tile + row;
+      if (key >= lo && key < hi)
+        cp_async16(smem_addr(v_s + row * kVStride + col), v_cache + kv_base + (long long)key * D + col, 16);
+      else if (zero_fill && key >= k_end)
+        cp_async16(smem_addr(v_s + row * kVStride + col), v_cache + kv_base + (long long)k_begin * D, 0);
+    }
+    cp_async_commit();
+  };
+  auto load_k = [&](int tile, int lo, int hi, bool zero_fill) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int key = tile + 8 * nt + g;
+      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D) + t4;
+#pragma unroll
+      for (int j = 0; j < D / 32; ++j) {
+        if (key >= lo && key < hi) kb[nt][j] = load_l2_u4(k_row + 4 * j);
+        else if (zero_fill) kb[nt][j] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  // The warp's first tile is asked for before the wait, as far as it holds keys before `pos` (written
+  // by earlier steps; the kernel before writes keys from `pos` on, or this block does): in a decode
+  // step these loads overlap the qkv GEMM, and with one tile a warp the whole KV range does. The asm
+  // loads cannot move across the wait's memory clobber.
+  const int tile0 = k_begin + 32 * warp;
+  if (tile0 < k_end) {
+    load_v(tile0, tile0, cached_end, true);
+    load_k(tile0, tile0, cached_end, true);
+  }
   wait_for_prior_grid();
 
   if (qkv == nullptr) {
@@ -285,27 +323,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
   for (int nd = 0; nd < kNd; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
   float m_lo = QL_NEG_INF, m_hi = QL_NEG_INF, l_lo = 0.f, l_hi = 0.f;
-  u16* v_s = &sm.u.v[warp][0][0];
 
-  for (int tile = k_begin + 32 * warp; tile < k_end; tile += 32 * kAttnWarps) {
-    // V tile -> shared memory (asynchronous; rows past the chunk zero-filled, so 0 * NaN never occurs)
-#pragma unroll
-    for (int c = lane; c < 32 * (D / 8); c += 32) {
-      const int row = c / (D / 8), col = 8 * (c % (D / 8));
-      const bool valid = tile + row < k_end;
-      cp_async16(smem_addr(v_s + row * kVStride + col),
-                 v_cache + kv_base + (long long)(valid ? tile + row : k_begin) * D + col, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    // K rows -> B fragments: n-tile nt holds keys tile + 8nt .. +7, this lane loads key tile + 8nt + g.
-    uint4 kb[4][D / 32];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int key = tile + 8 * nt + g;
-      const uint4* k_row = reinterpret_cast<const uint4*>(k_cache + kv_base + (long long)key * D) + t4;
-#pragma unroll
-      for (int j = 0; j < D / 32; ++j) kb[nt][j] = key < k_end ? k_row[4 * j] : make_uint4(0, 0, 0, 0);
-    }
+  // The first tile's keys from `pos` on, now that they are written (the __syncthreads above makes
+  // this block's own writes visible to it).
+  if (tile0 < k_end && cached_end < min(k_end, tile0 + 32)) {
+    load_v(tile0, max(tile0, cached_end), k_end, false);
+    load_k(tile0, max(tile0, cached_end), k_end, false);
+  }
+  for (int tile = tile0; tile < k_end; tile += 32 * kAttnWarps) {
+    const int next = tile + 32 * kAttnWarps;  // this warp's next tile: its K is asked for once S is done
     float sc[4][4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
@@ -316,6 +342,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         mma_m16n8k16(sc[nt], qa[2 * j + 1], kb[nt][j].z, kb[nt][j].w);
       }
     }
+    if (next < k_end) load_k(next, next, k_end, true);  // kb is free: in flight during the softmax and P V
     // Online softmax on the fragments: lane holds rows g (c0, c1) and g + 8 (c2, c3) at keys
     // tile + 8nt + 2t4 + {0, 1}; a row's 32 keys live in its lane quad (shuffles over lanes ^1, ^2).
     float tmax_lo = QL_NEG_INF, tmax_hi = QL_NEG_INF;
@@ -389,6 +416,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         mma_m16n8k16(o[nd + 1], pa[kk], vb[2], vb[3]);
       }
     __syncwarp();  // the V tile is consumed before the next cp.async overwrites it
+    if (next < k_end) load_v(next, next, k_end, true);
   }
 
   allow_dependent_launch();  // the next kernel's blocks may be placed during the merge and the write

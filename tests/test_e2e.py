@@ -416,8 +416,8 @@ def test_quick_decode_applies_silu_mul_in_the_gate_up_writer(tiny_model, monkeyp
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_kv_heads", [4, 1], ids=["mha", "gqa4"])
 def test_long_context_decode_crosses_attention_splits(n_kv_heads):
-    # A prompt past the attention kernel's split threshold (256 keys a split): prefill 520 tokens in
-    # one forward (tiled, causal), then decode steps whose attention runs in 2 splits merged by the
+    # A prompt past the attention kernel's split threshold (128 keys a split): prefill 520 tokens in
+    # one forward (tiled, causal), then decode steps whose attention runs in 4 splits merged by the
     # ticket, with RoPE and the cache write inside; every step's logits equal the NumPy reference's.
     import cupy
 
@@ -428,7 +428,7 @@ def test_long_context_decode_crosses_attention_splits(n_kv_heads):
     model = Model(weights, backends=("quick", "fp16"))
     tokens = np.random.default_rng(12).integers(0, cfg.vocab, (2, 523), dtype=np.int32)
     ref = reference_forward(weights, tokens)
-    assert fused.decode_splits(2 * n_kv_heads, 521, 132, 32) == 2  # the steps below are split
+    assert fused.decode_splits(2 * n_kv_heads, 521, 132, 32) == 4  # the steps below are split
     for backend in ("quick", "fp16"):
         cache = model.new_cache(2, 528)
         first = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, :520]), cache, 0, backend))

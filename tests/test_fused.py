@@ -38,10 +38,12 @@ def test_attention_rows_rules():
 
 
 def test_decode_splits_fill_the_machine_within_limits():
-    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=32) == 16    # 256 keys a split
+    assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=32) == 24    # 1.5 blocks per SM
+    assert fused.decode_splits(blocks=8, keys=2048, num_sms=132, max_splits=32) == 16    # 128 keys a split
     assert fused.decode_splits(blocks=8, keys=4096, num_sms=132, max_splits=8) == 8      # capped by workspace
     assert fused.decode_splits(blocks=8, keys=129, num_sms=132, max_splits=32) == 1      # short: unsplit
-    assert fused.decode_splits(blocks=128, keys=4096, num_sms=132, max_splits=32) == 3   # two blocks per SM
+    assert fused.decode_splits(blocks=40, keys=4096, num_sms=132, max_splits=32) == 4    # MHA (13B), batch 1
+    assert fused.decode_splits(blocks=128, keys=4096, num_sms=132, max_splits=32) == 1   # batch 16 fills a wave
     assert fused.decode_splits(blocks=2048, keys=4096, num_sms=132, max_splits=32) == 1  # batch fills it
 
 

@@ -24,7 +24,7 @@ __all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention",
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
 _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
-_MIN_KEYS_PER_SPLIT = 256  # two 32-key tiles for each of a block's 4 warps
+_MIN_KEYS_PER_SPLIT = 128  # one 32-key tile for each of a block's 4 warps
 _MAX_MERGE_PAIRS = 64 * 16    # AttentionSmem::merge: (split, row) pairs of the last block's merge
 _NULL = np.uint64(0)         # a null pointer argument (the unused workspace of an unsplit launch)
 
@@ -115,12 +115,13 @@ def attention_rows(group: int, head_dim: int, tokens: int) -> int:
 
 
 def decode_splits(blocks: int, keys: int, num_sms: int, max_splits: int) -> int:
-    """Key-range splits for one decode step: enough blocks for two per SM, but only as many as leave
-    each split 256 keys (two tiles per warp), at most ``max_splits`` (the workspace's size). Measured
-    on an H100 (results/NOTES.md): a block costs ~6 us however little it reads, each further round
-    of 4 tiles ~2.5 us, and a split merge ~3 us, so a short context runs unsplit (context 129,
-    batch 1: 7.2 us unsplit, 9.4 us in 5 splits) and a long one splits until the machine is full."""
-    want = -(-2 * num_sms // max(blocks, 1))
+    """Key-range splits for one decode step: one wave of about 1.5 blocks per SM (two fit: 240
+    registers a thread), but only as many as leave each split 128 keys (a tile per warp), at most
+    ``max_splits`` (the workspace's size). Measured on an H100 (results/NOTES.md, Mistral-7B's 8 KV
+    heads, dependent launches): context 4096, batch 1, 24 splits 12.3 us against 16 13.9 and 32 13.0;
+    batch 16 (128 blocks) unsplit 101.6 us against 2 splits 112 and 3 121; context 129 unsplit 4.6 us
+    against 2 splits 6.8: a split merge costs more than a short range saves."""
+    want = 3 * num_sms // (2 * max(blocks, 1))
     return max(1, min(want, keys // _MIN_KEYS_PER_SPLIT, max_splits))
 
 
