@@ -1,4 +1,5 @@
-"""AutoAWQ "GEMM" int4 weight format: quantize, pack, unpack, dequantize (NumPy only).
+"""AutoAWQ "GEMM" int4 weight format: quantize, pack, unpack, dequantize, and the fused MLP gate/up
+weight's column pairing (NumPy only).
 
 Meaning: ``W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]`` and ``y = x @ W`` with
 ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[K/G, N/8]``, ``scales`` fp16 ``[K/G, N]``.
