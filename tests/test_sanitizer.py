@@ -162,6 +162,10 @@ def test_every_variant_has_a_label():
         for cfg in fam.variants:
             assert labels[fam.template_name(cfg).replace(" ", "")] == f"{fam.kind}:{cfg.name}"
             assert labels[registry.template_name(fam.kind, cfg)] == f"{fam.kind}:{cfg.name}"
+    dc = registry.QUICK_DECODE.variants[0]  # the SiLU x up writer is its own instantiation, its own row
+    assert labels[registry.QUICK_DECODE.template_name(dc, "silu_mul")] == f"quick:{dc.name}:silu_mul"
+    rows = sanitizer._rows_of(sanitizer.decode_cases())
+    assert f"quick:{dc.name}" in rows and f"quick:{dc.name}:silu_mul" in rows
     wg = registry.QUICK_WGMMA.variants[0]
     log = f"========= Invalid __shared__ read of size 16 bytes\n=========     at void " \
           f"{registry.QUICK_WGMMA.template_name(wg)}(const unsigned short *)+0x10\n========= ERROR SUMMARY: 1 error\n"

@@ -446,6 +446,8 @@ def _rows_of(cases) -> list[str]:
     for c in cases:
         if c.op == "gemm":
             rows.append(f"{c.kind}:{c.config}")
+        elif c.op == "gemm_silu_mul":  # the writer's other instantiation (variant_labels' tag)
+            rows.append(f"{c.kind}:{c.config}:silu_mul")
         elif c.op in ("dequantize", "dequantize_quick_t", "interleave"):
             rows.append({"dequantize": "dequantize_awq", "interleave": "interleave_awq"}.get(c.op, c.op))
     return list(dict.fromkeys(rows))
