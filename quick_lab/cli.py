@@ -333,12 +333,14 @@ def cmd_e2e(args) -> int:
     df = sweep.e2e_sweep(args.models, args.batches, args.backends, n_layers=args.layers, prefill=args.prefill,
                          decode_steps=args.decode, graph=not args.no_graph, lm_head=not args.no_lm_head,
                          reps=args.reps, long_context=args.long_context, long_batches=args.long_batches,
-                         progress=progress, dependent_launch=not args.plain_launches)
+                         progress=progress, dependent_launch=not args.plain_launches,
+                         tune_decode=not args.table_configs)
     df.to_csv(out_dir / "e2e.csv", index=False)
     write_metadata(out_dir / "e2e.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
                    prefill=args.prefill, decode=args.decode, cuda_graph=not args.no_graph,
                    lm_head=not args.no_lm_head, reps=args.reps, long_context=args.long_context,
                    dependent_launch=not args.plain_launches,
+                   decode_gemm_configs=df.attrs.get("decode_gemm_configs", []),
                    long_batches=list(args.long_batches), weights="random int4, group size 128",
                    note="each row's model was built with `layers` of its `full_layers` layers (full depth wherever "
                         "it fits the GPU); tokens_per_s is measured for the layers built; "
@@ -362,7 +364,7 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
     import pandas as pd
 
     from quick_lab.lab.metadata import write_metadata
-    from quick_lab.model import breakdown, sweep
+    from quick_lab.model import breakdown, decode_tuning, sweep
     from quick_lab.model.config import preset
     from quick_lab.model.decoder import Model
     from quick_lab.model.weights import random_weights
@@ -370,7 +372,7 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
     cases = [(b, args.prefill) for b in args.batches]
     if args.long_context:
         cases += [(b, args.long_context) for b in args.long_batches]
-    rows, total, done = [], len(args.models) * len(cases) * len(args.backends), 0
+    rows, tuned, total, done = [], [], len(args.models) * len(cases) * len(args.backends), 0
     for name in args.models:
         cfg = preset(name)
         for backend in args.backends:
@@ -380,6 +382,8 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
             layers = min(args.layers or cfg.n_layers, fit)
             model = Model(random_weights(dataclasses.replace(cfg, n_layers=layers), distinct_layers=False),
                           backends=(backend,), lm_head=False, dependent_launch=not args.plain_launches)
+            if backend == "quick" and not args.table_configs:
+                tuned += decode_tuning.tune_decode_gemms(model, [b for b, _ in cases])
             for batch, context in cases:
                 progress(done, total, f"{cfg.name} x{layers} M={batch} ctx={context} {backend}")
                 rows += breakdown.breakdown(model, batch, context, backend, reps=max(args.reps, 10))
@@ -390,7 +394,7 @@ def _e2e_breakdown(args, out_dir: Path, progress) -> int:
     df.to_csv(out_dir / "e2e_breakdown.csv", index=False)
     write_metadata(out_dir / "e2e_breakdown.meta.json", command=" ".join(sys.argv[1:]), layers=args.layers,
                    reps=max(args.reps, 10), weights="random int4, group size 128",
-                   dependent_launch=not args.plain_launches,
+                   dependent_launch=not args.plain_launches, decode_gemm_configs=tuned,
                    note="us_per_layer: one decode step's ops of one class in every layer, back to back in one CUDA "
                         "graph (median of reps), divided by the layers built; layer = the whole step per layer; "
                         "gemm = qkv + o + gate_up + down; other = layer - gemm")
@@ -593,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-launches", action="store_true",
                    help="launch every decode op after the one before has finished (default: as programmatic "
                         "dependents on compute capability 9.0+, each placed while the op before runs)")
+    p.add_argument("--table-configs", action="store_true",
+                   help="run the QUICK decode GEMMs with the dispatch table's configs (default: each model picks "
+                        "its decode configs timed in a CUDA graph first, quick_lab.model.decode_tuning)")
     p.add_argument("--long-context", type=int, default=4096,
                    help="also decode at this context (cache filled, prefill not timed); 0 turns it off")
     p.add_argument("--long-batches", type=int_list, default=(1, 16), help="batches run at --long-context")

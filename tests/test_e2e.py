@@ -496,3 +496,59 @@ def test_full_depth_mistral_stays_finite():
         tokens = decode(model, cache, first, 32, 4, backend)
         out[backend] = cupy.asnumpy(model.forward(tokens, cache, 36, backend))
         assert np.isfinite(out[backend]).all(), backend
+
+
+# ---------------------------------------------------------------- in-graph decode GEMM configs
+
+
+def test_decode_tuning_candidates_are_the_decode_variants_that_fit():
+    from quick_lab.core import configs
+    from quick_lab.model import decode_tuning
+
+    one = decode_tuning.candidates(1, 4096, 4096, 128)  # the 8-row tiles, every one (each tile_k divides 4096)
+    assert {c for c, _ in one} == {c for c in configs.QUICK_DECODE_VARIANTS if c.tile_m == 8}
+    assert all(1 <= s <= 4096 // c.tile_k and s in decode_tuning.SPLITS for c, s in one)
+    assert {c.tile_m for c, _ in decode_tuning.candidates(16, 4096, 4096, 128)} == {16}
+    assert {c.tile_m for c, _ in decode_tuning.candidates(9, 4096, 4096, 128)} == {16}
+    assert {c.tile_m for c, _ in decode_tuning.candidates(17, 4096, 4096, 128)} == {32}
+    assert decode_tuning.candidates(33, 4096, 4096, 128) == []
+    assert all(c.tile_k <= 256 for c, _ in decode_tuning.candidates(1, 256, 1024, 128))  # one k-tile at most
+    assert decode_tuning.MAX_DECODE_M == 32
+    with pytest.raises(ValueError, match="batches must be positive ints"):
+        decode_tuning.tune_decode_gemms(None, [1, 0])
+
+
+@pytest.mark.gpu
+def test_decode_tuning_pins_a_fitting_config_and_decode_still_matches(monkeypatch):
+    import cupy
+
+    from quick_lab.core import ops, registry
+    from quick_lab.model import decode_tuning
+
+    weights = random_weights(TINY, seed=9)
+    model = Model(weights, backends=("quick",))
+    rows = decode_tuning.tune_decode_gemms(model, [2, 1, 64], reps=3)
+    shapes = {(K, N) for K, N in TINY.linear_shapes().values()}
+    assert {(r["K"], r["N"]) for r in rows} == shapes and sorted({r["M"] for r in rows}) == [1, 2]  # 64: the table's
+    for r in rows:
+        assert r["us"] <= r["table_us"] and np.isfinite(r["us"])
+    for layer in model.layers:
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            assert set(lin.decode_launch) == {1, 2}
+            for M, pin in lin.decode_launch.items():
+                assert registry.fits(pin["config"], lin.N, lin.group_size, K=lin.K, M=M)
+                assert lin.quick_launch(M) is pin
+    used = []
+    real = ops.quick_gemm
+    monkeypatch.setattr(ops, "quick_gemm", lambda *a, **kw: used.append((kw["config"], kw["split_k"])) or real(*a, **kw))
+    tokens = _tokens(2, 12, seed=6)
+    ref = reference_forward(weights, tokens)
+    cache = model.new_cache(2, 16)
+    model.forward(cupy.asarray(tokens[:, :9]), cache, 0, "quick")
+    used.clear()
+    for t in range(9, 12):
+        step = cupy.asnumpy(model.forward(cupy.asarray(tokens[:, t:t + 1]), cache, t, "quick"))
+        assert np.isfinite(step).all() and rel(step, ref[:, t]) < 2e-2, t
+    pinned = {(lin.decode_launch[2]["config"], lin.decode_launch[2]["split_k"])
+              for lin in (model.layers[0].qkv, model.layers[0].o, model.layers[0].gate_up, model.layers[0].down)}
+    assert used and set(used) <= pinned

@@ -14,34 +14,12 @@ QUICK backend SiLU x up runs in the decode GEMM's writer, so ``silu_mul`` is 0 a
 """
 from __future__ import annotations
 
-import statistics
-
 from quick_lab.model.decoder import GEMM_OPS, Model
+from quick_lab.model.graph_timing import graph_time_us
 
 __all__ = ["OP_CLASSES", "breakdown"]
 
 OP_CLASSES = ("norm", "qkv", "rope_kv", "attention", "o", "gate_up", "silu_mul", "down")
-
-
-def _graph_time_us(fn, stream, reps: int) -> float:
-    """Median CUDA-event time of ``fn`` captured once into a graph (warmed up first, uncaptured)."""
-    import cupy
-
-    from quick_lab.model.sweep import capture
-
-    with stream:
-        fn()
-        graph, _ = capture(fn, stream)
-        graph.launch(stream)
-        times = []
-        for _ in range(reps):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3)
-    return statistics.median(times)
 
 
 def breakdown(model: Model, batch: int, context: int, backend: str, reps: int = 20, seed: int = 0) -> list[dict]:
@@ -73,10 +51,10 @@ def breakdown(model: Model, batch: int, context: int, backend: str, reps: int = 
                         if names is None or name in names:
                             op()
 
-            times = {name: _graph_time_us(lambda n=name: run((n,)), stream, reps) / layers for name in OP_CLASSES}
-            times["layer"] = _graph_time_us(run, stream, reps) / layers
+            times = {name: graph_time_us(lambda n=name: run((n,)), stream, reps) / layers for name in OP_CLASSES}
+            times["layer"] = graph_time_us(run, stream, reps) / layers
             # the residual reset copy is in every graph above: time it alone and take it out
-            reset = _graph_time_us(lambda: run(()), stream, reps) / layers
+            reset = graph_time_us(lambda: run(()), stream, reps) / layers
     finally:
         stream.synchronize()
         pool.free_all_blocks()

@@ -65,6 +65,9 @@ class Linear:
         from quick_lab.core import ops
 
         self.K, self.N, self.group_size = awq.K, awq.N, awq.group_size
+        # batch -> {"config", "split_k"} for the quick backend, pinned by an in-graph tuning
+        # (quick_lab.model.decode_tuning); a batch not in it follows the dispatch table.
+        self.decode_launch: dict[int, dict] = {}
         on_device = ops.to_device(awq)
         self.quick = ops.interleave_gpu(on_device) if "quick" in backends else None
         self.fp16 = ops.dequantize(on_device) if "fp16" in backends else None
@@ -76,8 +79,11 @@ class Linear:
         from quick_lab.core import ops
 
         return (backend == "quick" and self.quick is not None and 0 < M < FP16_FALLBACK_M
-                and ops.applies_epilogue("quick", _launch("quick", M, self.K, self.N, self.group_size)["config"],
-                                         "silu_mul"))
+                and ops.applies_epilogue("quick", self.quick_launch(M)["config"], "silu_mul"))
+
+    def quick_launch(self, M: int) -> dict:
+        """The quick backend's config and split-K for ``M`` rows: the tuned pin, else the dispatch's."""
+        return self.decode_launch.get(M) or _launch("quick", M, self.K, self.N, self.group_size)
 
     def __call__(self, x, backend: str, epilogue: str = "store"):
         """``x @ W`` on ``backend``; ``epilogue="silu_mul"`` (where :meth:`fuses_silu_mul`) returns
@@ -89,7 +95,7 @@ class Linear:
             if not self.fuses_silu_mul(M, backend):
                 raise ValueError(f"epilogue {epilogue!r} runs only in the QUICK decode GEMM; not on backend "
                                  f"{backend!r} at M = {M}")
-            return ops.quick_gemm(x, self.quick, epilogue=epilogue, **_launch(backend, M, self.K, self.N, G))
+            return ops.quick_gemm(x, self.quick, epilogue=epilogue, **self.quick_launch(M))
         if backend == "fp16" and self.fp16 is not None:
             return matmul(x, self.fp16)
         if backend == "awq" and self.awq is not None:
@@ -99,7 +105,7 @@ class Linear:
         if backend == "quick" and self.quick is not None:
             if M >= FP16_FALLBACK_M:
                 return matmul(x, ops.dequantize_quick_t(self.quick), transpose_b=True)
-            return ops.quick_gemm(x, self.quick, **_launch(backend, M, self.K, self.N, G))
+            return ops.quick_gemm(x, self.quick, **self.quick_launch(M))
         raise ValueError(f"backend {backend!r} not available; this Linear was built for {self.backends}")
 
     @property

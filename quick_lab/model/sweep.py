@@ -25,28 +25,17 @@ import functools
 import numpy as np
 
 from quick_lab.build import launch as launch_mode
+from quick_lab.model import decode_tuning
 from quick_lab.model.config import BACKENDS, PRESETS, ModelConfig, memory_estimate, preset
 from quick_lab.model.decoder import Model
 from quick_lab.model.generate import decode, greedy
+from quick_lab.model.graph_timing import capture
 from quick_lab.model.weights import random_weights
 
 E2E_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 __all__ = ["BACKENDS", "E2E_BATCHES", "capture", "decode_throughput", "e2e_sweep", "layers_that_fit", "summary_table",
            "sweep_plan"]
-
-
-def capture(fn, stream):
-    """Run ``fn()`` once under CUDA-graph capture on ``stream``: returns ``(graph, fn's result)``.
-    Warm ``fn`` up first (kernel compilation and module loads are not captured)."""
-    with stream:
-        stream.begin_capture()
-        try:
-            result = fn()
-        finally:
-            graph = stream.end_capture()
-    graph.upload(stream)
-    return graph, result
 
 
 def _time_ms(run, warm, stream, graph: bool, reps: int) -> float:
@@ -223,19 +212,21 @@ def _run_case(cfg, batch, backend, context, decode_steps, model, graph, reps, fi
 def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
               n_layers: int | None = None, prefill: int = 128, decode_steps: int = 128, graph: bool = True,
               lm_head: bool = True, reps: int = 1, long_context: int = 0, long_batches=(1, 16), progress=None,
-              dependent_launch: bool = True):
+              dependent_launch: bool = True, tune_decode: bool = True):
     """One row per (model, batch, backend[, long context]). Depth: full where it fits (see the module
     doc); ``n_layers`` caps it. ``long_context`` > 0 adds decode at that context for ``long_batches``
     (cache filled, prefill not timed). A case that runs out of GPU memory gets NaN timings and an
     ``error``. ``dependent_launch``: the models launch their decode ops as programmatic dependents
-    (:class:`~quick_lab.model.decoder.Model`)."""
+    (:class:`~quick_lab.model.decoder.Model`). ``tune_decode``: each model's QUICK decode GEMM configs
+    are picked in-graph first (:mod:`quick_lab.model.decode_tuning`; the picks in
+    ``df.attrs["decode_gemm_configs"]``)."""
     import cupy
     import pandas as pd
 
     cases = [(b, prefill, False) for b in batches]
     if long_context:
         cases += [(b, long_context, True) for b in long_batches]
-    rows = []
+    rows, tuned = [], []
     total = len(models) * len(cases) * len(backends)
     for name in models:
         cfg = preset(name) if isinstance(name, str) else name
@@ -245,6 +236,8 @@ def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
             run_cfg = dataclasses.replace(cfg, n_layers=layers)
             model = Model(random_weights(run_cfg, distinct_layers=False), backends=group, lm_head=lm_head,
                           dependent_launch=dependent_launch)
+            if tune_decode and "quick" in group:
+                tuned += decode_tuning.tune_decode_gemms(model, [batch for batch, _, _ in runs])
             for batch, context, fill in runs:
                 for backend in group:
                     if progress:
@@ -256,7 +249,9 @@ def e2e_sweep(models=tuple(PRESETS), batches=E2E_BATCHES, backends=BACKENDS,
             cupy.get_default_memory_pool().free_all_blocks()
     if progress:
         progress(total, total, "done")
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["decode_gemm_configs"] = tuned
+    return df
 
 
 def summary_table(df):
