@@ -23,6 +23,8 @@ def test_names_round_trip_and_select_the_decode_family():
             f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},1>"
     with pytest.raises(ValueError, match="no epilogue 'silu_mul'"):
         registry.QUICK_MMA.template_name(configs.QUICK_DEFAULT, "silu_mul")
+    with pytest.raises(ValueError, match="no epilogue 'gelu'"):
+        registry.QUICK_DECODE.template_name(DECODE[0], "gelu")
     assert set(DECODE) <= set(registry.variants("quick"))
 
 

@@ -303,11 +303,11 @@ class KernelFamily:
 
     def template_name(self, cfg: TileConfig, epilogue: str = "store") -> str:
         """The C++ name expression NVRTC instantiates for this variant (and writer epilogue)."""
+        if epilogue not in self.epilogues:
+            raise ValueError(f"{self.name} has no epilogue {epilogue!r} (it has {self.epilogues})")
         args = [str(int(getattr(cfg, p))) for p in self.params]
         if len(self.epilogues) > 1:
             args.append(str(self.epilogues.index(epilogue)))
-        elif epilogue not in self.epilogues:
-            raise ValueError(f"{self.name} has no epilogue {epilogue!r} (it has {self.epilogues})")
         return f"{self.name}<{','.join(args)}>"
 
     def target_arch(self, arch: str) -> str:
