@@ -28,6 +28,26 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// A GEMM output read as the fp32 split-K slices [n_parts][count] of the QUICK decode GEMM's "partials"
+// epilogue (quick_decode.cu): summed in split order from +0 and rounded to fp16, the arithmetic of the
+// GEMM's own fix-up block, so the reader sees the stored y bit for bit. At most kMaxPartials slices
+// (quick_lab/model/fused.py MAX_PARTIALS). Every slice's load is issued at once, from a clamped
+// address (no branch for the compiler to keep loads behind): one L2 round trip, not n_parts; an
+// absent slice adds +0, which leaves a sum that starts at +0 unchanged (it is never -0).
+constexpr int kMaxPartials = 8;
+__device__ __forceinline__ float4 sum_partials4(const float* parts, int n_parts, long long count, long long i0) {
+  float4 x[kMaxPartials];
+#pragma unroll
+  for (int p = 0; p < kMaxPartials; ++p) x[p] = load_l2_f4(parts + min(p, n_parts - 1) * count + i0);
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int p = 0; p < kMaxPartials; ++p) {
+    const bool in = p < n_parts;
+    sum.x += in ? x[p].x : 0.f, sum.y += in ? x[p].y : 0.f, sum.z += in ? x[p].z : 0.f, sum.w += in ? x[p].w : 0.f;
+  }
+  return sum;
+}
+
 // 8 fp16 (one 16-byte load) -> 8 floats.
 __device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) {
   const u32 words[4] = {w.x, w.y, w.z, w.w};
@@ -44,11 +64,13 @@ __device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) 
 // Row r: if delta: h[r] += delta[r] (rounded to fp16 and stored, as an unfused fp16 add would),
 // then out[r] = h[r] / sqrt(mean(h[r]^2) + eps) * weight, statistics in fp32. Block 256 threads, each
 // thread keeps its 16-byte chunks in registers between the two passes: H <= 256 * 8 * kMaxChunks.
+// delta may come as the fp32 split-K slices [delta_parts][rows][H] of the GEMM before (its "partials"
+// epilogue) instead: summed as that GEMM's fix-up would (sum_partials4), the same fp16 delta.
 constexpr int kNormThreads = 256, kNormMaxChunks = 8;
 
 extern "C" __global__ void __launch_bounds__(kNormThreads)
-    add_rms_norm(u16* __restrict__ h, const u16* delta, const u16* __restrict__ weight,
-                 u16* __restrict__ out, int H, float eps) {
+    add_rms_norm(u16* __restrict__ h, const u16* delta, const float* delta_parts, int n_parts,
+                 const u16* __restrict__ weight, u16* __restrict__ out, int H, float eps) {
   __shared__ float warp_sums[kNormThreads / 32];
   start_after_prior_grid();  // h and delta come from the kernels before
   const long long row = blockIdx.x;
@@ -63,9 +85,17 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
     if (c < chunks) {
       uint4 w = h_row[c];
       halves8_to_float(w, vals[i]);
-      if (d_row) {
+      if (d_row || delta_parts) {
         float d[8];
-        halves8_to_float(d_row[c], d);
+        if (d_row) {
+          halves8_to_float(d_row[c], d);
+        } else {
+          const long long count = (long long)gridDim.x * H, i0 = row * H + 8 * c;
+          const float4 lo = sum_partials4(delta_parts, n_parts, count, i0), hi = sum_partials4(delta_parts, n_parts, count, i0 + 4);
+          const float y[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) d[j] = half_to_float(float_to_half(y[j]));  // the fp16 delta
+        }
         w = make_uint4(float2_to_half2(vals[i][0] + d[0], vals[i][1] + d[1]),
                        float2_to_half2(vals[i][2] + d[2], vals[i][3] + d[3]),
                        float2_to_half2(vals[i][4] + d[4], vals[i][5] + d[5]),
@@ -185,6 +215,8 @@ struct __align__(16) AttentionSmem {  // 16: cp.async and ldmatrix rows
   static_assert(R >= 1 && R <= 16, "query rows: 1 .. 16 (one m16 tile)");
   static constexpr int kVStride = D + 8;  // halves per V row in shared memory: +16 bytes against bank conflicts
   float q[R][D];                          // pre-scaled by log2(e) / sqrt(D): scores in base 2
+  u16 row[(R + 2) * D];                   // decode: this block's q heads, k and v of the qkv row, as read
+  float rope[2][D / 2];                   // decode: cos, sin of position pos
   union {
     u16 v[kAttnWarps][32][kVStride];      // each warp's V tile
     float acc[kAttnWarps][R][D];          // the end: each warp's O rows, to merge
@@ -195,7 +227,7 @@ struct __align__(16) AttentionSmem {  // 16: cp.async and ldmatrix rows
 
 template <int D, int R>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-    attention(const u16* q, const u16* qkv, const float* __restrict__ cos_t,
+    attention(const u16* q, const u16* qkv, const float* qkv_parts, int n_parts, const float* __restrict__ cos_t,
               const float* __restrict__ sin_t, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
               u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ tickets, int T, int Hq, int Hkv,
               int pos, int max_seq, int chunk, float scale) {
@@ -261,7 +293,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   }
   wait_for_prior_grid();
 
-  if (qkv == nullptr) {
+  if (qkv == nullptr && qkv_parts == nullptr) {
 #pragma unroll
     for (int e = 0; e < kQIters; ++e) {  // unrolled: the loads of all iterations in flight together
       const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, t = t0 + r / G;
@@ -271,31 +303,58 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
                            : 0.f;
     }
   } else {
-    // Decode with RoPE fused in (T = 1, rope_kv's work for this KV head): q is rotated as it is
-    // loaded from the qkv row, and the one block whose chunk holds key `pos` rotates k and copies v
-    // of the new token into the cache before any of its warps reads them (__syncthreads below makes
-    // the block's global writes visible to the whole block); no other block reads key `pos`.
+    // Decode with RoPE fused in (T = 1, rope_kv's work for this KV head; R = G): the block's part of
+    // the qkv row (its G q heads, then k and v of its KV head) and the RoPE row of `pos` are staged in
+    // shared memory in one round of loads, 4 elements a thread a step, then q is rotated from there and
+    // the one block whose chunk holds key `pos` rotates k and copies v of the new token into the cache
+    // before any of its warps reads them (__syncthreads below makes the block's global writes visible
+    // to the whole block); no other block reads key `pos`. The qkv row is the GEMM's fp16 output or
+    // its fp32 split-K slices [n_parts][B][row_width] (sum_partials4).
     const int half = D / 2, row_width = (Hq + 2 * Hkv) * D;
-    const u16* src = qkv + (long long)b * row_width;
-    const float* c_row = cos_t + (long long)pos * half;
-    const float* s_row = sin_t + (long long)pos * half;
+    const long long row0 = (long long)b * row_width, count = (long long)gridDim.z * row_width;
+    constexpr int kQuads = (R + 2) * D / 4, kRopeQuads = D / 4;  // 4 halves of the row / 4 floats of cos, sin
+    constexpr int kStageIters = (kQuads + kRopeQuads + kThreads - 1) / kThreads;
+#pragma unroll
+    for (int e = 0; e < kStageIters; ++e) {
+      const int i = threadIdx.x + e * kThreads;
+      if (i >= kQuads + kRopeQuads) break;
+      if (i >= kQuads) {  // cos (first D / 8 quads), then sin
+        const int c = i - kQuads, which = c / (D / 8), j = 4 * (c % (D / 8));
+        const float* table = which ? sin_t : cos_t;
+        *reinterpret_cast<float4*>(&sm.rope[which][j]) =
+            *reinterpret_cast<const float4*>(table + (long long)pos * half + j);
+        continue;
+      }
+      const int e0 = 4 * i;  // element of the staged row: q heads, k at R D, v at (R + 1) D
+      const int col = e0 < R * D ? kvh * G * D + e0
+                                 : (e0 < (R + 1) * D ? (Hq + kvh) * D + e0 - R * D : (Hq + Hkv + kvh) * D + e0 - (R + 1) * D);
+      uint2 halves;
+      if (qkv_parts) {
+        const float4 sum = sum_partials4(qkv_parts, n_parts, count, row0 + col);
+        halves = make_uint2(float2_to_half2(sum.x, sum.y), float2_to_half2(sum.z, sum.w));
+      } else {
+        halves = *reinterpret_cast<const uint2*>(qkv + row0 + col);
+      }
+      *reinterpret_cast<uint2*>(&sm.row[e0]) = halves;
+    }
+    __syncthreads();
 #pragma unroll
     for (int e = 0; e < kQIters; ++e) {
-      const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, j = d % half, col = (kvh * G + r) * D;
+      const int i = threadIdx.x + e * kThreads, r = i / D, d = i % D, j = d % half;
       if (i >= R * D) continue;
-      const float x = half_to_float(src[col + d]);
-      const float partner = half_to_float(src[col + (d < half ? d + half : d - half)]);
-      const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
-      sm.q[r][d] = rotated * scale * kLog2e;
+      const float x = half_to_float(sm.row[r * D + d]);
+      const float partner = half_to_float(sm.row[r * D + (d < half ? d + half : d - half)]);
+      const float c = sm.rope[0][j], sn = sm.rope[1][j];
+      sm.q[r][d] = (d < half ? x * c - partner * sn : x * c + partner * sn) * scale * kLog2e;
     }
     if (k_begin <= pos && pos < k_end) {
       for (int d = threadIdx.x; d < D; d += kThreads) {
-        const int j = d % half, k_col = (Hq + kvh) * D, v_col = (Hq + Hkv + kvh) * D;
-        const float x = half_to_float(src[k_col + d]);
-        const float partner = half_to_float(src[k_col + (d < half ? d + half : d - half)]);
-        const float rotated = d < half ? x * c_row[j] - partner * s_row[j] : x * c_row[j] + partner * s_row[j];
-        k_cache[kv_base + (long long)pos * D + d] = float_to_half(rotated);
-        v_cache[kv_base + (long long)pos * D + d] = src[v_col + d];
+        const int j = d % half;
+        const float x = half_to_float(sm.row[R * D + d]);
+        const float partner = half_to_float(sm.row[R * D + (d < half ? d + half : d - half)]);
+        const float c = sm.rope[0][j], sn = sm.rope[1][j];
+        k_cache[kv_base + (long long)pos * D + d] = float_to_half(d < half ? x * c - partner * sn : x * c + partner * sn);
+        v_cache[kv_base + (long long)pos * D + d] = sm.row[(R + 1) * D + d];
       }
     }
   }

@@ -38,6 +38,12 @@
 //                    is bit for bit y followed by decoder.cu's silu_mul. A template parameter, not an
 //                    argument: with a run-time flag the store path's main loop was scheduled
 //                    differently and ran up to 6% slower on an H100 (results/NOTES.md).
+//                    EPILOGUE = kPartials: every block stores its fp32 slice [split][M][N] and is
+//                    done: no fence, ticket or fix-up block. The kernel that reads y sums the
+//                    slices in split order and rounds to fp16, the very arithmetic of the fix-up,
+//                    so it reads the same y bit for bit (decoder.cu's add_rms_norm and the decode
+//                    attention do); what it saves is the fix-up's chain (store, fence, atomic,
+//                    reload: ~1.7 us on an H100) at the end of every split GEMM of a decode step.
 //
 // Measured on an H100 and kept out (results/NOTES.md): a per-warp cp.async ring in shared memory
 // instead of registers (more bytes in flight, but slower: issue-bound on the extra copies and shared
@@ -49,7 +55,7 @@
 using namespace ql;
 
 // The writer's epilogue (quick_lab/core/registry.py EPILOGUES, in this order).
-constexpr int kStore = 0, kSiluMul = 1;
+constexpr int kStore = 0, kSiluMul = 1, kPartials = 2;
 
 template <int TILE_M, int TILE_K, int WARPS, int EPILOGUE>
 __global__ void __launch_bounds__(32 * WARPS)
@@ -60,7 +66,8 @@ __global__ void __launch_bounds__(32 * WARPS)
   constexpr int kSteps = TILE_K / 16 / WARPS;  // k16 steps of one warp per k-tile
   static_assert(TILE_K % (16 * WARPS) == 0, "every warp gets whole k16 steps of a k-tile");
   static_assert(TILE_M == 8 || TILE_M == 16 || TILE_M == 32, "one, two or four n8 tiles of batch rows");
-  static_assert(EPILOGUE == kStore || EPILOGUE == kSiluMul, "store y, or silu(gate) * up of its column pairs");
+  static_assert(EPILOGUE == kStore || EPILOGUE == kSiluMul || EPILOGUE == kPartials,
+                "store y, silu(gate) * up of its column pairs, or the fp32 split slices");
   // Reduction rows (one per batch row) padded to 68 floats: the stores of one (tile, word) put lane
   // (g, t) at row 2t, column g, i.e. bank (8t + g) mod 32, all 32 banks distinct.
   constexpr int kRedStride = 64 + 4;
@@ -147,7 +154,8 @@ __global__ void __launch_bounds__(32 * WARPS)
   __syncthreads();
 
   // write_result: thread i of M x 64 sums the warps' partials of element (i / 64, i % 64).
-  float* partial = split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
+  // kPartials: the fp32 slice is the result (workspace = out [split][M][N]), at any split.
+  float* partial = EPILOGUE == kPartials || split > 1 ? workspace + (long long)blockIdx.z * M * N : nullptr;
   if (EPILOGUE == kSiluMul && !partial) {  // silu(gate) * up of the 32 pairs: gate columns 0..31, up 32..63
     for (int i = threadIdx.x; i < rows * 32; i += kThreads) {
       const int r = i / 32, c = i % 32;
@@ -170,7 +178,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     if (partial) partial[idx] = v;
     else out[idx] = float_to_half(v);
   }
-  if (split == 1 || !take_ticket(tile_counters + strip, split)) return;
+  if (EPILOGUE == kPartials || split == 1 || !take_ticket(tile_counters + strip, split)) return;
   const long long mn = (long long)M * N;
   if (EPILOGUE == kSiluMul) {
     for (int i = threadIdx.x; i < rows * 32; i += kThreads) {

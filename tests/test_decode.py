@@ -21,6 +21,8 @@ def test_names_round_trip_and_select_the_decode_family():
         assert registry.template_name("quick", cfg) == f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},0>"
         assert registry.QUICK_DECODE.template_name(cfg, "silu_mul") == \
             f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},1>"
+        assert registry.QUICK_DECODE.template_name(cfg, "partials") == \
+            f"quick_decode<{cfg.tile_m},{cfg.tile_k},{cfg.warps_n},2>"
     with pytest.raises(ValueError, match="no epilogue 'silu_mul'"):
         registry.QUICK_MMA.template_name(configs.QUICK_DEFAULT, "silu_mul")
     with pytest.raises(ValueError, match="no epilogue 'gelu'"):
@@ -76,7 +78,9 @@ def test_every_decode_variant_builds_without_spills(arch):
     for report in variants.compile_variants("quick", DECODE, arch):
         cfg = TileConfig.parse(report.config)
         assert not report.spills and report.dynamic_smem_bytes == 0
-        assert report.static_smem_bytes == registry.decode_reduction_bytes(cfg) + 4  # + take_ticket's flag
+        # + take_ticket's flag, except in the writer that leaves the split slices to their reader
+        partials = report.kernel == registry.QUICK_DECODE.template_name(cfg, "partials")
+        assert report.static_smem_bytes == registry.decode_reduction_bytes(cfg) + (0 if partials else 4)
 
 
 @pytest.mark.parametrize("name,batch_tiles", [("16x64x256_w1x4_s1_dc", 2), ("8x64x256_w1x4_s1_dc", 1)])
@@ -139,10 +143,11 @@ def test_decode_split_is_deterministic_and_leaves_counters_zero():
 # ---------------------------------------------------------------- the SiLU x up writer
 
 
-def test_only_the_decode_family_applies_silu_mul():
-    assert registry.QUICK_DECODE.epilogues == ("store", "silu_mul")
+def test_only_the_decode_family_has_writer_epilogues():
+    # the order is the kernel's (quick_decode.cu kStore, kSiluMul, kPartials)
+    assert registry.EPILOGUES == ("store", "silu_mul", "partials")
+    assert registry.QUICK_DECODE.epilogues == registry.EPILOGUES
     assert all(f.epilogues == ("store",) for f in registry.FAMILIES if f is not registry.QUICK_DECODE)
-    assert registry.EPILOGUES == ("store", "silu_mul")
 
 
 def _silu_cases():
@@ -200,3 +205,58 @@ def test_silu_mul_writer_rejects_what_it_cannot_run():
         ops.quick_gemm(x, quick, config=BASE, split_k=1, epilogue="silu_mul", out=cupy.empty((3, 1024), cupy.float16))
     assert ops.applies_epilogue("quick", BASE, "silu_mul") and not ops.applies_epilogue("quick", "16x128x32_w1x2_s2",
                                                                                           "silu_mul")
+
+
+# ---------------------------------------------------------------- the split slices left to the reader
+
+
+def _partials_cases():
+    out = []
+    for v, cfg in enumerate(DECODE):
+        K = cfg.tile_k * 8
+        for i, (M, split, G) in enumerate([(1, 1, 128), (7, 3, 32), (cfg.tile_m, 4, 64), (5, 8, 128)]):
+            out.append((cfg, M, K, 64 * (2 + (v + i) % 4), G, split))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg,M,K,N,G,split", _partials_cases(),
+                         ids=[f"{c.name}-M{m}-K{k}-N{n}-G{g}-s{s}" for c, m, k, n, g, s in _partials_cases()])
+def test_partials_writer_sums_to_the_stored_y_bit_for_bit(cfg, M, K, N, G, split):
+    """epilogue='partials': every slice written (a NaN-poisoned out), their sum near float64, and summed in
+    split order (ops.sum_partials) exactly the y the same launch stores with its fix-up; no ticket left
+    taken. Split 3 of 8 k-tiles: uneven k ranges."""
+    import cupy
+
+    from quick_lab.core import ops
+    from quick_lab.core.format import reference_gemm
+
+    host, _, quick = weights(K, N, G)
+    x_host = np.random.default_rng(M * 17 + split).standard_normal((M, K)).astype(np.float16)
+    x = cupy.asarray(x_host)
+    out = cupy.full((split, M, N), np.nan, dtype=cupy.float32)
+    got = ops.quick_gemm(x, quick, config=cfg, split_k=split, out=out, epilogue="partials")
+    assert got is out and bool(cupy.isfinite(got).all()), "NaN: a slice element the writer never stored"
+    y = ops.sum_partials(got)
+    ref = reference_gemm(x_host, host)
+    assert np.linalg.norm(cupy.asnumpy(y).astype(np.float64) - ref) / np.linalg.norm(ref) < 2e-3
+    assert cupy.array_equal(y, ops.quick_gemm(x, quick, config=cfg, split_k=split))
+    assert int(ops.tile_counters(N // 64).max()) == 0
+
+
+@pytest.mark.gpu
+def test_partials_writer_rejects_what_it_cannot_run():
+    import cupy
+
+    from quick_lab.core import ops
+
+    _, _, quick = weights(2048, 1024, 128)
+    x = cupy.ones((3, 2048), dtype=cupy.float16)
+    with pytest.raises(ValueError, match="quick_gemm, which only stores y"):
+        ops.quick_gemm(x, quick, config="16x128x32_w1x2_s2", split_k=2, epilogue="partials")
+    with pytest.raises(ValueError, match=r"out must have shape \[split_k, M, N\]"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=2, epilogue="partials", out=cupy.empty((1, 3, 1024), cupy.float32))
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=2, epilogue="partials", out=cupy.empty((2, 3, 1024), cupy.float16))
+    with pytest.raises(ValueError, match="partials must be 3-D"):
+        ops.sum_partials(cupy.ones((3, 1024), cupy.float32))

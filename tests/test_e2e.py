@@ -414,6 +414,48 @@ def test_quick_decode_applies_silu_mul_in_the_gate_up_writer(tiny_model, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config,split", [("8x64x256_w1x4_s1_dc", 1), ("32x64x128_w1x4_s1_dc", 2)])
+def test_decode_step_reads_split_slices_bit_for_bit_as_the_fixed_up_outputs(tiny_model, monkeypatch, config, split):
+    # In a decode step the qkv, o and down GEMMs leave fp32 split-K slices that the attention and the norms
+    # sum as they read them: the logits are the bits of the same step with every GEMM fixing up its own
+    # output; prefill (T > 1) and the other backends store.
+    import cupy
+
+    from quick_lab.core.configs import TileConfig
+    from quick_lab.model import decoder
+
+    weights, model = tiny_model
+    pinned = {"config": TileConfig.parse(config), "split_k": split}
+    real = decoder._launch
+    monkeypatch.setattr(decoder, "_launch", lambda kind, M, K, N, G: pinned if kind == "quick" and M <= 8
+                        else real(kind, M, K, N, G))
+    tokens = _tokens(2, 14, seed=6)
+    layer = model.layers[0]
+
+    def decode(epilogues):
+        monkeypatch.setattr(decoder, "DECODE_EPILOGUES", epilogues)
+        cache = model.new_cache(2, 16)
+        model.forward(cupy.asarray(tokens[:, :10]), cache, 0, "quick")
+        step = model.start(cupy.asarray(tokens[:, 10:11]), cache, 10)
+        used = {name: model.decode_epilogue(layer, name, step, "quick") for name in decoder.GEMM_OPS}
+        return used, [cupy.asnumpy(model.forward(cupy.asarray(tokens[:, t:t + 1]), cache, t, "quick"))
+                      for t in range(10, 14)]
+
+    used, sliced = decode(dict(decoder.DECODE_EPILOGUES))
+    assert used == {"qkv": "partials", "o": "partials", "gate_up": "silu_mul", "down": "partials"}
+    prefill = model.start(cupy.asarray(tokens[:, :3]), model.new_cache(2, 16), 0)
+    assert model.decode_epilogue(layer, "o", prefill, "quick") == "store"
+    step = model.start(cupy.asarray(tokens[:, :1]), model.new_cache(2, 16), 0)
+    assert model.decode_epilogue(layer, "o", step, "awq") == "store"
+    stored, fixed = decode({**decoder.DECODE_EPILOGUES, "qkv": "store", "o": "store", "down": "store"})
+    assert set(stored.values()) == {"store", "silu_mul"}
+    ref = reference_forward(weights, tokens)
+    for t, (a, b) in enumerate(zip(sliced, fixed)):
+        np.testing.assert_array_equal(a, b)
+        assert np.isfinite(a).all() and rel(a, ref[:, 10 + t]) < 2e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_kv_heads", [4, 1], ids=["mha", "gqa4"])
 def test_long_context_decode_crosses_attention_splits(n_kv_heads):
     # A prompt past the attention kernel's split threshold (128 keys a split): prefill 520 tokens in

@@ -208,6 +208,61 @@ def test_rope_attention_fuses_rope_the_cache_write_and_decode_attention(Hq, Hkv,
     assert int(cupy.count_nonzero(ws.tickets)) == 0
 
 
+def _slices(rng, parts: int, shape: tuple):
+    """fp32 split-K slices whose sum is ~N(0, 1) (a GEMM output left as its "partials")."""
+    import cupy
+
+    return cupy.asarray((rng.standard_normal((parts, *shape)) / math.sqrt(parts)).astype(np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,H", [(1, 4096), (7, 5120), (16, 8192)])
+@pytest.mark.parametrize("parts", [1, 3, 8])
+def test_add_rms_norm_reads_split_slices_as_their_fp16_sum(rows, H, parts):
+    # delta as a GEMM's fp32 split-K slices: the residual and the output bit for bit those of the fp16 delta
+    # its fix-up would have stored (the slices summed in split order, ops.sum_partials).
+    import cupy
+
+    from quick_lab.core import ops
+
+    rng = np.random.default_rng(rows * parts + H)
+    h = cupy.asarray(rng.standard_normal((rows, H)).astype(np.float16))
+    w = cupy.asarray(rng.uniform(0.5, 1.5, H).astype(np.float16))
+    slices = _slices(rng, parts, (rows, H))
+    h_fp16, out_fp16 = h.copy(), cupy.full((rows, H), np.nan, dtype=cupy.float16)
+    fused.add_rms_norm(h_fp16, w, 1e-5, delta=ops.sum_partials(slices), out=out_fp16)
+    out = cupy.full((rows, H), np.nan, dtype=cupy.float16)
+    fused.add_rms_norm(h, w, 1e-5, delta=slices, out=out)
+    assert bool(cupy.isfinite(out).all())
+    assert cupy.array_equal(h, h_fp16) and cupy.array_equal(out, out_fp16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,pos,splits", [(32, 8, 128, None), (40, 40, 31, 3), (4, 2, 200, 1)])
+@pytest.mark.parametrize("parts", [1, 4, 8])
+def test_rope_attention_reads_split_slices_as_their_fp16_sum(Hq, Hkv, pos, splits, parts):
+    # qkv as the qkv GEMM's split-K slices: output and cache writes bit for bit those of the fp16 qkv.
+    import cupy
+
+    from quick_lab.core import ops
+
+    B, D, max_seq = 2, 128 if Hq > 4 else 64, pos + 5
+    rng = np.random.default_rng(pos + Hq + parts)
+    slices = _slices(rng, parts, (B, (Hq + 2 * Hkv) * D))
+    inv = 1.0 / 1e4 ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = np.outer(np.arange(max_seq, dtype=np.float64), inv)
+    cos, sin = cupy.asarray(np.cos(ang).astype(np.float32)), cupy.asarray(np.sin(ang).astype(np.float32))
+    results = []
+    for qkv in (ops.sum_partials(slices), slices):
+        _, _, k_cache, v_cache = poisoned_cache(np.random.default_rng(5), B, Hkv, pos, max_seq, D)
+        ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
+        out = fused.rope_attention(qkv, cos, sin, k_cache, v_cache, Hq, pos, ws, splits=splits)
+        results.append((out, k_cache, v_cache))
+    (out16, k16, v16), (out, k, v) = results
+    assert bool(cupy.isfinite(out).all()) and cupy.array_equal(out, out16)
+    assert cupy.array_equal(k[:, :, :pos + 1], k16[:, :, :pos + 1]) and cupy.array_equal(v[:, :, :pos + 1], v16[:, :, :pos + 1])
+
+
 @pytest.mark.gpu
 def test_decode_attention_default_splits_and_repeat_launches_agree():
     # Same inputs, default split choice, launched twice on one workspace: identical bits (the split
@@ -247,6 +302,15 @@ def test_fused_ops_reject_bad_input():
         fused.attention(q, cache, cache, 4, 8, 1)
     with pytest.raises(ValueError, match="needs a workspace"):
         fused.attention(q, cache, cache, 4, 3, 1, splits=2)
+    with pytest.raises(ValueError, match="1 <= split <= 8"):  # more slices than the kernels sum
+        fused.add_rms_norm(cupy.ones((2, 64), cupy.float16), cupy.ones(64, cupy.float16), 1e-5,
+                           delta=cupy.ones((9, 2, 64), cupy.float32))
+    with pytest.raises(ValueError, match="split-K slices must be"):
+        fused.add_rms_norm(cupy.ones((2, 64), cupy.float16), cupy.ones(64, cupy.float16), 1e-5,
+                           delta=cupy.ones((2, 3, 64), cupy.float32))
+    with pytest.raises(ValueError, match="delta must have shape"):
+        fused.add_rms_norm(cupy.ones((2, 64), cupy.float16), cupy.ones(64, cupy.float16), 1e-5,
+                           delta=cupy.ones((3, 64), cupy.float16))
 
 
 def test_check_decoder_runs_the_fused_target_module(monkeypatch, tmp_path):

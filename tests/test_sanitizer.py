@@ -164,8 +164,9 @@ def test_every_variant_has_a_label():
             assert labels[registry.template_name(fam.kind, cfg)] == f"{fam.kind}:{cfg.name}"
     dc = registry.QUICK_DECODE.variants[0]  # the SiLU x up writer is its own instantiation, its own row
     assert labels[registry.QUICK_DECODE.template_name(dc, "silu_mul")] == f"quick:{dc.name}:silu_mul"
+    assert labels[registry.QUICK_DECODE.template_name(dc, "partials")] == f"quick:{dc.name}:partials"
     rows = sanitizer._rows_of(sanitizer.decode_cases())
-    assert f"quick:{dc.name}" in rows and f"quick:{dc.name}:silu_mul" in rows
+    assert {f"quick:{dc.name}", f"quick:{dc.name}:silu_mul", f"quick:{dc.name}:partials"} <= set(rows)
     wg = registry.QUICK_WGMMA.variants[0]
     log = f"========= Invalid __shared__ read of size 16 bytes\n=========     at void " \
           f"{registry.QUICK_WGMMA.template_name(wg)}(const unsigned short *)+0x10\n========= ERROR SUMMARY: 1 error\n"
@@ -224,8 +225,11 @@ def test_decode_cases_cover_every_decode_variant_split_and_group_size_within_its
         # the SiLU x up writer: every split of every variant, on whole (gate, up) pairs
         silu = [c for c in mine if c.op == "gemm_silu_mul"]
         assert {c.split_k for c in silu} == set(sanitizer.SPLITS) and all(c.N % 64 == 0 for c in silu)
+        # the writer that leaves the split slices to their reader: every split of every variant
+        assert {c.split_k for c in mine if c.op == "gemm_partials"} == set(sanitizer.SPLITS)
     assert len({c.M for c in cases}) > 2  # odd batches rotate
-    assert {c.op for c in cases} == {"gemm", "gemm_silu_mul"}
+    assert {c.op for c in cases} == {"gemm", "gemm_silu_mul", "gemm_partials"}
+    assert set(sanitizer.WRITER_OPS.values()) == set(registry.EPILOGUES) - {"store"}
     assert all(c.op in sanitizer_target.OPS for c in cases)
 
 

@@ -108,7 +108,12 @@ def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: in
     if epilogue not in fam.epilogues:
         raise ValueError(f"epilogue {epilogue!r} needs a kernel whose writer applies it ({_epilogue_families(epilogue)}); "
                          f"config {cfg.name} is {fam.name}, which only stores y")
-    out = _output(out, M, N // 2, "[M, N / 2] (epilogue 'silu_mul')") if epilogue == "silu_mul" else _output(out, M, N)
+    if epilogue == "silu_mul":
+        out = _output(out, M, N // 2, "[M, N / 2] (epilogue 'silu_mul')")
+    elif epilogue == "partials":
+        out = _partials_output(out, split, M, N)
+    else:
+        out = _output(out, M, N)
     kernel = variants.gemm_kernel(kind, cfg, epilogue)
     slots = 0
     if fam.stream_k and split == configs.STREAM_K:
@@ -116,6 +121,8 @@ def _kernel_plan(kind: str, cfg, split, x, weight, M: int, K: int, N: int, G: in
     launch = fam.launch(cfg, M, K, N, split, slots)
     workspace = cupy.empty(launch.workspace, dtype=cupy.float32) if launch.workspace else None
     counters = tile_counters(launch.counters) if launch.counters else None
+    if epilogue == "partials":  # the slices are the result: no workspace of their own, no ticket
+        workspace, counters = out, None
     args = (x, weight.qweight, weight.qzeros, weight.scales, out, workspace, counters,
             np.int32(M), np.int32(K), np.int32(N), np.int32(G), np.int32(launch.split_arg))
     return GemmPlan(kind, cfg, split, M, K, N, fam, kernel, launch.grid, args, out,
@@ -190,6 +197,31 @@ def _output(out, M: int, N: int, what: str = "[M, N]"):
     return out
 
 
+def _partials_output(out, split: int, M: int, N: int):
+    """The caller's ``out`` for epilogue 'partials' once checked (fp32 [split, M, N]), or a new one."""
+    import cupy
+
+    if out is None:
+        return cupy.empty((split, M, N), dtype=cupy.float32)
+    validation.check_device_array(out, "out", np.float32, ndim=3)
+    if out.shape != (split, M, N):
+        raise ValueError(f"out must have shape [split_k, M, N] = {(split, M, N)} (epilogue 'partials'), got {out.shape}")
+    return out
+
+
+def sum_partials(partials):
+    """fp16 ``y`` from the fp32 slices of epilogue 'partials' [split, M, N], summed in split order from
+    0 as the split-K fix-up block does: bit for bit the stored ``y`` of the same launch (a reference for
+    tests; the decoder's kernels sum the slices as they read them)."""
+    import cupy
+
+    validation.check_device_array(partials, "partials", np.float32, ndim=3)
+    total = cupy.zeros(partials.shape[1:], dtype=cupy.float32)
+    for s in range(partials.shape[0]):
+        total += partials[s]
+    return total.astype(cupy.float16)
+
+
 def plan_awq_gemm(x, weight: AWQWeight, *, config=None, split_k=None, out=None) -> GemmPlan:
     """The baseline's launch: ``config`` (a TileConfig or its name) and ``split_k`` pin a variant;
     unpinned, AutoAWQ's own configuration."""
@@ -202,8 +234,11 @@ def plan_quick_gemm(x, weight: QuickWeight, *, config=None, split_k=None, out=No
     """QUICK's launch: ``config`` and/or ``split_k`` pin a variant (the other from the heuristic);
     with neither, the dispatcher's choice (a GemmPlan, or a FallbackPlan at large batch).
     ``epilogue="silu_mul"``: the weight's columns are (gate, up) pairs of 32 and the op returns
-    ``silu(gate) * up`` [M, N / 2] from its writer; only the decode kernel has it (a ValueError
-    names the kernel chosen otherwise; check :func:`applies_epilogue` first)."""
+    ``silu(gate) * up`` [M, N / 2] from its writer; ``epilogue="partials"``: the op returns the fp32
+    split-K slices [split_k, M, N] and leaves their sum to the reader (:func:`sum_partials` is its
+    reference; the decoder's norm and attention read them directly), saving the fix-up block. Only the
+    decode kernel has either (a ValueError names the kernel chosen otherwise; check
+    :func:`applies_epilogue` first)."""
     if not isinstance(weight, QuickWeight):
         raise TypeError(f"weight must be a QuickWeight (interleave an AWQWeight first), got {type(weight).__name__}")
     return _plan("quick", x, weight, config, split_k, out, epilogue)

@@ -28,8 +28,10 @@ SMEM_PER_BLOCK_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on s
 SMEM_PER_SM = 228 * 1024           # sm_90: 228 KB per SM, 1 KB of it reserved per resident block
 SMEM_RESERVED_PER_BLOCK = 1024
 # What a GEMM's writer stores: "store" y itself; "silu_mul" silu(gate) * up [M, N / 2] of a weight whose
-# columns come in (gate, up) pairs of 32 (quick_lab.core.format.pair_gate_up), the MLP activation.
-EPILOGUES = ("store", "silu_mul")
+# columns come in (gate, up) pairs of 32 (quick_lab.core.format.pair_gate_up), the MLP activation;
+# "partials" its fp32 split-K slices [split, M, N] with no fix-up, for a kernel that sums them in split
+# order as it reads y (quick_lab.model.fused: the decoder's norm and decode attention).
+EPILOGUES = ("store", "silu_mul", "partials")
 REGISTERS_PER_SM = 65536
 REGISTER_ALLOCATION_UNIT = 256     # registers are allocated per warp in units of 256
 MAX_WARPS_PER_SM = 64
@@ -353,7 +355,7 @@ QUICK_WGMMA = KernelFamily(
 QUICK_DECODE = KernelFamily(
     "quick_decode", "quick", "quick_decode.cu", ("tile_m", "tile_k", "warps_n"),
     configs.QUICK_DECODE_VARIANTS, "dc", _quick_decode_layout, _quick_decode_rules, _tile_grid_launch,
-    problem_rules=_decode_problem_rules, waits_on_prior_grid=True, epilogues=("store", "silu_mul"),
+    problem_rules=_decode_problem_rules, waits_on_prior_grid=True, epilogues=EPILOGUES,
     doc="QUICK for decode (M <= 32): a split-K GEMV on mma.sync, the weights as the A operand")
 
 FAMILIES = (AWQ, QUICK_MMA, QUICK_WGMMA, QUICK_DECODE)

@@ -73,6 +73,8 @@ OUR_KERNELS = tuple(dict.fromkeys(f.name for f in registry.families())) + ("dequ
 GROUP_SIZES = (32, 64, 128)
 ODD_M = (1, 7, 33)
 SPLITS = (1, 3)
+# Case ops that run a GEMM with one of its writer's other epilogues (registry.EPILOGUES) -> that epilogue.
+WRITER_OPS = {"gemm_silu_mul": "silu_mul", "gemm_partials": "partials"}
 MEMCHECK_PADDING = 256  # bytes of guard after every allocation
 DEFAULT_TIMEOUT_S = 600
 
@@ -104,14 +106,14 @@ class Case:
     @property
     def label(self) -> str:
         what = (f"{self.kind}:{self.config}:split{self.split_k}" if self.op == "gemm" else
-                f"{self.op}:{self.kind}:{self.config}:split{self.split_k}" if self.op == "gemm_silu_mul" else
+                f"{self.op}:{self.kind}:{self.config}:split{self.split_k}" if self.op in WRITER_OPS else
                 f"{self.op}:{self.kind}")
         return f"{what}:M{self.M}:K{self.K}:N{self.N}:G{self.G}"
 
     @property
     def launches(self) -> int:
         """Kernel launches of this case (upper bound; split-K reduces inside the GEMM launch)."""
-        return {"gemm": 1, "gemm_silu_mul": 1, "default": 1, "fallback": 2, "dequantize": 1, "dequantize_quick_t": 1, "interleave": 1,
+        return {"gemm": 1, "gemm_silu_mul": 1, "gemm_partials": 1, "default": 1, "fallback": 2, "dequantize": 1, "dequantize_quick_t": 1, "interleave": 1,
                 "empty": 0}[self.op]
 
 
@@ -180,7 +182,8 @@ def decode_cases() -> list[Case]:
     """``check --decode``: every decode-kernel variant (kernels/quick_decode.cu) x split x group size,
     M rotating through odd batches up to its tile_m (one row, a part-filled batch tile, the last row of
     its last batch tile), N one or two strips; then each variant x split once more with its SiLU x up
-    writer (``gemm_silu_mul``, the group size rotating); no support ops."""
+    writer (``gemm_silu_mul``) and with its writer that leaves the split slices to their reader
+    (``gemm_partials``), the group size and batch rotating; no support ops."""
     out = []
     for v, cfg in enumerate(configs.QUICK_DECODE_VARIANTS):
         batches = sorted({1, 7, cfg.tile_m - 3, cfg.tile_m})
@@ -192,6 +195,9 @@ def decode_cases() -> list[Case]:
             i, G = v + s, GROUP_SIZES[(v + s) % len(GROUP_SIZES)]
             out.append(Case("gemm_silu_mul", "quick", batches[(i + 1) % len(batches)], _k_for(cfg, G, split),
                             cfg.tile_n * (1 + i % 2), G, cfg.name, split))
+            G = GROUP_SIZES[(v + s + 1) % len(GROUP_SIZES)]
+            out.append(Case("gemm_partials", "quick", batches[(i + 2) % len(batches)], _k_for(cfg, G, split),
+                            cfg.tile_n * (2 - i % 2), G, cfg.name, split))
     return out
 
 
@@ -446,8 +452,8 @@ def _rows_of(cases) -> list[str]:
     for c in cases:
         if c.op == "gemm":
             rows.append(f"{c.kind}:{c.config}")
-        elif c.op == "gemm_silu_mul":  # the writer's other instantiation (variant_labels' tag)
-            rows.append(f"{c.kind}:{c.config}:silu_mul")
+        elif c.op in WRITER_OPS:  # the writer's other instantiations (variant_labels' tag)
+            rows.append(f"{c.kind}:{c.config}:{WRITER_OPS[c.op]}")
         elif c.op in ("dequantize", "dequantize_quick_t", "interleave"):
             rows.append({"dequantize": "dequantize_awq", "interleave": "interleave_awq"}.get(c.op, c.op))
     return list(dict.fromkeys(rows))

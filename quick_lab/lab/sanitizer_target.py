@@ -41,7 +41,7 @@ REL_TOL = 2e-3
 TARGET_MISMATCH_EXIT = 3
 USAGE_EXIT = target_program.USAGE_EXIT
 CASE_KEYS = ("op", "kind", "M", "K", "N", "G", "config", "split_k", "label")
-OPS = ("gemm", "gemm_silu_mul", "default", "fallback", "dequantize", "dequantize_quick_t", "interleave", "empty")
+OPS = ("gemm", "gemm_silu_mul", "gemm_partials", "default", "fallback", "dequantize", "dequantize_quick_t", "interleave", "empty")
 
 
 # ---------------------------------------------------------------- how the parent runs it
@@ -135,6 +135,13 @@ def run(case):
         y = gemm(x, weight, config=case["config"], split_k=case["split_k"], out=poisoned_out(M, N // 2),
                  epilogue="silu_mul")
         return check_gemm(y, x_host, host, label, silu_mul=True)
+    if op == "gemm_partials":  # every slice poisoned first: a slice element never stored stays NaN
+        split = case["split_k"]
+        slices = cupy.full((split, M, N), np.nan, dtype=cupy.float32)
+        y = gemm(x, weight, config=case["config"], split_k=split, out=slices, epilogue="partials")
+        if not bool(cupy.isfinite(y).all()):
+            return f"{label}: NaN/Inf in a split slice"
+        return check_gemm(ops.sum_partials(y), x_host, host, label)
     if op == "default":
         return check_gemm(gemm(x, weight, out=poisoned_out(M, N)), x_host, host, label)
     if op == "fallback":

@@ -9,13 +9,15 @@ the decode-kernel variants of the batch's tile height, at each split of :data:`S
 allow, plus the
 table's own choice, is timed the way a step runs it (one CUDA graph of one launch per layer, each
 layer's own weights, so nothing is served from L2 that a step reads from DRAM; dependent launches as
-the model makes them), and the fastest is pinned on every Linear of that shape
+the model makes them; the writer epilogue the step uses for that GEMM,
+:data:`quick_lab.model.decoder.DECODE_EPILOGUES`: a GEMM whose reader sums its split-K slices is timed
+without a fix-up), and the fastest is pinned on every Linear of that shape
 (:attr:`quick_lab.model.decoder.Linear.decode_launch`)."""
 from __future__ import annotations
 
 from quick_lab.build.launch import dependent_launches
 from quick_lab.core import configs, ops, registry
-from quick_lab.model.decoder import FP16_FALLBACK_M, Model
+from quick_lab.model.decoder import DECODE_EPILOGUES, FP16_FALLBACK_M, GEMM_OPS, Model
 from quick_lab.model.graph_timing import graph_time_us
 
 __all__ = ["MAX_DECODE_M", "SPLITS", "candidates", "tune_decode_gemms"]
@@ -36,12 +38,14 @@ def candidates(M: int, K: int, N: int, group_size: int) -> list[tuple[configs.Ti
     return [(cfg, split) for cfg in fitting if cfg.tile_m == tile_m for split in SPLITS if split <= K // cfg.tile_k]
 
 
-def _linears_by_shape(model: Model) -> dict[tuple[int, int, int], list]:
+def _linears_by_shape(model: Model) -> dict[tuple[int, int, int, str], list]:
+    """The model's QUICK linears by (K, N, group size, decode writer epilogue)."""
     groups: dict = {}
     for layer in model.layers:
-        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+        for name in GEMM_OPS:
+            lin = getattr(layer, name)
             if lin.quick is not None:
-                groups.setdefault((lin.K, lin.N, lin.group_size), []).append(lin)
+                groups.setdefault((lin.K, lin.N, lin.group_size, DECODE_EPILOGUES[name]), []).append(lin)
     return groups
 
 
@@ -57,7 +61,7 @@ def tune_decode_gemms(model: Model, batches, reps: int = 5, seed: int = 0) -> li
     rows = []
     stream = cupy.cuda.Stream(non_blocking=True)
     rng = cupy.random.default_rng(seed)
-    for (K, N, G), lins in _linears_by_shape(model).items():
+    for (K, N, G, epilogue), lins in _linears_by_shape(model).items():
         weights = [lin.quick for lin in lins][:MAX_LAUNCHES]
         for M in sorted({b for b in batches if b <= MAX_DECODE_M and b < FP16_FALLBACK_M}):
             x = rng.standard_normal((M, K), dtype=cupy.float32).astype(cupy.float16)
@@ -66,7 +70,8 @@ def tune_decode_gemms(model: Model, batches, reps: int = 5, seed: int = 0) -> li
             table = lins[0].quick_launch(M)
 
             def time_us(cfg, split):
-                plans = [ops.plan_quick_gemm(x, w, config=cfg, split_k=split) for w in weights]
+                ep = epilogue if ops.applies_epilogue("quick", cfg, epilogue) else "store"
+                plans = [ops.plan_quick_gemm(x, w, config=cfg, split_k=split, epilogue=ep) for w in weights]
 
                 def step():
                     with dependent_launches(model.dependent_launch):
@@ -81,7 +86,8 @@ def tune_decode_gemms(model: Model, batches, reps: int = 5, seed: int = 0) -> li
                     best = min(best, (time_us(cfg, split), cfg, split), key=lambda t: t[0])
             for lin in lins:
                 lin.decode_launch[M] = {"config": best[1], "split_k": best[2]}
-            rows.append(dict(model=model.cfg.name, K=K, N=N, group_size=G, M=M, config=best[1].name, split_k=best[2],
+            rows.append(dict(model=model.cfg.name, K=K, N=N, group_size=G, M=M, epilogue=epilogue,
+                             config=best[1].name, split_k=best[2],
                              us=round(best[0], 3), table_config=table["config"].name, table_split_k=table["split_k"],
                              table_us=round(table_us, 3)))
     stream.synchronize()

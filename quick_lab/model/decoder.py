@@ -10,7 +10,9 @@ into the cache, attention over the cache (one launch; in a decode step RoPE and 
 inside it too), the o GEMM, add + RMSNorm, the gate_up GEMM, SiLU x up (inside the gate_up GEMM's
 writer where that is the QUICK decode kernel: the weight's columns come in (gate, up) pairs of 32), the
 down GEMM (whose output the next layer's norm adds to the residual): a QUICK decode step is 4 GEMMs and
-3 other launches a layer. On
+3 other launches a layer. In a decode step the QUICK decode kernel leaves the qkv, o and down outputs as
+fp32 split-K slices (:data:`DECODE_EPILOGUES`), which the attention and the norms sum as they read them:
+no split-K fix-up at the end of those GEMMs. On
 compute capability 9.0 those launches are programmatic dependents (:mod:`quick_lab.build.launch`): each
 op's blocks are placed while the op before still runs, load what no earlier op writes (the GEMM's first
 weights, the attention's past KV range) and then wait for its output. A layer is a
@@ -32,7 +34,8 @@ from quick_lab.model.cublas import matmul
 from quick_lab.model.reference import rope_tables
 from quick_lab.model.weights import ModelWeights
 
-__all__ = ["FP16_FALLBACK_M", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model", "StepState"]
+__all__ = ["DECODE_EPILOGUES", "FP16_FALLBACK_M", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model",
+           "StepState"]
 
 # AutoAWQ's WQLinear_GEMM switches to dequantize + fp16 matmul when batch*seq >= 1024; both quantized
 # backends do the same here, so only prefill of large batches is affected (decode M = batch <= 256).
@@ -41,6 +44,11 @@ FP16_FALLBACK_M = 1024
 MAX_ATTENTION_SPLITS = 32
 # The op classes of a layer that are GEMMs (the rest is "everything else" in the breakdown).
 GEMM_OPS = ("qkv", "o", "gate_up", "down")
+# What each GEMM's writer stores in a decode step (one token a sequence) where its kernel has that
+# epilogue (quick_lab.core.registry.EPILOGUES): the MLP activation from gate_up, and for the GEMMs whose
+# reader sums split-K slices itself (the attention after qkv, the norms after o and down) the slices,
+# so those GEMMs end without the fix-up block's fence, ticket and reload (results/NOTES.md entry 28).
+DECODE_EPILOGUES = {"qkv": "partials", "o": "partials", "gate_up": "silu_mul", "down": "partials"}
 
 
 @functools.cache
@@ -73,26 +81,35 @@ class Linear:
         self.fp16 = ops.dequantize(on_device) if "fp16" in backends else None
         self.awq = on_device if "awq" in backends else None
 
-    def fuses_silu_mul(self, M: int, backend: str) -> bool:
-        """Whether ``self(x, backend, epilogue="silu_mul")`` runs for ``M`` rows: the QUICK kernel the
-        dispatch picks applies SiLU x up in its writer (the decode GEMM; this weight a paired gate_up)."""
+    def applies(self, epilogue: str, M: int, backend: str) -> bool:
+        """Whether ``self(x, backend, epilogue=epilogue)`` runs for ``M`` rows: the QUICK kernel chosen
+        (the decode GEMM) has that writer; for "partials" also at a split the readers take
+        (:data:`quick_lab.model.fused.MAX_PARTIALS`)."""
         from quick_lab.core import ops
 
-        return (backend == "quick" and self.quick is not None and 0 < M < FP16_FALLBACK_M
-                and ops.applies_epilogue("quick", self.quick_launch(M)["config"], "silu_mul"))
+        if not (backend == "quick" and self.quick is not None and 0 < M < FP16_FALLBACK_M):
+            return False
+        launch = self.quick_launch(M)
+        return (ops.applies_epilogue("quick", launch["config"], epilogue)
+                and (epilogue != "partials" or launch["split_k"] <= fused.MAX_PARTIALS))
+
+    def fuses_silu_mul(self, M: int, backend: str) -> bool:
+        """Whether the gate_up GEMM applies SiLU x up in its writer (this weight a paired gate_up)."""
+        return self.applies("silu_mul", M, backend)
 
     def quick_launch(self, M: int) -> dict:
         """The quick backend's config and split-K for ``M`` rows: the tuned pin, else the dispatch's."""
         return self.decode_launch.get(M) or _launch("quick", M, self.K, self.N, self.group_size)
 
     def __call__(self, x, backend: str, epilogue: str = "store"):
-        """``x @ W`` on ``backend``; ``epilogue="silu_mul"`` (where :meth:`fuses_silu_mul`) returns
-        ``silu(gate) * up`` [M, N / 2] of a paired gate_up weight instead."""
+        """``x @ W`` on ``backend``; where :meth:`applies` it, ``epilogue="silu_mul"`` returns
+        ``silu(gate) * up`` [M, N / 2] of a paired gate_up weight and ``epilogue="partials"`` the fp32
+        split-K slices [split, M, N] of y instead."""
         from quick_lab.core import ops
 
         M, G = x.shape[0], self.group_size
         if epilogue != "store":
-            if not self.fuses_silu_mul(M, backend):
+            if not self.applies(epilogue, M, backend):
                 raise ValueError(f"epilogue {epilogue!r} runs only in the QUICK decode GEMM; not on backend "
                                  f"{backend!r} at M = {M}")
             return ops.quick_gemm(x, self.quick, epilogue=epilogue, **self.quick_launch(M))
@@ -197,12 +214,13 @@ class Model:
         cfg, layer = self.cfg, self.layers[index]
         k_cache, v_cache = cache.k[index], cache.v[index]
         eps, Hq, Hkv = cfg.rms_eps, cfg.n_heads, cfg.n_kv_heads
+        ep = {name: self.decode_epilogue(layer, name, st, backend) for name in GEMM_OPS}
 
         def attn_norm():
             st.x = fused.add_rms_norm(st.h, layer.attn_norm, eps, delta=st.delta)
 
         def qkv():
-            st.qkv = layer.qkv(st.x, backend)
+            st.qkv = layer.qkv(st.x, backend, epilogue=ep["qkv"])
 
         def rope():
             st.q = fused.rope_kv(st.qkv, cache.cos, cache.sin, k_cache, v_cache, Hq, Hkv, st.pos, st.T)
@@ -211,7 +229,7 @@ class Model:
             st.attn = fused.attention(st.q, k_cache, v_cache, Hq, st.pos, st.T, cache.workspace)
 
         def o():
-            st.delta = layer.o(st.attn, backend)
+            st.delta = layer.o(st.attn, backend, epilogue=ep["o"])
 
         def mlp_norm():
             st.x = fused.add_rms_norm(st.h, layer.mlp_norm, eps, delta=st.delta)
@@ -226,17 +244,26 @@ class Model:
             st.act = layer.gate_up(st.x, backend, epilogue="silu_mul")
 
         def down():
-            st.delta = layer.down(st.act, backend)
+            st.delta = layer.down(st.act, backend, epilogue=ep["down"])
 
         def rope_attention():  # decode: RoPE and the KV write inside the attention launch
             st.attn = fused.rope_attention(st.qkv, cache.cos, cache.sin, k_cache, v_cache, Hq, st.pos,
                                            cache.workspace)
 
         attn_ops = [("attention", rope_attention)] if st.T == 1 else [("rope_kv", rope), ("attention", attention)]
-        mlp_ops = ([("gate_up", gate_up_act)] if layer.gate_up.fuses_silu_mul(st.h.shape[0], backend)
-                   else [("gate_up", gate_up), ("silu_mul", act)])
+        mlp_ops = [("gate_up", gate_up_act)] if ep["gate_up"] == "silu_mul" else [("gate_up", gate_up), ("silu_mul", act)]
         ops = [("norm", attn_norm), ("qkv", qkv), *attn_ops, ("o", o), ("norm", mlp_norm), *mlp_ops, ("down", down)]
         return [(name, self._launched(fn)) for name, fn in ops]
+
+    @staticmethod
+    def decode_epilogue(layer, name: str, st: "StepState", backend: str) -> str:
+        """The writer epilogue GEMM ``name`` of ``layer`` runs with for this step: SiLU x up in gate_up
+        wherever its kernel has it, the split-K slices of qkv, o and down in a decode step (one token a
+        sequence: the reader of qkv is then the decode attention) where theirs has it, else "store"."""
+        epilogue = DECODE_EPILOGUES[name]
+        if epilogue == "partials" and st.T != 1:
+            return "store"
+        return epilogue if getattr(layer, name).applies(epilogue, st.h.shape[0], backend) else "store"
 
     def _launched(self, fn):
         """``fn`` run with this model's launch mode."""

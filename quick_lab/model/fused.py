@@ -18,8 +18,8 @@ from quick_lab.build import device, loader
 from quick_lab.build.launch import launch
 from quick_lab.core.format import GATE_UP_PAIR
 
-__all__ = ["ATTENTION_WARPS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows", "decode_splits",
-           "rope_attention", "rope_kv", "silu_mul"]
+__all__ = ["ATTENTION_WARPS", "MAX_PARTIALS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows",
+           "decode_splits", "rope_attention", "rope_kv", "silu_mul"]
 
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
@@ -27,6 +27,9 @@ _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
 _MIN_KEYS_PER_SPLIT = 128  # one 32-key tile for each of a block's 4 warps
 _MAX_MERGE_PAIRS = 64 * 16    # AttentionSmem::merge: (split, row) pairs of the last block's merge
 _NULL = np.uint64(0)         # a null pointer argument (the unused workspace of an unsplit launch)
+# Most fp32 split-K slices a kernel here sums as it reads a GEMM output (kernels/decoder.cu kMaxPartials):
+# the QUICK decode GEMM's "partials" epilogue (quick_lab.core.ops) leaves y as [split, rows, N].
+MAX_PARTIALS = 8
 
 
 def _check_fp16(arr, name: str, ndim: int) -> None:
@@ -39,9 +42,33 @@ def _check_fp16(arr, name: str, ndim: int) -> None:
                          f"{arr.ndim}-D{'' if arr.flags.c_contiguous else ' non-contiguous'}")
 
 
+def is_partials(y) -> bool:
+    """Whether ``y`` is a GEMM output left as fp32 split-K slices [split, rows, N] (3-D float32)."""
+    import cupy
+
+    return isinstance(y, cupy.ndarray) and y.dtype == cupy.float32 and y.ndim == 3
+
+
+def _check_output(y, name: str, shape: tuple) -> tuple:
+    """A GEMM output an op here reads: fp16 ``shape``, or its fp32 split-K slices [split, *shape] (at
+    most MAX_PARTIALS, summed in split order as the GEMM's fix-up would). Returns (fp16 or null,
+    slices or null, number of slices)."""
+    if is_partials(y):
+        if not y.flags.c_contiguous or y.shape[1:] != shape or not 1 <= y.shape[0] <= MAX_PARTIALS:
+            raise ValueError(f"{name}: split-K slices must be a C-contiguous float32 [split, {shape[0]}, {shape[1]}] "
+                             f"with 1 <= split <= {MAX_PARTIALS}, got {y.shape}")
+        return _NULL, y, np.int32(y.shape[0])
+    _check_fp16(y, name, 2)
+    if y.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {y.shape}")
+    return y, _NULL, np.int32(0)
+
+
 def add_rms_norm(h, weight, eps: float, delta=None, out=None):
     """``h += delta`` (in place, fp16; skipped when ``delta`` is None), then
-    ``out = h / sqrt(mean(h**2) + eps) * weight`` per row with fp32 statistics. h [rows, H]."""
+    ``out = h / sqrt(mean(h**2) + eps) * weight`` per row with fp32 statistics. h [rows, H]; ``delta``
+    [rows, H] fp16, or a GEMM's fp32 split-K slices [split, rows, H] (epilogue 'partials'), read as
+    the fp16 sum its fix-up would have stored."""
     import cupy
 
     _check_fp16(h, "h", 2)
@@ -50,13 +77,10 @@ def add_rms_norm(h, weight, eps: float, delta=None, out=None):
         raise ValueError(f"h: features must be a multiple of 8 and at most {_NORM_MAX_FEATURES}, got {H}")
     if weight.shape != (H,) or weight.dtype != cupy.float16:
         raise ValueError(f"weight must be float16 [{H}], got {weight.dtype} {weight.shape}")
-    if delta is not None:
-        _check_fp16(delta, "delta", 2)
-        if delta.shape != h.shape:
-            raise ValueError(f"delta must have h's shape {h.shape}, got {delta.shape}")
+    delta_h, delta_parts, n_parts = (_NULL, _NULL, np.int32(0)) if delta is None else _check_output(delta, "delta", h.shape)
     out = cupy.empty_like(h) if out is None else out
     if rows:
-        args = (h, _NULL if delta is None else delta, weight, out, np.int32(H), np.float32(eps))
+        args = (h, delta_h, delta_parts, n_parts, weight, out, np.int32(H), np.float32(eps))
         launch(loader.support_kernel("add_rms_norm"), (rows,), (256,), args, waits_on_prior_grid=True)
     return out
 
@@ -187,8 +211,9 @@ def _launch_attention(q, qkv, cos, sin, k_cache, v_cache, n_heads: int, pos: int
     chunk = -(-chunk // 32) * 32
     out = cupy.empty((B * T, n_heads * D), dtype=cupy.float16)
     partial, tickets = (workspace.partial, workspace.tickets) if splits > 1 else (_NULL, _NULL)
+    qkv_h, qkv_parts, n_parts = (_NULL, _NULL, np.int32(0)) if qkv is None else qkv
     launch(_attention_kernel(D, rows), (splits, Hkv, B * q_tiles), (ATTENTION_WARPS * 32,),
-           (_NULL if q is None else q, _NULL if qkv is None else qkv,
+           (_NULL if q is None else q, qkv_h, qkv_parts, n_parts,
             _NULL if cos is None else cos, _NULL if sin is None else sin, k_cache, v_cache, out,
             partial, tickets, np.int32(T), np.int32(n_heads), np.int32(Hkv), np.int32(pos),
             np.int32(max_seq), np.int32(chunk), np.float32(1.0 / math.sqrt(D))), waits_on_prior_grid=True)
@@ -212,12 +237,13 @@ def rope_attention(qkv, cos, sin, k_cache, v_cache, n_heads: int, pos: int,
                    workspace: AttentionWorkspace | None = None, splits: int | None = None):
     """One decode step (T = 1) of :func:`rope_kv` + :func:`attention` in one launch: q and k of
     ``qkv`` [B, (Hq + 2 Hkv) D] rotated at ``pos``, k and v written to the caches at ``pos``, then
-    attention over keys 0 .. pos. Returns [B, Hq D] fp16."""
-    _check_fp16(qkv, "qkv", 2)
+    attention over keys 0 .. pos. Returns [B, Hq D] fp16. ``qkv`` may also be the qkv GEMM's fp32
+    split-K slices [split, B, (Hq + 2 Hkv) D] (epilogue 'partials'), read as the fp16 sum its fix-up
+    would have stored."""
     B, Hkv, max_seq, D = _check_cache(k_cache, v_cache, pos, 1)
-    if n_heads % Hkv or qkv.shape != (B, (n_heads + 2 * Hkv) * D):
-        raise ValueError(f"qkv {qkv.shape} does not match batch {B} x 1 token of ({n_heads} + 2 x {Hkv}) heads "
-                         f"of {D}")
+    if n_heads % Hkv:
+        raise ValueError(f"{n_heads} query heads do not divide into {Hkv} KV heads")
+    qkv = _check_output(qkv, "qkv", (B, (n_heads + 2 * Hkv) * D))
     if cos.shape[0] <= pos or cos.shape != sin.shape or cos.shape[1] != D // 2:
         raise ValueError(f"cos/sin tables {cos.shape} must have a row for position {pos} and {D // 2} columns")
     return _launch_attention(None, qkv, cos, sin, k_cache, v_cache, n_heads, pos, 1, workspace, splits)

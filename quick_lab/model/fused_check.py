@@ -60,14 +60,29 @@ def _attention(q, k, v, pos):
     return np.einsum("bhtl,bhld->bthd", p / p.sum(-1, keepdims=True), vv)
 
 
-def case_norm(rng, rows: int, H: int, with_delta: bool):
+def split_slices(rng, parts: int, shape: tuple):
+    """(fp32 split-K slices [parts, *shape] as a GEMM's "partials" epilogue leaves them, their fp16 sum in
+    split order: the y its fix-up would store)."""
+    slices = (rng.standard_normal((parts, *shape)) / math.sqrt(parts)).astype(np.float32)
+    total = np.zeros(shape, dtype=np.float32)
+    for s in slices:
+        total += s
+    return slices, total.astype(np.float16)
+
+
+def case_norm(rng, rows: int, H: int, with_delta: bool, parts: int = 0):
+    """``parts`` > 0: the residual's delta comes as that many fp32 split-K slices."""
     import cupy
 
     h = rng.standard_normal((rows, H)).astype(np.float16)
     d = rng.standard_normal((rows, H)).astype(np.float16)
+    delta = cupy.asarray(d) if with_delta else None
+    if parts:
+        slices, d = split_slices(rng, parts, (rows, H))
+        delta = cupy.asarray(slices)
     w = rng.uniform(0.5, 1.5, H).astype(np.float16)
     out = cupy.full((rows, H), np.nan, dtype=cupy.float16)
-    fused.add_rms_norm(cupy.asarray(h), cupy.asarray(w), 1e-5, delta=cupy.asarray(d) if with_delta else None, out=out)
+    fused.add_rms_norm(cupy.asarray(h), cupy.asarray(w), 1e-5, delta=delta, out=out)
     x = (h.astype(np.float64) + d).astype(np.float16).astype(np.float64) if with_delta else h.astype(np.float64)
     return _rel(cupy.asnumpy(out), x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w)
 
@@ -113,13 +128,18 @@ def case_prefill(rng, B, T, pos, Hq, Hkv, D):
     return _rel(cupy.asnumpy(out).reshape(ref.shape), ref)
 
 
-def case_decode(rng, B, pos, Hq, Hkv, D, splits, fused_rope: bool):
-    """One decode step at ``pos``: attention alone on a rotated q, or with RoPE and the write fused in."""
+def case_decode(rng, B, pos, Hq, Hkv, D, splits, fused_rope: bool, parts: int = 0):
+    """One decode step at ``pos``: attention alone on a rotated q, or with RoPE and the write fused in
+    (``parts`` > 0: reading qkv as that many fp32 split-K slices)."""
     import cupy
 
     max_seq = pos + 3
     k_old, v_old, k_cache, v_cache = poisoned_cache(rng, B, Hkv, pos, max_seq, D)
     qkv = rng.standard_normal((B, (Hq + 2 * Hkv) * D)).astype(np.float16)
+    qkv_in = cupy.asarray(qkv)
+    if parts:
+        slices, qkv = split_slices(rng, parts, qkv.shape)
+        qkv_in = cupy.asarray(slices)
     cos, sin = _tables(max_seq, D)
     ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
     x = qkv.astype(np.float64).reshape(B, 1, Hq + 2 * Hkv, D)
@@ -128,7 +148,7 @@ def case_decode(rng, B, pos, Hq, Hkv, D, splits, fused_rope: bool):
     v_new = x[:, :, Hq + Hkv:].transpose(0, 2, 1, 3)
     q = _rope(x[:, :, :Hq], cos, sin, positions)
     if fused_rope:
-        out = fused.rope_attention(cupy.asarray(qkv), cupy.asarray(cos.astype(np.float32)),
+        out = fused.rope_attention(qkv_in, cupy.asarray(cos.astype(np.float32)),
                                    cupy.asarray(sin.astype(np.float32)), k_cache, v_cache, Hq, pos, ws, splits=splits)
     else:
         k_cache[:, :, pos:pos + 1] = cupy.asarray(k_new.astype(np.float16))
@@ -157,6 +177,7 @@ def _plain_cases():
     return [
         ("add_rms_norm rows=7 H=4096 residual", lambda r: case_norm(r, 7, 4096, True)),
         ("add_rms_norm rows=1 H=5120", lambda r: case_norm(r, 1, 5120, False)),
+        ("add_rms_norm rows=5 H=4096 residual from 3 split slices", lambda r: case_norm(r, 5, 4096, True, parts=3)),
         ("silu_mul rows=3 I=544", lambda r: case_silu(r, 3, 544)),
         ("rope_kv+attention prefill B=2 T=17 pos=0 GQA 4/2 D=64", lambda r: case_prefill(r, 2, 17, 0, 4, 2, 64)),
         ("rope_kv+attention prefill B=1 T=5 pos=9 GQA 32/8 D=128", lambda r: case_prefill(r, 1, 5, 9, 32, 8, 128)),
@@ -167,6 +188,8 @@ def _plain_cases():
         ("rope_attention decode B=3 pos=100 GQA 32/8 D=128 default splits",
          lambda r: case_decode(r, 3, 100, 32, 8, 128, None, True)),
         ("rope_attention decode B=1 pos=0 GQA 8/1 D=128 split 2", lambda r: case_decode(r, 1, 0, 8, 1, 128, 2, True)),
+        ("rope_attention decode B=2 pos=70 GQA 32/8 D=128 qkv from 8 split slices",
+         lambda r: case_decode(r, 2, 70, 32, 8, 128, None, True, parts=8)),
     ]
 
 
