@@ -291,6 +291,18 @@ __device__ __forceinline__ float4 load_l2_f4(const float* p) {  // bypass L1: wr
   return v;
 }
 
+// The same 16 bytes only where `in` (else zeros), with no branch: a predicated load (PTX ISA, ld with a
+// guard predicate), so a reader can issue every slot's load at once and skip the absent ones; `p` is
+// not accessed when `in` is false.
+__device__ __forceinline__ float4 load_l2_f4_if(const float* p, bool in) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];\n}"
+      : "+f"(v.x), "+f"(v.y), "+f"(v.z), "+f"(v.w)
+      : "l"(p), "r"(static_cast<int>(in)));
+  return v;
+}
+
 // Accumulator fragment (m16 x n8) at (row, col) -> fp16 output, or fp32 split-K partial.
 // c0, c1 -> (row, col..col+1); c2, c3 -> (row + 8, col..col+1).
 __device__ __forceinline__ void store_fragment(const float (&c)[4], u16* out_h, float* out_f, int M, int N,

@@ -31,20 +31,19 @@ __device__ __forceinline__ float warp_sum(float v) {
 // A GEMM output read as the fp32 split-K slices [n_parts][count] of the QUICK decode GEMM's "partials"
 // epilogue (quick_decode.cu): summed in split order from +0 and rounded to fp16, the arithmetic of the
 // GEMM's own fix-up block, so the reader sees the stored y bit for bit. At most kMaxPartials slices
-// (quick_lab/model/fused.py MAX_PARTIALS). Every slice's load is issued at once, from a clamped
-// address (no branch for the compiler to keep loads behind): one L2 round trip, not n_parts; an
-// absent slice adds +0, which leaves a sum that starts at +0 unchanged (it is never -0).
+// (quick_lab/model/fused.py MAX_PARTIALS). Every slice's load is issued at once as a predicated load
+// (common.cuh load_l2_f4_if): a first form that branched on n_parts per element left the loads in
+// round trips one after another (the decode attention ~3 us slower on an H100), one clamped to the last
+// slice read 8 slices always (the batch-1 norm, one block, ~1.5 us slower). An absent slice adds the
+// load's +0, which leaves a sum that starts at +0 unchanged (it is never -0).
 constexpr int kMaxPartials = 8;
 __device__ __forceinline__ float4 sum_partials4(const float* parts, int n_parts, long long count, long long i0) {
   float4 x[kMaxPartials];
 #pragma unroll
-  for (int p = 0; p < kMaxPartials; ++p) x[p] = load_l2_f4(parts + min(p, n_parts - 1) * count + i0);
+  for (int p = 0; p < kMaxPartials; ++p) x[p] = load_l2_f4_if(parts + p * count + i0, p < n_parts);
   float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-  for (int p = 0; p < kMaxPartials; ++p) {
-    const bool in = p < n_parts;
-    sum.x += in ? x[p].x : 0.f, sum.y += in ? x[p].y : 0.f, sum.z += in ? x[p].z : 0.f, sum.w += in ? x[p].w : 0.f;
-  }
+  for (int p = 0; p < kMaxPartials; ++p) sum.x += x[p].x, sum.y += x[p].y, sum.z += x[p].z, sum.w += x[p].w;
   return sum;
 }
 
