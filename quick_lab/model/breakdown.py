@@ -10,7 +10,9 @@ divided by the number of layers. ``layer`` is the whole step (every op of every 
 per layer; ``gemm`` the sum of the four GEMM classes; ``other`` = ``layer`` - ``gemm``, the non-GEMM
 cost as it shows in the step (launch gaps included), which the per-class rows itemise. In a decode
 step RoPE and the KV-cache write run inside the attention launch, so ``rope_kv`` is 0 there; on the
-QUICK backend SiLU x up runs in the decode GEMM's writer, so ``silu_mul`` is 0 and ``gate_up`` holds it.
+QUICK backend SiLU x up runs in the decode GEMM's writer, so ``silu_mul`` is 0 and ``gate_up`` holds it,
+and the qkv, o and down GEMMs leave split-K slices (:data:`quick_lab.model.decoder.DECODE_EPILOGUES`):
+their sum is in the ``attention`` and ``norm`` rows, not in theirs.
 """
 from __future__ import annotations
 

@@ -3,6 +3,10 @@ RoPE with the KV-cache write, attention over the cache (flash-decoding split, on
 and SiLU x up (of the paired gate_up layout). Launch code only; the decoder
 (:mod:`quick_lab.model.decoder`) decides what runs when.
 
+A GEMM output these ops read (the norm's ``delta``, the decode attention's ``qkv``) may come as the QUICK
+decode GEMM's fp32 split-K slices [split, rows, N] (its "partials" epilogue, :func:`is_partials`): the
+kernels sum them in split order as they read, the arithmetic of the GEMM's own fix-up.
+
 Every op launches on the current stream and allocates nothing that outlives the call except its
 output, so a decode step is capturable in one CUDA graph. Shapes are checked here once per call
 (cheap Python), the kernels assume them.
@@ -19,7 +23,7 @@ from quick_lab.build.launch import launch
 from quick_lab.core.format import GATE_UP_PAIR
 
 __all__ = ["ATTENTION_WARPS", "MAX_PARTIALS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows",
-           "decode_splits", "rope_attention", "rope_kv", "silu_mul"]
+           "decode_splits", "is_partials", "rope_attention", "rope_kv", "silu_mul"]
 
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
