@@ -61,16 +61,21 @@ __device__ __forceinline__ void halves8_to_float(const uint4& w, float (&f)[8]) 
 
 // ---------------------------------------------------------------- residual add + RMSNorm
 // Row r: if delta: h[r] += delta[r] (rounded to fp16 and stored, as an unfused fp16 add would),
-// then out[r] = h[r] / sqrt(mean(h[r]^2) + eps) * weight, statistics in fp32. Block 256 threads, each
-// thread keeps its 16-byte chunks in registers between the two passes: H <= 256 * 8 * kMaxChunks.
+// then out[r] = h[r] / sqrt(mean(h[r]^2) + eps) * weight, statistics in fp32. Each thread keeps its
+// 16-byte chunks in registers between the two passes. The block has one thread per chunk of 8 up to
+// 1024 (quick_lab/model/fused.py picks blockDim.x, a multiple of 32), H <= 1024 * 8 * kNormMaxChunks:
+// a thread's chunks load one after another (each behind the branch of its bound check), so a row of
+// one chunk a thread is one round of loads (at 256 threads a 4096-wide row took two, and 5120 three:
+// the batch-1 norm ~0.5 us slower each on an H100).
 // delta may come as the fp32 split-K slices [delta_parts][rows][H] of the GEMM before (its "partials"
 // epilogue) instead: summed as that GEMM's fix-up would (sum_partials4), the same fp16 delta.
-constexpr int kNormThreads = 256, kNormMaxChunks = 8;
+constexpr int kNormMaxThreads = 1024, kNormMaxChunks = 2;
 
-extern "C" __global__ void __launch_bounds__(kNormThreads)
+extern "C" __global__ void __launch_bounds__(kNormMaxThreads)
     add_rms_norm(u16* __restrict__ h, const u16* delta, const float* delta_parts, int n_parts,
                  const u16* __restrict__ weight, u16* __restrict__ out, int H, float eps) {
-  __shared__ float warp_sums[kNormThreads / 32];
+  __shared__ float warp_sums[kNormMaxThreads / 32];
+  const int threads = blockDim.x;
   start_after_prior_grid();  // h and delta come from the kernels before
   const long long row = blockIdx.x;
   const int chunks = H / 8;
@@ -80,7 +85,7 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
   float sum_sq = 0.f;
 #pragma unroll
   for (int i = 0; i < kNormMaxChunks; ++i) {
-    const int c = threadIdx.x + i * kNormThreads;
+    const int c = threadIdx.x + i * threads;
     if (c < chunks) {
       uint4 w = h_row[c];
       halves8_to_float(w, vals[i]);
@@ -110,14 +115,13 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum_sq;
   __syncthreads();
   float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
+  for (int w = 0; w < threads / 32; ++w) total += warp_sums[w];
   const float inv = rsqrtf(total / H + eps);
   const uint4* w_vec = reinterpret_cast<const uint4*>(weight);
   uint4* o_row = reinterpret_cast<uint4*>(out + row * H);
 #pragma unroll
   for (int i = 0; i < kNormMaxChunks; ++i) {
-    const int c = threadIdx.x + i * kNormThreads;
+    const int c = threadIdx.x + i * threads;
     if (c < chunks) {
       float g[8];
       halves8_to_float(w_vec[c], g);

@@ -26,7 +26,8 @@ __all__ = ["ATTENTION_WARPS", "MAX_PARTIALS", "AttentionWorkspace", "add_rms_nor
            "decode_splits", "is_partials", "rope_attention", "rope_kv", "silu_mul"]
 
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
-_NORM_MAX_FEATURES = 256 * 8 * 8  # kNormThreads x 8 halves x kNormMaxChunks
+_NORM_MAX_THREADS = 1024  # kernels/decoder.cu kNormMaxThreads
+_NORM_MAX_FEATURES = _NORM_MAX_THREADS * 8 * 2  # x 8 halves x kNormMaxChunks
 _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
 _MIN_KEYS_PER_SPLIT = 128  # one 32-key tile for each of a block's 4 warps
 _MAX_MERGE_PAIRS = 64 * 16    # AttentionSmem::merge: (split, row) pairs of the last block's merge
@@ -85,7 +86,8 @@ def add_rms_norm(h, weight, eps: float, delta=None, out=None):
     out = cupy.empty_like(h) if out is None else out
     if rows:
         args = (h, delta_h, delta_parts, n_parts, weight, out, np.int32(H), np.float32(eps))
-        launch(loader.support_kernel("add_rms_norm"), (rows,), (256,), args, waits_on_prior_grid=True)
+        threads = min(_NORM_MAX_THREADS, -(-H // 256) * 32)  # one 8-wide chunk a thread, whole warps
+        launch(loader.support_kernel("add_rms_norm"), (rows,), (threads,), args, waits_on_prior_grid=True)
     return out
 
 
