@@ -574,6 +574,9 @@ def test_decode_tuning_pins_a_fitting_config_and_decode_still_matches(monkeypatc
     assert {(r["K"], r["N"]) for r in rows} == shapes and sorted({r["M"] for r in rows}) == [1, 2]  # 64: the table's
     for r in rows:
         assert r["us"] <= r["table_us"] and np.isfinite(r["us"])
+    # each GEMM timed with the writer its step uses; those leaving slices with a reader summing them
+    assert {r["epilogue"] for r in rows} == {"partials", "silu_mul"}
+    assert all(r["with_reader"] == (r["epilogue"] == "partials") for r in rows)
     for layer in model.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
             assert set(lin.decode_launch) == {1, 2}

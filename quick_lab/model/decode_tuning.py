@@ -11,13 +11,16 @@ table's own choice, is timed the way a step runs it (one CUDA graph of one launc
 layer's own weights, so nothing is served from L2 that a step reads from DRAM; dependent launches as
 the model makes them; the writer epilogue the step uses for that GEMM,
 :data:`quick_lab.model.decoder.DECODE_EPILOGUES`: a GEMM whose reader sums its split-K slices is timed
-without a fix-up), and the fastest is pinned on every Linear of that shape
+without a fix-up, and then with a reader after every launch, the residual norm over its [M, N] output,
+since more slices cost the reader what they save the GEMM), and the fastest is pinned on every Linear
+of that shape
 (:attr:`quick_lab.model.decoder.Linear.decode_launch`)."""
 from __future__ import annotations
 
 from quick_lab.build.launch import dependent_launches
 from quick_lab.core import configs, ops, registry
-from quick_lab.model.decoder import DECODE_EPILOGUES, FP16_FALLBACK_M, GEMM_OPS, Model
+from quick_lab.model import fused
+from quick_lab.model.decoder import DECODE_EPILOGUES, FP16_FALLBACK_M, GEMM_OPS, Model, writes_with
 from quick_lab.model.graph_timing import graph_time_us
 
 __all__ = ["MAX_DECODE_M", "SPLITS", "candidates", "tune_decode_gemms"]
@@ -52,7 +55,7 @@ def _linears_by_shape(model: Model) -> dict[tuple[int, int, int, str], list]:
 def tune_decode_gemms(model: Model, batches, reps: int = 5, seed: int = 0) -> list[dict]:
     """Pin the fastest in-graph config per shape and batch (batches above :data:`MAX_DECODE_M` are left
     to the table) on the model's Linears; returns one row per (shape, batch): the pick and the table's
-    choice, each with its time per launch."""
+    choice, each with its time per launch (with its reader where the step's epilogue is "partials")."""
     import cupy
 
     bad = [b for b in batches if not isinstance(b, int) or b < 1]
@@ -69,14 +72,23 @@ def tune_decode_gemms(model: Model, batches, reps: int = 5, seed: int = 0) -> li
                 lin.decode_launch.pop(M, None)
             table = lins[0].quick_launch(M)
 
+            # A GEMM whose step leaves slices is timed with a reader summing its output (slices or y),
+            # whatever the candidate writes: the residual norm, as after o and down (a proxy for the
+            # attention after qkv, which reads a part of its row the same way).
+            reader = epilogue == "partials" and N % 8 == 0 and N <= fused.NORM_MAX_FEATURES
+            h, gamma = cupy.zeros((M, N), dtype=cupy.float16), cupy.ones(N, dtype=cupy.float16)
+            normed = cupy.empty((M, N), dtype=cupy.float16)
+
             def time_us(cfg, split):
-                ep = epilogue if ops.applies_epilogue("quick", cfg, epilogue) else "store"
+                ep = epilogue if writes_with("quick", epilogue, cfg, split) else "store"
                 plans = [ops.plan_quick_gemm(x, w, config=cfg, split_k=split, epilogue=ep) for w in weights]
 
                 def step():
                     with dependent_launches(model.dependent_launch):
                         for p in plans:
-                            p.run()
+                            y = p.run()
+                            if reader:
+                                fused.add_rms_norm(h, gamma, 1e-5, delta=y, out=normed)
                 return graph_time_us(step, stream, reps) / len(plans)
 
             table_us = time_us(table["config"], table["split_k"])
@@ -86,7 +98,7 @@ def tune_decode_gemms(model: Model, batches, reps: int = 5, seed: int = 0) -> li
                     best = min(best, (time_us(cfg, split), cfg, split), key=lambda t: t[0])
             for lin in lins:
                 lin.decode_launch[M] = {"config": best[1], "split_k": best[2]}
-            rows.append(dict(model=model.cfg.name, K=K, N=N, group_size=G, M=M, epilogue=epilogue,
+            rows.append(dict(model=model.cfg.name, K=K, N=N, group_size=G, M=M, epilogue=epilogue, with_reader=reader,
                              config=best[1].name, split_k=best[2],
                              us=round(best[0], 3), table_config=table["config"].name, table_split_k=table["split_k"],
                              table_us=round(table_us, 3)))

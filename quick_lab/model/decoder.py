@@ -35,7 +35,7 @@ from quick_lab.model.reference import rope_tables
 from quick_lab.model.weights import ModelWeights
 
 __all__ = ["DECODE_EPILOGUES", "FP16_FALLBACK_M", "GEMM_OPS", "MAX_ATTENTION_SPLITS", "KVCache", "Linear", "Model",
-           "StepState"]
+           "StepState", "writes_with"]
 
 # AutoAWQ's WQLinear_GEMM switches to dequantize + fp16 matmul when batch*seq >= 1024; both quantized
 # backends do the same here, so only prefill of large batches is affected (decode M = batch <= 256).
@@ -49,6 +49,15 @@ GEMM_OPS = ("qkv", "o", "gate_up", "down")
 # reader sums split-K slices itself (the attention after qkv, the norms after o and down) the slices,
 # so those GEMMs end without the fix-up block's fence, ticket and reload (results/NOTES.md entry 28).
 DECODE_EPILOGUES = {"qkv": "partials", "o": "partials", "gate_up": "silu_mul", "down": "partials"}
+
+
+def writes_with(kind: str, epilogue: str, config, split_k: int) -> bool:
+    """Whether a launch of ``config`` at ``split_k`` writes with ``epilogue``: its kernel family has that
+    writer, and "partials" leaves no more slices than the decoder's readers sum (fused.MAX_PARTIALS)."""
+    from quick_lab.core import ops
+
+    return (ops.applies_epilogue(kind, config, epilogue)
+            and (epilogue != "partials" or split_k <= fused.MAX_PARTIALS))
 
 
 @functools.cache
@@ -85,13 +94,9 @@ class Linear:
         """Whether ``self(x, backend, epilogue=epilogue)`` runs for ``M`` rows: the QUICK kernel chosen
         (the decode GEMM) has that writer; for "partials" also at a split the readers take
         (:data:`quick_lab.model.fused.MAX_PARTIALS`)."""
-        from quick_lab.core import ops
-
         if not (backend == "quick" and self.quick is not None and 0 < M < FP16_FALLBACK_M):
             return False
-        launch = self.quick_launch(M)
-        return (ops.applies_epilogue("quick", launch["config"], epilogue)
-                and (epilogue != "partials" or launch["split_k"] <= fused.MAX_PARTIALS))
+        return writes_with("quick", epilogue, **self.quick_launch(M))
 
     def fuses_silu_mul(self, M: int, backend: str) -> bool:
         """Whether the gate_up GEMM applies SiLU x up in its writer (this weight a paired gate_up)."""

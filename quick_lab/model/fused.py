@@ -22,12 +22,12 @@ from quick_lab.build import device, loader
 from quick_lab.build.launch import launch
 from quick_lab.core.format import GATE_UP_PAIR
 
-__all__ = ["ATTENTION_WARPS", "MAX_PARTIALS", "AttentionWorkspace", "add_rms_norm", "attention", "attention_rows",
-           "decode_splits", "is_partials", "rope_attention", "rope_kv", "silu_mul"]
+__all__ = ["ATTENTION_WARPS", "MAX_PARTIALS", "NORM_MAX_FEATURES", "AttentionWorkspace", "add_rms_norm", "attention",
+           "attention_rows", "decode_splits", "is_partials", "rope_attention", "rope_kv", "silu_mul"]
 
 ATTENTION_WARPS = 4          # kernels/decoder.cu kAttnWarps
 _NORM_MAX_THREADS = 1024  # kernels/decoder.cu kNormMaxThreads
-_NORM_MAX_FEATURES = _NORM_MAX_THREADS * 8 * 2  # x 8 halves x kNormMaxChunks
+NORM_MAX_FEATURES = _NORM_MAX_THREADS * 8 * 2  # x 8 halves x kNormMaxChunks
 _MAX_ROWS_X_DIM = 2048       # AttentionSmem: R * D <= 2048
 _MIN_KEYS_PER_SPLIT = 128  # one 32-key tile for each of a block's 4 warps
 _MAX_MERGE_PAIRS = 64 * 16    # AttentionSmem::merge: (split, row) pairs of the last block's merge
@@ -78,8 +78,8 @@ def add_rms_norm(h, weight, eps: float, delta=None, out=None):
 
     _check_fp16(h, "h", 2)
     rows, H = h.shape
-    if H % 8 or H > _NORM_MAX_FEATURES:
-        raise ValueError(f"h: features must be a multiple of 8 and at most {_NORM_MAX_FEATURES}, got {H}")
+    if H % 8 or H > NORM_MAX_FEATURES:
+        raise ValueError(f"h: features must be a multiple of 8 and at most {NORM_MAX_FEATURES}, got {H}")
     if weight.shape != (H,) or weight.dtype != cupy.float16:
         raise ValueError(f"weight must be float16 [{H}], got {weight.dtype} {weight.shape}")
     delta_h, delta_parts, n_parts = (_NULL, _NULL, np.int32(0)) if delta is None else _check_output(delta, "delta", h.shape)
