@@ -242,7 +242,9 @@ def _report_e2e_breakdown(breakdown: pd.DataFrame) -> list[str]:
            f"shows in the step, launch gaps included)."
            + (" RoPE and the KV-cache write run inside the attention launch in a decode step: `rope_kv` is 0."
               if "rope_kv" in wide and (wide.rope_kv == 0).all() else "")
-           + (" On the quick backend SiLU x up runs in the decode GEMM's writer (`silu_mul` 0, inside `gate_up`)."
+           + (" On the quick backend SiLU x up runs in the decode GEMM's writer (`silu_mul` 0, inside `gate_up`),"
+              " and where the decode GEMMs leave their split-K slices to their readers (the attention after"
+              " `qkv`, the norms after `o` and `down`) the sums are in `attention` and `norm`."
               if "silu_mul" in wide and (wide[wide.backend == "quick"].silu_mul == 0).any() else ""), ""]
     lines = []
     for model, m in wide.groupby("model", sort=False):
