@@ -188,7 +188,7 @@ def test_silu_mul_writer_matches_float64_and_the_unfused_pair(cfg, M, K, N, G, s
 
 
 @pytest.mark.gpu
-def test_silu_mul_writer_rejects_what_it_cannot_run():
+def test_writer_epilogues_reject_what_they_cannot_run():
     import cupy
 
     from quick_lab.core import ops
@@ -205,6 +205,15 @@ def test_silu_mul_writer_rejects_what_it_cannot_run():
         ops.quick_gemm(x, quick, config=BASE, split_k=1, epilogue="silu_mul", out=cupy.empty((3, 1024), cupy.float16))
     assert ops.applies_epilogue("quick", BASE, "silu_mul") and not ops.applies_epilogue("quick", "16x128x32_w1x2_s2",
                                                                                           "silu_mul")
+    # the split slices: only the decode kernel, an out of [split_k, M, N] fp32
+    with pytest.raises(ValueError, match="quick_gemm, which only stores y"):
+        ops.quick_gemm(x, quick, config="16x128x32_w1x2_s2", split_k=2, epilogue="partials")
+    with pytest.raises(ValueError, match=r"out must have shape \[split_k, M, N\]"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=2, epilogue="partials", out=cupy.empty((1, 3, 1024), cupy.float32))
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        ops.quick_gemm(x, quick, config=BASE, split_k=2, epilogue="partials", out=cupy.empty((2, 3, 1024), cupy.float16))
+    with pytest.raises(ValueError, match="partials must be 3-D"):
+        ops.sum_partials(cupy.ones((3, 1024), cupy.float32))
 
 
 # ---------------------------------------------------------------- the split slices left to the reader
@@ -242,21 +251,3 @@ def test_partials_writer_sums_to_the_stored_y_bit_for_bit(cfg, M, K, N, G, split
     assert np.linalg.norm(cupy.asnumpy(y).astype(np.float64) - ref) / np.linalg.norm(ref) < 2e-3
     assert cupy.array_equal(y, ops.quick_gemm(x, quick, config=cfg, split_k=split))
     assert int(ops.tile_counters(N // 64).max()) == 0
-
-
-@pytest.mark.gpu
-def test_partials_writer_rejects_what_it_cannot_run():
-    import cupy
-
-    from quick_lab.core import ops
-
-    _, _, quick = weights(2048, 1024, 128)
-    x = cupy.ones((3, 2048), dtype=cupy.float16)
-    with pytest.raises(ValueError, match="quick_gemm, which only stores y"):
-        ops.quick_gemm(x, quick, config="16x128x32_w1x2_s2", split_k=2, epilogue="partials")
-    with pytest.raises(ValueError, match=r"out must have shape \[split_k, M, N\]"):
-        ops.quick_gemm(x, quick, config=BASE, split_k=2, epilogue="partials", out=cupy.empty((1, 3, 1024), cupy.float32))
-    with pytest.raises(TypeError, match="out must have dtype float32"):
-        ops.quick_gemm(x, quick, config=BASE, split_k=2, epilogue="partials", out=cupy.empty((2, 3, 1024), cupy.float16))
-    with pytest.raises(ValueError, match="partials must be 3-D"):
-        ops.sum_partials(cupy.ones((3, 1024), cupy.float32))

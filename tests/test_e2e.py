@@ -383,6 +383,17 @@ def test_decode_with_cache_matches_full_sequence(tiny_model):
             assert rel(step, ref[:, t]) < 2e-2, (backend, t)
 
 
+def _pin_decode_gemm(monkeypatch, config: str, split: int) -> None:
+    """Every QUICK launch of at most 8 rows runs the decode kernel ``config`` at ``split``."""
+    from quick_lab.core.configs import TileConfig
+    from quick_lab.model import decoder
+
+    pinned = {"config": TileConfig.parse(config), "split_k": split}
+    real = decoder._launch
+    monkeypatch.setattr(decoder, "_launch", lambda kind, M, K, N, G: pinned if kind == "quick" and M <= 8
+                        else real(kind, M, K, N, G))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config,split", [("8x64x256_w1x4_s1_dc", 1), ("32x64x128_w1x4_s1_dc", 2)])
 def test_quick_decode_applies_silu_mul_in_the_gate_up_writer(tiny_model, monkeypatch, config, split):
@@ -390,14 +401,8 @@ def test_quick_decode_applies_silu_mul_in_the_gate_up_writer(tiny_model, monkeyp
     # gate_up GEMM's writer applies it to the paired columns) and decode steps still match the reference.
     import cupy
 
-    from quick_lab.core.configs import TileConfig
-    from quick_lab.model import decoder
-
     weights, model = tiny_model
-    pinned = {"config": TileConfig.parse(config), "split_k": split}
-    real = decoder._launch
-    monkeypatch.setattr(decoder, "_launch", lambda kind, M, K, N, G: pinned if kind == "quick" and M <= 8
-                        else real(kind, M, K, N, G))
+    _pin_decode_gemm(monkeypatch, config, split)
     tokens = _tokens(2, 14, seed=4)
     ref = reference_forward(weights, tokens)
     cache = model.new_cache(2, 16)
@@ -421,14 +426,10 @@ def test_decode_step_reads_split_slices_bit_for_bit_as_the_fixed_up_outputs(tiny
     # output; prefill (T > 1) and the other backends store.
     import cupy
 
-    from quick_lab.core.configs import TileConfig
     from quick_lab.model import decoder
 
     weights, model = tiny_model
-    pinned = {"config": TileConfig.parse(config), "split_k": split}
-    real = decoder._launch
-    monkeypatch.setattr(decoder, "_launch", lambda kind, M, K, N, G: pinned if kind == "quick" and M <= 8
-                        else real(kind, M, K, N, G))
+    _pin_decode_gemm(monkeypatch, config, split)
     tokens = _tokens(2, 14, seed=6)
     layer = model.layers[0]
 
