@@ -408,7 +408,8 @@ def test_quick_decode_applies_silu_mul_in_the_gate_up_writer(tiny_model, monkeyp
     cache = model.new_cache(2, 16)
     model.forward(cupy.asarray(tokens[:, :10]), cache, 0, "quick")
     st = model.start(cupy.asarray(tokens[:, 10:11]), cache, 10)
-    assert model.layers[0].gate_up.fuses_silu_mul(2, "quick") and not model.layers[0].gate_up.fuses_silu_mul(2, "awq")
+    gate_up = model.layers[0].gate_up
+    assert gate_up.applies("silu_mul", 2, "quick") and not gate_up.applies("silu_mul", 2, "awq")
     assert [n for n, _ in model.layer_ops(0, cache, st, "quick")].count("silu_mul") == 0
     assert [n for n, _ in model.layer_ops(0, cache, st, "awq")].count("silu_mul") == 1
     for t in range(10, 14):

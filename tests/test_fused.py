@@ -13,7 +13,7 @@ import pytest
 from quick_lab.build.sources import SUPPORT_TEMPLATES
 from quick_lab.model import fused
 from quick_lab.model.config import PRESETS
-from quick_lab.model.fused_check import poisoned_cache
+from quick_lab.model.fused_check import poisoned_cache, split_slices
 
 
 # ---------------------------------------------------------------- CPU
@@ -208,13 +208,6 @@ def test_rope_attention_fuses_rope_the_cache_write_and_decode_attention(Hq, Hkv,
     assert int(cupy.count_nonzero(ws.tickets)) == 0
 
 
-def _slices(rng, parts: int, shape: tuple):
-    """fp32 split-K slices whose sum is ~N(0, 1) (a GEMM output left as its "partials")."""
-    import cupy
-
-    return cupy.asarray((rng.standard_normal((parts, *shape)) / math.sqrt(parts)).astype(np.float32))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,H", [(1, 4096), (7, 5120), (16, 8192)])
 @pytest.mark.parametrize("parts", [1, 3, 8])
@@ -223,14 +216,12 @@ def test_add_rms_norm_reads_split_slices_as_their_fp16_sum(rows, H, parts):
     # its fix-up would have stored (the slices summed in split order, ops.sum_partials).
     import cupy
 
-    from quick_lab.core import ops
-
     rng = np.random.default_rng(rows * parts + H)
     h = cupy.asarray(rng.standard_normal((rows, H)).astype(np.float16))
     w = cupy.asarray(rng.uniform(0.5, 1.5, H).astype(np.float16))
-    slices = _slices(rng, parts, (rows, H))
+    slices, y = split_slices(rng, parts, (rows, H))
     h_fp16, out_fp16 = h.copy(), cupy.full((rows, H), np.nan, dtype=cupy.float16)
-    fused.add_rms_norm(h_fp16, w, 1e-5, delta=ops.sum_partials(slices), out=out_fp16)
+    fused.add_rms_norm(h_fp16, w, 1e-5, delta=y, out=out_fp16)
     out = cupy.full((rows, H), np.nan, dtype=cupy.float16)
     fused.add_rms_norm(h, w, 1e-5, delta=slices, out=out)
     assert bool(cupy.isfinite(out).all())
@@ -244,16 +235,14 @@ def test_rope_attention_reads_split_slices_as_their_fp16_sum(Hq, Hkv, pos, split
     # qkv as the qkv GEMM's split-K slices: output and cache writes bit for bit those of the fp16 qkv.
     import cupy
 
-    from quick_lab.core import ops
-
     B, D, max_seq = 2, 128 if Hq > 4 else 64, pos + 5
     rng = np.random.default_rng(pos + Hq + parts)
-    slices = _slices(rng, parts, (B, (Hq + 2 * Hkv) * D))
+    slices, y = split_slices(rng, parts, (B, (Hq + 2 * Hkv) * D))
     inv = 1.0 / 1e4 ** (np.arange(0, D, 2, dtype=np.float64) / D)
     ang = np.outer(np.arange(max_seq, dtype=np.float64), inv)
     cos, sin = cupy.asarray(np.cos(ang).astype(np.float32)), cupy.asarray(np.sin(ang).astype(np.float32))
     results = []
-    for qkv in (ops.sum_partials(slices), slices):
+    for qkv in (y, slices):
         _, _, k_cache, v_cache = poisoned_cache(np.random.default_rng(5), B, Hkv, pos, max_seq, D)
         ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
         out = fused.rope_attention(qkv, cos, sin, k_cache, v_cache, Hq, pos, ws, splits=splits)

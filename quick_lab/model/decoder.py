@@ -98,10 +98,6 @@ class Linear:
             return False
         return writes_with("quick", epilogue, **self.quick_launch(M))
 
-    def fuses_silu_mul(self, M: int, backend: str) -> bool:
-        """Whether the gate_up GEMM applies SiLU x up in its writer (this weight a paired gate_up)."""
-        return self.applies("silu_mul", M, backend)
-
     def quick_launch(self, M: int) -> dict:
         """The quick backend's config and split-K for ``M`` rows: the tuned pin, else the dispatch's."""
         return self.decode_launch.get(M) or _launch("quick", M, self.K, self.N, self.group_size)

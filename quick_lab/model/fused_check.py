@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from quick_lab.build.launch import dependent_launches
+from quick_lab.core import ops
 from quick_lab.core.format import split_gate_up
 from quick_lab.lab.sanitizer_target import TARGET_MISMATCH_EXIT
 from quick_lab.model import fused
@@ -61,13 +62,12 @@ def _attention(q, k, v, pos):
 
 
 def split_slices(rng, parts: int, shape: tuple):
-    """(fp32 split-K slices [parts, *shape] as a GEMM's "partials" epilogue leaves them, their fp16 sum in
-    split order: the y its fix-up would store)."""
-    slices = (rng.standard_normal((parts, *shape)) / math.sqrt(parts)).astype(np.float32)
-    total = np.zeros(shape, dtype=np.float32)
-    for s in slices:
-        total += s
-    return slices, total.astype(np.float16)
+    """GPU (fp32 split-K slices [parts, *shape] as a GEMM's "partials" epilogue leaves them, summing to
+    ~N(0, 1); their fp16 sum in split order, ops.sum_partials: the y its fix-up would store)."""
+    import cupy
+
+    slices = cupy.asarray((rng.standard_normal((parts, *shape)) / math.sqrt(parts)).astype(np.float32))
+    return slices, ops.sum_partials(slices)
 
 
 def case_norm(rng, rows: int, H: int, with_delta: bool, parts: int = 0):
@@ -78,8 +78,8 @@ def case_norm(rng, rows: int, H: int, with_delta: bool, parts: int = 0):
     d = rng.standard_normal((rows, H)).astype(np.float16)
     delta = cupy.asarray(d) if with_delta else None
     if parts:
-        slices, d = split_slices(rng, parts, (rows, H))
-        delta = cupy.asarray(slices)
+        delta, d = split_slices(rng, parts, (rows, H))
+        d = cupy.asnumpy(d)
     w = rng.uniform(0.5, 1.5, H).astype(np.float16)
     out = cupy.full((rows, H), np.nan, dtype=cupy.float16)
     fused.add_rms_norm(cupy.asarray(h), cupy.asarray(w), 1e-5, delta=delta, out=out)
@@ -138,8 +138,8 @@ def case_decode(rng, B, pos, Hq, Hkv, D, splits, fused_rope: bool, parts: int = 
     qkv = rng.standard_normal((B, (Hq + 2 * Hkv) * D)).astype(np.float16)
     qkv_in = cupy.asarray(qkv)
     if parts:
-        slices, qkv = split_slices(rng, parts, qkv.shape)
-        qkv_in = cupy.asarray(slices)
+        qkv_in, qkv = split_slices(rng, parts, qkv.shape)
+        qkv = cupy.asnumpy(qkv)
     cos, sin = _tables(max_seq, D)
     ws = fused.AttentionWorkspace(B * Hkv, 32, Hq // Hkv, D)
     x = qkv.astype(np.float64).reshape(B, 1, Hq + 2 * Hkv, D)
