@@ -133,14 +133,6 @@ __device__ __forceinline__ u32 load_stream_u32(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
-// Pull `bytes` (a multiple of 16, 16-byte aligned) at p into L2 without waiting for them: one bulk
-// request, no registers, no completion to track (PTX ISA, data movement instructions:
-// cp.async.bulk.prefetch.L2, sm_90). Before sm_90 it does nothing.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, u32 bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
 
 // Scales and zeros are tiny and re-read by the 4 lanes of a quad and by later k-tiles: keep them in L1.
 __device__ __forceinline__ uint4 load_cached_u4(const void* p) {

@@ -248,14 +248,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const long long kv_base = ((long long)b * Hkv + kvh) * max_seq * D;
 
   // prologue: keys and values before `pos` were written by earlier steps, not by the kernels just
-  // before, so while the qkv GEMM still runs this block asks L2 for its range of them (two bulk
-  // prefetches of whole contiguous rows); then it waits for q (and the new k, v) to be ready.
+  // before, so the block loads its warps' first tiles of them (below) before it waits for q (and the
+  // new k, v). Nothing more: a bulk L2 prefetch of the block's whole key range here (first built
+  // that way) filled the memory system's queues while the kernel before finished, whose split merge
+  // and ticket then waited behind it; without it a context-4096 batch-1 attention is ~0.6 us (5%)
+  // shorter and the decode layer ~2 us (results/NOTES.md, entry 29).
   const int cached_end = min(k_end, pos);
-  if (threadIdx.x == 0 && cached_end > k_begin) {
-    const u32 bytes = (u32)(cached_end - k_begin) * D * 2;
-    prefetch_l2_bulk(k_cache + kv_base + (long long)k_begin * D, bytes);
-    prefetch_l2_bulk(v_cache + kv_base + (long long)k_begin * D, bytes);
-  }
   // Each warp's tiles: V rows -> its shared-memory tile (cp.async; rows past the chunk zero-filled, so
   // 0 * NaN never occurs), K rows -> B fragments (n-tile nt holds keys tile + 8nt .. +7, this lane
   // loads key tile + 8nt + g; .cg: another block or kernel may have written the row, never this SM's

@@ -5,9 +5,10 @@ blocks be placed while the kernel before it on the stream still runs: they run a
 only what no earlier kernel writes (weights, a past KV cache), then wait in ``griddepcontrol.wait``
 for the previous grid to complete (``kernels/common.cuh``: ``wait_for_prior_grid``). In a decode
 step that hides the gap between two kernels and the next one's start (its launch, the decode GEMM's
-first weight loads, the attention's KV prefetch) under the kernel before. The attribute is a driver launch attribute that
-CuPy's kernel call does not expose, so such launches go through ``cuLaunchKernelEx`` here (ctypes,
-like the cuBLAS binding of the model); stream capture records them as programmatic graph edges.
+first weight loads, the attention's first key and value tiles) under the kernel before. The attribute
+is a driver launch attribute that CuPy's kernel call does not expose, so such launches go through
+``cuLaunchKernelEx`` here (ctypes, like the cuBLAS binding of the model); stream capture records
+them as programmatic graph edges.
 
 Only kernels that wait before they read or write anything an earlier kernel touches may be launched
 this way (a launch names that with ``waits_on_prior_grid=True``); every other launch, and every launch

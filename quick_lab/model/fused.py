@@ -148,7 +148,7 @@ def decode_splits(blocks: int, keys: int, num_sms: int, max_splits: int) -> int:
     """Key-range splits for one decode step: one wave of about 1.5 blocks per SM (two fit: 240
     registers a thread), but only as many as leave each split 128 keys (a tile per warp), at most
     ``max_splits`` (the workspace's size). Measured on an H100 (results/NOTES.md, Mistral-7B's 8 KV
-    heads, dependent launches): context 4096, batch 1, 24 splits 12.3 us against 16 13.9 and 32 13.0;
+    heads, dependent launches): context 4096, batch 1, 24 splits 11.6 us against 16 12.8 and 32 12.3;
     batch 16 (128 blocks) unsplit 101.6 us against 2 splits 112 and 3 121; context 129 unsplit 4.6 us
     against 2 splits 6.8: a split merge costs more than a short range saves."""
     want = 3 * num_sms // (2 * max(blocks, 1))
